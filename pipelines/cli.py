@@ -1,0 +1,58 @@
+"""The ``earthgpt`` command line.
+
+Each subcommand lives in its own module and parses its own arguments, so ``earthgpt --help`` stays fast (no torch or
+Ray import) and a subcommand's options are documented next to the code that uses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module exposing ``cli(argv) -> int``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("pipelines.demo", "build the toy-world archive and run the whole job on it locally (embedded default)"),
+    "run": ("pipelines.infer", "run the archive inference job from a YAML config"),
+    "train": ("pipelines.train", "instruction-tune EarthGPT on Ray Train from a YAML config"),
+    "eval": ("pipelines.evaluate", "evaluate a checkpoint on MMRS-1M-format data"),
+    "catalog": ("pipelines.catalog_cli", "STAC catalog tools: ingest COGs, generate the toy world"),
+    "query": ("pipelines.query", "SQL over the output tables (DuckDB)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="earthgpt",
+        description="Caption and detect objects in every tile of a STAC-catalogued Earth-observation archive.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+        + "\n\nRun `earthgpt COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("command", nargs="?", help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``earthgpt`` console script."""
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    if ns.command not in COMMANDS:
+        parser.error(f"unknown command {ns.command!r}; choose one of: {', '.join(COMMANDS)}")
+    module_name, _ = COMMANDS[ns.command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"earthgpt {ns.command}: not available in this version", file=sys.stderr)
+            return 2
+        raise
+    return int(module.cli(ns.args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

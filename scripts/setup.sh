@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages (PostgreSQL 15 + PostGIS 3), a virtualenv in .venv with the project and its
+# test/dev extras. A second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+need_apt=()
+command -v pg_ctlcluster >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+[ -f /usr/share/postgresql/15/extension/postgis.control ] || need_apt+=(postgresql-15-postgis-3)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: Debian packages missing (${need_apt[*]}); integration tests that need PostgreSQL will fail" >&2
+  fi
+fi
+
+stamp="$VENV/.setup-stamp"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "setup: environment up to date ($VENV)"
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+# CPU build of torch from local disk; a bare `torch` would pull a multi-GB CUDA build.
+"$VENV/bin/pip" install -q torch==2.13.0
+"$VENV/bin/pip" install -q -e ".[dev]" torch==2.13.0
+echo "$want" > "$stamp"
+echo "setup: environment ready ($VENV)"
