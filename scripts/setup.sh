@@ -26,9 +26,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
+pip_install() {
+  # The pip configuration on these machines names optional local indexes; their "ignored" notices are noise.
+  "$VENV/bin/pip" install -q "$@" 2> >(grep -v "is neither a file nor a directory" >&2)
+}
+pip_install --upgrade pip
 # CPU build of torch from local disk; a bare `torch` would pull a multi-GB CUDA build.
-"$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -e ".[dev]" torch==2.13.0
+pip_install torch==2.13.0
+pip_install -e ".[dev]" torch==2.13.0
 echo "$want" > "$stamp"
 echo "setup: environment ready ($VENV)"

@@ -1,0 +1,116 @@
+"""Shared fixtures: real local servers, started once per test run on free loopback ports.
+
+- ``s3``: moto S3 server (request-recording), its env set for GDAL ``/vsis3/``, s3fs, pyarrow and boto3.
+- ``pgstac``: stac-fastapi-pgstac on a throw-away PostgreSQL + PostGIS cluster.
+- ``rustac_server``: factory for in-memory ``rustac serve`` STAC APIs.
+- ``ray_local``: one local Ray instance sized for a 2-core box.
+
+Tiers: unmarked tests are fast unit tests; ``integration`` needs servers or Ray; ``slow`` trains; ``gpu`` needs CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+# No model hub, no accelerator probing noise: set before anything imports transformers or deepspeed.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.harness.servers import (  # noqa: E402
+    HarnessError,
+    PgStacServer,
+    RustacServer,
+    S3Server,
+    start_pgstac,
+    start_rustac,
+    start_s3,
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def _start(starter: Callable, *args):  # type: ignore[no-untyped-def]
+    try:
+        return starter(*args)
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A real S3-compatible server; its client env is set in ``os.environ`` for the whole session."""
+    server = _start(start_s3)
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pgstac() -> Iterator[PgStacServer]:
+    """A real STAC API (stac-fastapi-pgstac) with full CQL2 filter and sort support."""
+    server = _start(start_pgstac)
+    server.add_queryable("eo:cloud_cover", "number")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rustac_server() -> Iterator[Callable[[list[dict], list[dict]], str]]:
+    """Factory: ``rustac_server(collections, items) -> url`` of a fresh in-memory STAC API."""
+    started: list[RustacServer] = []
+
+    def make(collections: list[dict], items: list[dict]) -> str:
+        server = _start(start_rustac, collections, items)
+        started.append(server)
+        return server.url
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """One local Ray instance for the session (2 CPUs, 256 MiB object store).
+
+    If the ``s3`` fixture is in use it is started first, so Ray workers inherit its environment.
+    """
+    if "s3" in request.fixturenames or os.environ.get("AWS_S3_ENDPOINT"):
+        request.getfixturevalue("s3")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            logging_level="warning",
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()

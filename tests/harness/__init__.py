@@ -1,0 +1,1 @@
+"""Real local servers for the test suite: S3 (moto), STAC APIs (pgstac, rustac), Ray."""
