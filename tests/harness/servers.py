@@ -105,7 +105,6 @@ class S3Server:
 
     def make_bucket(self, name: str) -> str:
         """Create bucket ``name`` (idempotent) and return its name."""
-        import boto3
 
         client = self.client()
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
