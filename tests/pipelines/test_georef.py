@@ -1,0 +1,147 @@
+"""Georeferencing (pixel → CRS → WGS84, antimeridian) and cross-tile NMS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyproj import Transformer
+
+from pipelines.georef import (
+    box_iou,
+    nms_per_scene,
+    pixel_boxes_to_crs_polygons,
+    pixel_boxes_to_wgs84,
+    pixel_to_crs_boxes,
+    tile_to_scene_boxes,
+    to_wgs84,
+    touches_inner_edge,
+)
+
+UTM33 = "EPSG:32633"
+T10 = Affine(10.0, 0.0, 500_000.0, 0.0, -10.0, 5_000_000.0)  # 10 m, north-up
+
+
+def test_tile_boxes_shift_to_scene_pixels():
+    out = tile_to_scene_boxes(np.array([[1, 2, 3, 4]]), col_off=100, row_off=50)
+    np.testing.assert_allclose(out, [[101, 52, 103, 54]])
+
+
+def test_pixel_boxes_map_to_crs_with_north_up_transform():
+    crs_boxes = pixel_to_crs_boxes(np.array([[0, 0, 1, 1], [10, 20, 30, 40]]), T10)
+    np.testing.assert_allclose(crs_boxes[0], [500_000, 4_999_990, 500_010, 5_000_000])
+    np.testing.assert_allclose(crs_boxes[1], [500_100, 4_999_600, 500_300, 4_999_800])
+
+
+def test_accepts_stac_proj_transform_list():
+    np.testing.assert_allclose(
+        pixel_to_crs_boxes(np.array([[0, 0, 1, 1]]), [10.0, 0.0, 500_000.0, 0.0, -10.0, 5_000_000.0, 0, 0, 1]),
+        pixel_to_crs_boxes(np.array([[0, 0, 1, 1]]), T10),
+    )
+
+
+def test_rotated_grid_gives_exact_polygons():
+    rotated = T10 * Affine.rotation(30.0)
+    poly = pixel_boxes_to_crs_polygons(np.array([[0, 0, 10, 20]]), rotated)[0]
+    corners = np.array([rotated @ (x, y) for x, y in [(0, 0), (10, 0), (10, 20), (0, 20)]])
+    got = np.array(poly.exterior.coords)[:4]
+    np.testing.assert_allclose(got, corners, atol=1e-6)
+    assert poly.area == pytest.approx(10 * 20 * 100, rel=1e-9)
+
+
+def test_wgs84_polygon_matches_pyproj_corner_by_corner():
+    geom = pixel_boxes_to_wgs84(np.array([[100, 200, 164, 264]]), T10, UTM33, points_per_edge=1)[0]
+    to_ll = Transformer.from_crs(UTM33, 4326, always_xy=True)
+    expect = [to_ll.transform(*(T10 @ (x, y))) for x, y in [(100, 200), (100, 264), (164, 264), (164, 200)]]
+    np.testing.assert_allclose(np.array(geom.exterior.coords)[:4], expect, atol=1e-9)
+    assert geom.is_valid and geom.exterior.is_ccw  # RFC 7946 winding for a north-up grid
+
+
+def test_antimeridian_crossing_box_is_split_and_valid():
+    # UTM zone 60 (central meridian 177°E); at the equator 180° lies ~333 km east of the central meridian
+    to_utm = Transformer.from_crs(4326, "EPSG:32660", always_xy=True)
+    x180, _ = to_utm.transform(180.0, 0.5)
+    transform = Affine(100.0, 0.0, x180 - 5_000.0, 0.0, -100.0, 60_000.0)  # 100 m pixels, 5 km west of 180°
+    geom = pixel_boxes_to_wgs84(np.array([[0, 0, 100, 100]]), transform, "EPSG:32660")[0]
+    assert geom.geom_type == "MultiPolygon" and geom.is_valid
+    lons = shapely.get_coordinates(geom)[:, 0]
+    assert lons.min() >= -180 and lons.max() <= 180
+    beyond, before = sorted(geom.geoms, key=lambda g: g.centroid.x)  # east of 180° has negative longitudes
+    assert beyond.bounds[0] == pytest.approx(-180.0) and before.bounds[2] == pytest.approx(180.0)
+    # the two parts together are 10 km wide (~0.09°), not 360° minus that
+    width = (beyond.bounds[2] - beyond.bounds[0]) + (before.bounds[2] - before.bounds[0])
+    assert 0.08 < width < 0.1
+    assert beyond.exterior.is_ccw and before.exterior.is_ccw
+
+
+def test_box_not_crossing_antimeridian_stays_a_polygon_near_it():
+    geoms = to_wgs84([shapely.box(700_000, 0, 710_000, 10_000)], "EPSG:32660")
+    assert geoms[0].geom_type == "Polygon" and geoms[0].is_valid
+
+
+def test_touches_inner_edge_ignores_scene_edges():
+    boxes = np.array([[0, 10, 5, 20], [10, 10, 20, 20], [50, 0, 64, 8]])
+    # tile at the scene's top-left corner: left/top edges are scene edges
+    np.testing.assert_array_equal(
+        touches_inner_edge(boxes, (64, 64), (0, 0), (384, 384)), [False, False, True]
+    )
+    # the same boxes in an interior tile
+    np.testing.assert_array_equal(touches_inner_edge(boxes, (64, 64), (64, 64), (384, 384)), [True, False, True])
+
+
+def test_nms_removes_duplicate_seen_by_two_overlapping_tiles():
+    boxes = np.array([[100, 100, 110, 112], [100.4, 99.6, 110.3, 112.2], [200, 200, 210, 210]])
+    keep = nms_per_scene(boxes, scores=[0.5, 0.9, 0.7], labels=["ship"] * 3)
+    np.testing.assert_array_equal(keep, [1, 2])
+
+
+def test_nms_is_label_aware():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10]])
+    np.testing.assert_array_equal(nms_per_scene(boxes, [0.9, 0.8], ["ship", "tank"]), [0, 1])
+
+
+def test_nms_prefers_whole_box_over_truncated_copy():
+    whole = [100, 100, 116, 110]
+    truncated = [100, 100, 108, 110]  # cut by a tile edge at x=108: IoU 0.5 only, but fully inside
+    boxes = np.array([truncated, whole])
+    keep = nms_per_scene(boxes, [0.99, 0.5], ["ship", "ship"], cut_by_tile_edge=np.array([True, False]),
+                         iou_threshold=0.6)
+    np.testing.assert_array_equal(keep, [1])
+
+
+def test_nms_keeps_small_uncut_box_inside_large_one():
+    boxes = np.array([[0, 0, 100, 100], [10, 10, 20, 20]])
+    np.testing.assert_array_equal(nms_per_scene(boxes, [0.9, 0.8], ["a", "a"]), [0, 1])
+
+
+def test_nms_in_pixels_equals_nms_in_crs():
+    rng = np.random.default_rng(0)
+    base_xy = rng.uniform(0, 300, (20, 2))
+    base = np.concatenate([base_xy, base_xy + rng.uniform(5, 40, (20, 2))], axis=1)
+    boxes = np.repeat(base, 3, axis=0) + rng.normal(0, 1.5, (60, 4))  # each object seen ~3 times
+    scores = rng.uniform(size=60)
+    labels = rng.choice(["a", "b"], 60)
+    keep_px = nms_per_scene(boxes, scores, labels)
+    keep_crs = nms_per_scene(pixel_to_crs_boxes(boxes, T10), scores, labels)
+    np.testing.assert_array_equal(keep_px, keep_crs)
+    assert 0 < len(keep_px) < 60
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 200), st.floats(0, 200), st.floats(1, 40), st.floats(1, 40),
+                          st.floats(0, 1)), min_size=1, max_size=25))
+def test_nms_kept_boxes_never_overlap_above_threshold(rows):
+    arr = np.array(rows)
+    boxes = np.column_stack([arr[:, 0], arr[:, 1], arr[:, 0] + arr[:, 2], arr[:, 1] + arr[:, 3]])
+    keep = nms_per_scene(boxes, arr[:, 4], ["x"] * len(arr), iou_threshold=0.5)
+    assert len(keep) >= 1
+    for i in keep:
+        others = [j for j in keep if j != i]
+        if others:
+            assert (box_iou(boxes[i], boxes[others]) < 0.5).all()
+    # every dropped box overlaps some kept box
+    for j in set(range(len(arr))) - set(keep.tolist()):
+        assert (box_iou(boxes[j], boxes[keep]) >= 0.5).any()
