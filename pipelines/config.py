@@ -1,0 +1,372 @@
+"""The archive inference job's configuration: one typed, validated object built once at the entry point.
+
+A config is a YAML file (see ``configs/infer/``). Every field is checked before any work starts: an unknown key, a
+wrong type or an inconsistent combination is refused with a message naming the field (``catalog.bbox: ...``).
+Library code never receives the whole config; the job passes plain values down.
+
+Example::
+
+    catalog:
+      url: http://127.0.0.1:8080          # or `embedded:` to serve local item files with `rustac serve`
+      collections: [toyworld-optical]
+      bbox: [10.0, 45.0, 11.0, 46.0]
+      datetime: 2024-01-01/2024-12-31
+    tasks: [caption, detect]
+    tiling: {size: 448, overlap: 32, min_valid_fraction: 0.5}
+    model: {name_or_path: tiny, engine: plain, dtype: float32}
+    actors: {min_actors: 1, max_actors: 2, batch_size: 8}
+    output: {root: s3://bucket/earthgpt, wave_size: 16}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Task = Literal["caption", "detect", "classify"]
+TASKS: tuple[str, ...] = ("caption", "detect", "classify")
+
+
+class ConfigError(ValueError):
+    """A job config was refused; ``str(error)`` names every offending field, one per line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedCatalog(_Strict):
+    """Local STAC files served by an in-memory ``rustac serve`` that the job starts and stops itself.
+
+    Attributes:
+        collections: Collection JSON files.
+        items: One newline-delimited GeoJSON file of items (or a FeatureCollection JSON).
+    """
+
+    collections: list[Path] = Field(min_length=1)
+    items: Path
+
+
+class CatalogConfig(_Strict):
+    """Which scenes to process: a STAC API search.
+
+    Attributes:
+        url: STAC API root URL. Exactly one of ``url`` and ``embedded``.
+        embedded: Local STAC files to serve for the duration of the job.
+        collections: Collection ids to search (at least one; each needs a sensor recipe).
+        bbox: ``[west, south, east, north]`` in WGS84 degrees (``west > east`` crosses the antimeridian).
+        intersects: A GeoJSON geometry the scenes must intersect (instead of ``bbox``).
+        datetime: A STAC datetime or interval (``2024-01-01/2024-06-30``, ``../2024-01-01``).
+        filter: A CQL2 filter, as CQL2-JSON (a mapping) or CQL2-text (a string).
+        max_items: Stop after this many matching scenes (``None``: all).
+        asset_prefixes: Asset hrefs must lie under one of these prefixes (``s3://bucket/cogs/``, a local
+            folder). Empty: any ``s3``/``https`` href, no local files (a catalog is untrusted input).
+    """
+
+    url: str | None = None
+    embedded: EmbeddedCatalog | None = None
+    collections: list[str] = Field(min_length=1)
+    bbox: tuple[float, float, float, float] | None = None
+    intersects: dict[str, Any] | None = None
+    datetime: str | None = None
+    filter: dict[str, Any] | str | None = None
+    max_items: int | None = Field(default=None, gt=0)
+    asset_prefixes: list[str] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL of a STAC API, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @field_validator("bbox")
+    @classmethod
+    def _valid_bbox(cls, value: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if value is None:
+            return value
+        west, south, east, north = value
+        if not (-180 <= west <= 180 and -180 <= east <= 180):
+            raise ValueError(f"longitudes must be within [-180, 180], got west={west}, east={east}")
+        if not (-90 <= south < north <= 90):
+            raise ValueError(f"need -90 <= south < north <= 90, got south={south}, north={north}")
+        return value
+
+    @field_validator("intersects")
+    @classmethod
+    def _valid_geometry(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        import shapely.geometry
+
+        try:
+            geom = shapely.geometry.shape(value)
+        except Exception as exc:
+            raise ValueError(f"not a GeoJSON geometry: {exc}") from None
+        if geom.is_empty or not geom.is_valid:
+            raise ValueError("geometry is empty or invalid")
+        return value
+
+    @field_validator("datetime")
+    @classmethod
+    def _valid_datetime(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from datetime import datetime as dt
+
+        for part in value.split("/"):
+            if part in ("", ".."):
+                continue
+            try:
+                dt.fromisoformat(part.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"not an RFC 3339 date or interval: {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CatalogConfig:
+        if (self.url is None) == (self.embedded is None):
+            raise ValueError("give exactly one of `url` (a STAC API) and `embedded` (local files to serve)")
+        if self.bbox is not None and self.intersects is not None:
+            raise ValueError("give at most one of `bbox` and `intersects`")
+        return self
+
+
+class TilingConfig(_Strict):
+    """How scenes are cut into model inputs.
+
+    Attributes:
+        size: Tile side in pixels (the model resizes tiles to its own input size).
+        overlap: Pixels shared by neighbouring tiles; objects smaller than this are seen whole in some tile.
+        min_valid_fraction: Tiles with less valid (non-nodata) data are skipped and counted, not sent to the model.
+    """
+
+    size: int = Field(default=448, ge=16, le=8192)
+    overlap: int = Field(default=32, ge=0)
+    min_valid_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> TilingConfig:
+        if self.overlap >= self.size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than size ({self.size})")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which model runs and how.
+
+    Attributes:
+        name_or_path: A preset name (``tiny``) or a checkpoint folder saved with ``save_pretrained``.
+        engine: ``deepspeed`` (DeepSpeed-inference; kernel injection on GPUs) or ``plain`` (PyTorch).
+        dtype: Weights and activations dtype. ``float16`` needs a GPU.
+        tp_size: Tensor-parallel degree (GPUs per model replica; DeepSpeed only).
+        kernel_inject: DeepSpeed kernel injection (GPU only).
+        max_new_tokens: Generation budget per answer.
+        seed: Seed for a preset's random initialisation (presets without trained weights only).
+    """
+
+    name_or_path: str = "tiny"
+    engine: Literal["plain", "deepspeed"] = "plain"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tp_size: int = Field(default=1, ge=1)
+    kernel_inject: bool = False
+    max_new_tokens: int = Field(default=96, ge=1, le=4096)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> ModelConfig:
+        if self.engine == "plain" and (self.tp_size != 1 or self.kernel_inject):
+            raise ValueError("tp_size > 1 and kernel_inject need engine: deepspeed")
+        return self
+
+
+class ActorsConfig(_Strict):
+    """The model stage's actor pool (one model replica per actor).
+
+    Attributes:
+        min_actors: Actors kept alive.
+        max_actors: Actors the pool may grow to.
+        num_gpus: GPUs per actor (``0`` on CPU machines; ``tp_size`` for tensor parallelism).
+        num_cpus: CPUs per actor.
+        batch_size: Tiles per model call.
+        read_num_cpus: CPUs per read task (GDAL windows + sensor recipe).
+    """
+
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    read_num_cpus: float = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ActorsConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
+        return self
+
+
+class DetectionConfig(_Strict):
+    """Cross-tile de-duplication of detections (per scene, in scene coordinates).
+
+    Attributes:
+        nms_iou: Suppress a box overlapping a kept box of the same label by at least this IoU.
+        containment: Also suppress a box when this fraction of its area lies inside a kept box of the same label
+            (a box cut by a tile edge inside the whole box seen by the neighbouring tile).
+    """
+
+    nms_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    containment: float = Field(default=0.7, gt=0.0, le=1.0)
+
+
+class OutputConfig(_Strict):
+    """Where results go and how work is committed.
+
+    Attributes:
+        root: A local folder or an ``s3://bucket/prefix`` URL.
+        storage_options: fsspec options for ``root`` (e.g. ``{endpoint_url: ...}``); credentials come from the
+            environment.
+        wave_size: Scenes per commit unit. A crash loses at most one wave; each wave starts a fresh actor pool,
+            so on GPUs make it large enough that model loading is a small share of a wave.
+    """
+
+    root: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    wave_size: int = Field(default=16, ge=1)
+
+    @field_validator("root")
+    @classmethod
+    def _supported_root(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("s3://", "file://", "memory://")):
+            raise ValueError(f"must be a local folder or an s3:// URL, got {value!r}")
+        return value.rstrip("/") or value
+
+
+class InferConfig(_Strict):
+    """The whole archive inference job.
+
+    Attributes:
+        catalog: The STAC search.
+        tasks: Questions asked of every tile.
+        vqa: Extra free-form questions asked of every tile (answers land in ``tiles.vqa_answers``).
+        tiling: Tile size, overlap, minimum valid fraction.
+        model: Model and engine.
+        actors: Actor pool of the model stage.
+        detection: Cross-tile NMS.
+        output: Output root and commit unit.
+    """
+
+    catalog: CatalogConfig
+    tasks: list[Task] = Field(default_factory=lambda: list[Task](["caption", "detect"]), min_length=1)
+    vqa: list[str] = Field(default_factory=list)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
+    output: OutputConfig
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"tasks repeat: {value}")
+        return value
+
+    def output_key(self) -> str:
+        """A short hash of everything that changes a tile's results: model, engine numerics, tasks, tiling, NMS.
+
+        Two runs with the same key over the same scene produce the same rows, so the ledger skips the second.
+        A checkpoint folder contributes the hash of its ``config.json`` and the size and mtime of its weights
+        (hashing multi-GB weights on every run would cost minutes).
+        """
+        model = self.model.model_dump(exclude={"tp_size"})
+        folder = Path(self.model.name_or_path)
+        if folder.is_dir():
+            cfg = folder / "config.json"
+            model["config_sha"] = hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.exists() else None
+            model["weights"] = sorted(
+                (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.glob("*.safetensors")
+            )
+        payload = {
+            "model": model,
+            "tasks": sorted(self.tasks),
+            "vqa": self.vqa,
+            "tiling": self.tiling.model_dump(),
+            "detection": self.detection.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(config)"
+        lines.append(f"{field}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> InferConfig:
+    """Validate a config mapping.
+
+    Args:
+        data: The parsed YAML.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: Naming each offending field (``catalog.bbox: ...``).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"(config): expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return InferConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> InferConfig:
+    """Read and validate a YAML job config.
+
+    Relative paths inside ``catalog.embedded`` are resolved against the config file's folder.
+
+    Args:
+        path: The YAML file.
+        overrides: Dotted keys to set after reading (``{"output.root": "/tmp/out"}``), e.g. from CLI flags.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: If the file cannot be read or parsed, or a field is invalid.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"(config): cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"(config): {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"(config): {path} must hold a mapping, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: cannot set a key below a non-mapping value")
+        node[leaf] = value
+    embedded = (data.get("catalog") or {}).get("embedded") if isinstance(data.get("catalog"), dict) else None
+    if isinstance(embedded, dict):
+        base = path.parent
+        if isinstance(embedded.get("items"), str):
+            embedded["items"] = str(base / embedded["items"])
+        if isinstance(embedded.get("collections"), list):
+            embedded["collections"] = [str(base / c) if isinstance(c, str) else c for c in embedded["collections"]]
+    return parse_config(data)

@@ -1,0 +1,294 @@
+"""The run ledger: commit units atomically, make reruns incremental, never duplicate rows.
+
+A *unit* is one wave of scenes. Its table files are first written under ``_staging/<unit>/``; then one small
+ledger record, ``_ledger/<unit>.parquet``, is written in a single atomic PUT (or rename) — that write **is** the
+commit. The record lists the unit's committed scenes (id, STAC ``updated``, output key) and, in its metadata, which
+staged files to publish to their final paths and which superseded files to delete. Publishing happens right after
+and is idempotent, so:
+
+- a crash before the record leaves only staging files, rolled back (deleted) by the next run: the unit is lost and
+  redone, nothing of it was visible;
+- a crash after the record is rolled forward by the next run (:meth:`Ledger.recover` finishes the moves);
+- a scene whose STAC ``updated`` moved forward is reprocessed, and the unit that commits the new version also
+  rewrites, without that scene's rows, every older file holding it (copy-on-write), so the tables never hold two
+  versions of a scene for one output key.
+
+One writer per output root at a time (two concurrent runs over the same root are not supported).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.sinks import OutputStore, StagedFile, geoparquet_bytes, partition_dir
+
+LEDGER_DIR = "_ledger"
+STAGING_DIR = "_staging"
+
+_LEDGER_SCHEMA = pa.schema(
+    [
+        ("collection", pa.string()),
+        ("scene_id", pa.string()),
+        ("date", pa.string()),
+        ("updated", pa.timestamp("us", tz="UTC")),
+        ("output_key", pa.string()),
+        ("unit_id", pa.string()),
+        ("run_id", pa.string()),
+        ("committed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+_PUBLISH_KEY = b"earthgpt:publish"
+_DELETE_KEY = b"earthgpt:delete"
+
+
+@dataclass(frozen=True)
+class CommittedScene:
+    """What the ledger knows about one committed scene."""
+
+    collection: str
+    scene_id: str
+    date: str
+    updated: datetime | None
+    unit_id: str
+
+
+@dataclass
+class UnitRecord:
+    """One unit of work, ready to commit.
+
+    Attributes:
+        unit_id: Unique id (``<run_id>-w<wave>``).
+        run_id: The run that produced it.
+        output_key: The config's output key (model, tasks, tiling).
+        scenes: ``(collection, scene_id, date, updated)`` of each scene whose rows the unit commits. Failed scenes
+            are not listed: their errors rows are published, and the next run tries them again.
+        publish: Staged files and their final paths.
+        delete: Final paths of superseded files to remove once the rewritten copies are published.
+    """
+
+    unit_id: str
+    run_id: str
+    output_key: str
+    scenes: list[tuple[str, str, str, datetime | None]] = field(default_factory=list)
+    publish: list[StagedFile] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recovery:
+    """What :meth:`Ledger.recover` did."""
+
+    rolled_forward: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: ``20250101T120000Z-1a2b3c``."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class Ledger:
+    """Commit bookkeeping under an output root.
+
+    Args:
+        store: The output root.
+    """
+
+    def __init__(self, store: OutputStore) -> None:
+        self.store = store
+
+    # ------------------------------------------------------------------------------------------------- staging
+
+    def staging_dir(self, unit_id: str) -> str:
+        """The folder a unit writes its files into before it commits."""
+        return f"{STAGING_DIR}/{unit_id}"
+
+    def _record_path(self, unit_id: str) -> str:
+        return f"{LEDGER_DIR}/{unit_id}.parquet"
+
+    # -------------------------------------------------------------------------------------------------- commit
+
+    def commit(self, unit: UnitRecord) -> None:
+        """Commit a unit: write its ledger record (the atomic commit point), then publish its staged files.
+
+        Args:
+            unit: The unit, with its files already staged.
+        """
+        now = datetime.now(timezone.utc)
+        rows = [
+            {
+                "collection": c, "scene_id": s, "date": d, "updated": u, "output_key": unit.output_key,
+                "unit_id": unit.unit_id, "run_id": unit.run_id, "committed_at": now,
+            }
+            for c, s, d, u in unit.scenes
+        ]
+        table = pa.Table.from_pylist(rows, schema=_LEDGER_SCHEMA).replace_schema_metadata(
+            {
+                _PUBLISH_KEY: json.dumps([[f.staged, f.final] for f in unit.publish]).encode(),
+                _DELETE_KEY: json.dumps(list(unit.delete)).encode(),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.store.write_bytes(self._record_path(unit.unit_id), buf.getvalue())
+        self._publish(unit.unit_id, [(f.staged, f.final) for f in unit.publish], unit.delete)
+
+    def _publish(self, unit_id: str, moves: Sequence[Sequence[str]], deletes: Sequence[str]) -> None:
+        for staged, final in moves:
+            if self.store.exists(staged):
+                self.store.move(staged, final)
+        for path in deletes:
+            self.store.remove(path)
+        self.store.remove(self.staging_dir(unit_id), recursive=True)
+
+    def recover(self) -> Recovery:
+        """Finish what a crashed run left: publish committed units' files, delete uncommitted units' files.
+
+        Returns:
+            The unit ids rolled forward and rolled back.
+        """
+        report = Recovery()
+        units = sorted({p.split("/")[1] for p in self.store.glob(f"{STAGING_DIR}/*")})
+        for unit_id in units:
+            record = self._record_path(unit_id)
+            if self.store.exists(record):
+                meta = pq.read_schema(io.BytesIO(self.store.read_bytes(record))).metadata or {}
+                moves = json.loads(meta.get(_PUBLISH_KEY, b"[]"))
+                deletes = json.loads(meta.get(_DELETE_KEY, b"[]"))
+                self._publish(unit_id, moves, deletes)
+                report.rolled_forward.append(unit_id)
+            else:
+                self.store.remove(self.staging_dir(unit_id), recursive=True)
+                report.rolled_back.append(unit_id)
+        return report
+
+    # --------------------------------------------------------------------------------------------------- index
+
+    def _read_records(self, output_key: str | None = None) -> pa.Table:
+        files = self.store.glob(f"{LEDGER_DIR}/*.parquet")
+        if not files:
+            return _LEDGER_SCHEMA.empty_table()
+        import pyarrow.compute as pc
+        import pyarrow.dataset as ds
+
+        dataset = ds.dataset([self.store.full(f) for f in files], filesystem=self.store.fs, format="parquet",
+                             schema=_LEDGER_SCHEMA)
+        expr = None if output_key is None else pc.field("output_key") == output_key
+        return dataset.to_table(filter=expr)
+
+    def committed(self, output_key: str) -> dict[tuple[str, str], CommittedScene]:
+        """The latest committed version of every scene for one output key.
+
+        Memory is a few hundred bytes per committed scene (ids and timestamps), never the scenes' data.
+
+        Args:
+            output_key: The config's output key.
+
+        Returns:
+            ``(collection, scene_id) -> CommittedScene``.
+        """
+        table = self._read_records(output_key).sort_by([("committed_at", "ascending")])
+        index: dict[tuple[str, str], CommittedScene] = {}
+        for row in table.select(["collection", "scene_id", "date", "updated", "unit_id"]).to_pylist():
+            index[(row["collection"], row["scene_id"])] = CommittedScene(
+                row["collection"], row["scene_id"], row["date"], row["updated"], row["unit_id"]
+            )
+        return index
+
+    def compact(self, min_files: int = 64) -> int:
+        """Fold many small ledger records into one file (after recovery; keeps the latest entry per scene).
+
+        Args:
+            min_files: Compact only when at least this many records exist.
+
+        Returns:
+            The number of records folded (0 when below ``min_files``).
+        """
+        files = self.store.glob(f"{LEDGER_DIR}/*.parquet")
+        if len(files) < min_files or self.store.glob(f"{STAGING_DIR}/*"):
+            return 0
+        table = self._read_records().sort_by([("committed_at", "ascending")])
+        frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+        frame = frame.drop_duplicates(["collection", "scene_id", "output_key"], keep="last")
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, schema=_LEDGER_SCHEMA, preserve_index=False), buf)
+        self.store.write_bytes(f"{LEDGER_DIR}/compact-{new_run_id()}.parquet", buf.getvalue())
+        for f in files:  # a crash here leaves duplicate entries, which committed() folds anyway
+            self.store.remove(f)
+        return len(files)
+
+
+def skip_reason(previous: CommittedScene | None, updated: datetime | None) -> str | None:
+    """Why a scene need not be processed again, or ``None`` if it must be.
+
+    Args:
+        previous: The ledger's entry for the scene under this output key, if any.
+        updated: The item's STAC ``updated`` now (``None`` if the catalog gives none).
+
+    Returns:
+        A human-readable reason to skip, or ``None``.
+    """
+    if previous is None:
+        return None
+    if updated is None or previous.updated is None:
+        if updated is not None:
+            return None  # committed without a timestamp, now has one: treat as new information
+        return f"already committed (unit {previous.unit_id}); the item has no `updated` to compare"
+    if updated <= previous.updated:
+        return f"already committed (unit {previous.unit_id}, item updated {previous.updated:%Y-%m-%dT%H:%M:%SZ})"
+    return None
+
+
+def rewrite_without(
+    store: OutputStore,
+    staging_dir: str,
+    unit_id: str,
+    tables: Iterable[str],
+    superseded: Mapping[tuple[str, str], Iterable[str]],
+    output_key: str,
+) -> tuple[list[StagedFile], list[str]]:
+    """Copy-on-write: stage rewritten copies of the files that hold superseded scenes, without those scenes.
+
+    Args:
+        store: The output root.
+        staging_dir: The committing unit's staging folder.
+        unit_id: The committing unit (names the rewritten files).
+        tables: Tables to rewrite (``scenes``, ``tiles``, ``detections``).
+        superseded: ``(collection, date) -> scene ids`` whose old rows must go.
+        output_key: Only rows of this output key are removed.
+
+    Returns:
+        The staged rewritten files, and the old files to delete when the unit publishes.
+    """
+    import geopandas as gpd
+
+    staged: list[StagedFile] = []
+    delete: list[str] = []
+    for table in tables:
+        for (collection, date), ids in superseded.items():
+            drop = set(ids)
+            for i, path in enumerate(store.glob(f"{partition_dir(table, collection, date)}/*.parquet")):
+                keys = pq.read_table(io.BytesIO(store.read_bytes(path)), columns=["scene_id", "output_key"])
+                hit = [s in drop and k == output_key for s, k in zip(keys["scene_id"].to_pylist(),
+                                                                    keys["output_key"].to_pylist(), strict=True)]
+                if not any(hit):
+                    continue
+                frame = gpd.read_parquet(io.BytesIO(store.read_bytes(path)),
+                                         to_pandas_kwargs={"types_mapper": pd.ArrowDtype})
+                delete.append(path)
+                kept = frame[[not h for h in hit]]
+                if len(kept):
+                    final = f"{partition_dir(table, collection, date)}/part-{unit_id}-cow{i}.parquet"
+                    store.write_bytes(f"{staging_dir}/{final}", geoparquet_bytes(kept))
+                    staged.append(StagedFile(staged=f"{staging_dir}/{final}", final=final))
+    return staged, delete
+
