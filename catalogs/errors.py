@@ -1,0 +1,120 @@
+"""Typed errors for bad scenes, so a job can record them as ``errors`` rows and go on with the next scene or tile.
+
+Every error a scene can cause derives from :class:`SceneError`, which carries the STAC item id, the stage that failed
+(``"scene"``, ``"open"``, ``"read"``, ``"recipe"``, ``"search"``, ``"ingest"``), and optionally the asset key and href.
+``error.record()`` gives the row the pipeline writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SceneError(Exception):
+    """Base class of every error a single scene (STAC item) can raise.
+
+    Args:
+        message: What went wrong, for a human.
+        item_id: The STAC item id, when known.
+        stage: The processing stage that failed.
+        asset: The asset (band) key involved, if any.
+        href: The asset href involved, if any.
+    """
+
+    default_stage = "scene"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        item_id: str | None = None,
+        stage: str | None = None,
+        asset: str | None = None,
+        href: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.item_id = item_id
+        self.stage = stage or self.default_stage
+        self.asset = asset
+        self.href = href
+
+    @property
+    def error_type(self) -> str:
+        """The class name, used as the ``error_type`` column."""
+        return type(self).__name__
+
+    def record(self) -> dict[str, Any]:
+        """Return the error as a flat dict (``item_id``, ``stage``, ``error_type``, ``asset``, ``href``, ``message``)."""
+        return {
+            "item_id": self.item_id,
+            "stage": self.stage,
+            "error_type": self.error_type,
+            "asset": self.asset,
+            "href": self.href,
+            "message": self.message,
+        }
+
+    def __str__(self) -> str:
+        where = ", ".join(
+            f"{k}={v}" for k, v in (("item", self.item_id), ("stage", self.stage), ("asset", self.asset)) if v
+        )
+        return f"{self.message} ({where})" if where else self.message
+
+
+class UnknownCollection(SceneError):
+    """No sensor recipe is defined for the item's collection."""
+
+
+class MissingAsset(SceneError):
+    """The item lacks an asset (band) the collection's recipe needs."""
+
+
+class HrefNotAllowed(SceneError):
+    """An asset href falls outside the allowed schemes and prefixes (a catalog is untrusted input)."""
+
+
+class AssetAccessDenied(SceneError):
+    """The asset exists but reading it was refused (HTTP 403, permission denied)."""
+
+    default_stage = "open"
+
+
+class AssetNotFound(SceneError):
+    """The asset href points at nothing (HTTP 404, missing file or key)."""
+
+    default_stage = "open"
+
+
+class CorruptRaster(SceneError):
+    """The asset is not a readable raster, or it is truncated (a read past its end fails)."""
+
+    default_stage = "open"
+
+
+class UnsupportedDataType(SceneError):
+    """The raster's data type is not one a recipe can handle (e.g. complex SAR, 64-bit integers)."""
+
+    default_stage = "open"
+
+
+class NoGeoreference(SceneError):
+    """Neither the item (``proj:*``) nor the raster header gives a CRS and geotransform."""
+
+    default_stage = "open"
+
+
+class BandShapeMismatch(SceneError):
+    """The bands of one scene do not cover the same grid (different CRS or extent)."""
+
+    default_stage = "open"
+
+
+class AllNodata(SceneError):
+    """A window holds no valid pixel in any band the recipe uses."""
+
+    default_stage = "read"
+
+
+class SearchError(Exception):
+    """A STAC API search failed after its retries (not tied to one scene)."""

@@ -1,0 +1,254 @@
+"""A scene: one STAC item plus the recipe that turns its assets into the model's input.
+
+:meth:`Scene.from_item` reads the shapes public catalogs publish: the projection extension at item or asset level
+(``proj:code`` or the older ``proj:epsg``, ``proj:wkt2``, ``proj:projjson``; ``proj:shape``, ``proj:transform``),
+per-asset ``raster:bands`` (STAC 1.0) or ``bands`` with ``raster:*`` fields (STAC 1.1) for scale, offset, nodata,
+data type. Items without ``proj:*`` fields fall back to reading the reference asset's header.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+import pystac
+from pydantic import BaseModel, ConfigDict
+from pyproj import CRS
+
+from catalogs.errors import MissingAsset, NoGeoreference, SceneError
+from catalogs.hrefs import HrefPolicy, to_gdal_path
+from catalogs.recipes import Recipe, SensorKind, recipe_for
+
+
+class BandAsset(BaseModel):
+    """Where one logical band of a scene lives and how to decode it.
+
+    Attributes:
+        key: The STAC asset key (e.g. ``red`` or ``B04``).
+        href: The normalised, policy-checked URL.
+        scale: DN scale (item ``raster:bands`` or the recipe default).
+        offset: DN offset.
+        nodata: Nodata from the item; None means "ask the raster header, then the recipe".
+        data_type: Data type from the item, if given.
+        shape: ``proj:shape`` of the asset, if given.
+        transform: ``proj:transform`` of the asset (6 terms), if given.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    href: str
+    scale: float = 1.0
+    offset: float = 0.0
+    nodata: float | None = None
+    data_type: str | None = None
+    shape: tuple[int, int] | None = None
+    transform: tuple[float, float, float, float, float, float] | None = None
+
+    @property
+    def gdal_path(self) -> str:
+        """The path GDAL opens (``/vsis3/...`` for ``s3://``)."""
+        return to_gdal_path(self.href)
+
+
+class Scene(BaseModel):
+    """One STAC item ready to be read: grid, bands and recipe.
+
+    Attributes:
+        id: STAC item id.
+        collection: STAC collection id.
+        sensor: ``optical``, ``sar`` or ``thermal`` (from the recipe).
+        datetime: Acquisition time (``datetime`` or ``start_datetime``), UTC.
+        updated: The item's ``updated`` timestamp (for incremental runs), if any.
+        geometry: Footprint as GeoJSON in WGS84.
+        bbox: WGS84 bounding box.
+        crs: CRS of the reference grid (``EPSG:…`` or WKT).
+        transform: Affine transform of the reference grid (6 terms).
+        shape: ``(height, width)`` of the reference grid.
+        bands: Logical band → asset.
+        recipe: The collection's sensor recipe.
+        cloud_cover: ``eo:cloud_cover`` if given.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    collection: str
+    sensor: SensorKind
+    datetime: dt.datetime | None
+    updated: dt.datetime | None = None
+    geometry: dict[str, Any] | None = None
+    bbox: tuple[float, ...] | None = None
+    crs: str | None = None
+    transform: tuple[float, float, float, float, float, float] | None = None
+    shape: tuple[int, int] | None = None
+    bands: dict[str, BandAsset]
+    recipe: Recipe
+    cloud_cover: float | None = None
+
+    @classmethod
+    def from_item(
+        cls,
+        item: pystac.Item | Mapping[str, Any],
+        *,
+        recipes: Mapping[str, Recipe] | None = None,
+        href_policy: HrefPolicy | None = None,
+        read_header_if_missing: bool = True,
+    ) -> Scene:
+        """Build a scene from a STAC item.
+
+        Args:
+            item: A pystac item or its dict.
+            recipes: Recipe table (default: the built-in recipes).
+            href_policy: Which hrefs may be opened (default ``HrefPolicy()``: remote ``s3``/``https`` only).
+            read_header_if_missing: When the item has no ``proj:*`` grid, read it from the reference asset's header.
+
+        Returns:
+            The scene.
+
+        Raises:
+            UnknownCollection: No recipe for the collection.
+            MissingAsset: A band the recipe needs has no asset.
+            HrefNotAllowed: An asset href is outside the policy.
+            NoGeoreference: No grid in the item and none could be read (or reading was disabled).
+        """
+        if not isinstance(item, pystac.Item):
+            item = pystac.Item.from_dict(dict(item), preserve_dict=True)
+        policy = href_policy or HrefPolicy()
+        try:
+            return cls._from_item(item, recipes, policy, read_header_if_missing)
+        except SceneError as exc:
+            exc.item_id = exc.item_id or item.id
+            raise
+
+    @classmethod
+    def _from_item(
+        cls, item: pystac.Item, recipes: Mapping[str, Recipe] | None, policy: HrefPolicy, read_header: bool
+    ) -> Scene:
+        recipe = recipe_for(item.collection_id, recipes)
+        props = item.properties
+        bands: dict[str, BandAsset] = {}
+        used = set(recipe.used_bands)
+        for name, spec in recipe.bands.items():
+            key = next((k for k in spec.assets if k in item.assets), None)
+            if key is None:
+                if spec.required or name in used:
+                    raise MissingAsset(
+                        f"item has no asset for band {name!r} (looked for {list(spec.assets)}; "
+                        f"has {sorted(item.assets)})",
+                        asset=spec.assets[0],
+                    )
+                continue
+            asset = item.assets[key]
+            href = policy.check(asset.get_absolute_href() or asset.href, item_id=item.id, asset=key)
+            fields = asset.extra_fields
+            rb = _raster_band(fields)
+            scale = rb.get("scale", rb.get("raster:scale"))
+            offset = rb.get("offset", rb.get("raster:offset"))
+            nodata = rb.get("nodata", fields.get("nodata"))
+            bands[name] = BandAsset(
+                key=key,
+                href=href,
+                scale=float(scale) if scale is not None else spec.scale,
+                offset=float(offset) if offset is not None else spec.offset,
+                nodata=_nodata(nodata),
+                data_type=rb.get("data_type", fields.get("data_type")),
+                shape=_shape(fields.get("proj:shape", props.get("proj:shape"))),
+                transform=_transform(fields.get("proj:transform", props.get("proj:transform"))),
+            )
+        ref = bands[recipe.reference_band]
+        ref_fields = item.assets[ref.key].extra_fields
+        crs = _crs(ref_fields) or _crs(props)
+        shape, transform = ref.shape, ref.transform
+        if (crs is None or shape is None or transform is None) and read_header:
+            from catalogs.io import read_header as _read_header
+
+            header = _read_header(ref.gdal_path, item_id=item.id, asset=ref.key)
+            crs = crs or header.crs
+            shape = shape or header.shape
+            transform = transform or header.transform
+        if crs is None or transform is None:
+            raise NoGeoreference(
+                "item has no proj:* grid and the raster header gives no CRS/transform", asset=ref.key, href=ref.href
+            )
+        start = item.datetime or item.common_metadata.start_datetime
+        return cls(
+            id=item.id,
+            collection=item.collection_id or "",
+            sensor=recipe.sensor,
+            datetime=_utc(start),
+            updated=_utc(item.common_metadata.updated),
+            geometry=item.geometry,
+            bbox=tuple(item.bbox) if item.bbox else None,
+            crs=crs,
+            transform=transform,
+            shape=shape,
+            bands=bands,
+            recipe=recipe,
+            cloud_cover=_float(props.get("eo:cloud_cover")),
+        )
+
+    @property
+    def height(self) -> int:
+        """Rows of the reference grid."""
+        if self.shape is None:
+            raise NoGeoreference("scene has no grid shape", item_id=self.id)
+        return self.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Columns of the reference grid."""
+        if self.shape is None:
+            raise NoGeoreference("scene has no grid shape", item_id=self.id)
+        return self.shape[1]
+
+
+def _raster_band(fields: Mapping[str, Any]) -> dict[str, Any]:
+    for key in ("raster:bands", "bands"):
+        value = fields.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return dict(value[0])
+    return {k: v for k, v in fields.items() if k.startswith("raster:")}
+
+
+def _crs(fields: Mapping[str, Any]) -> str | None:
+    code = fields.get("proj:code")
+    epsg = fields.get("proj:epsg")
+    wkt = fields.get("proj:wkt2")
+    projjson = fields.get("proj:projjson")
+    for value in (code, f"EPSG:{epsg}" if epsg else None, wkt, projjson):
+        if value:
+            return str(CRS.from_user_input(value).to_string())
+    return None
+
+
+def _shape(value: Any) -> tuple[int, int] | None:
+    if not value:
+        return None
+    return int(value[0]), int(value[1])
+
+
+def _transform(value: Any) -> tuple[float, float, float, float, float, float] | None:
+    if not value or len(value) < 6:
+        return None
+    a, b, c, d, e, f = (float(v) for v in value[:6])
+    return a, b, c, d, e, f
+
+
+def _nodata(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # STAC allows "nan", "inf", "-inf"
+        return float(value)
+    return float(value)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
