@@ -8,6 +8,7 @@ after ``..`` segments are collapsed). Local files are refused unless a local pre
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,7 +42,7 @@ def normalize_href(href: str) -> str:
     parts = urlsplit(href)
     scheme = parts.scheme.lower()
     if len(scheme) <= 1:  # no scheme, or a Windows drive letter: a local path
-        return Path(href).absolute().as_uri() if href else href
+        return "file://" + Path(os.path.normpath(os.path.abspath(href))).as_posix()
     if scheme == "file":
         path = posixpath.normpath(unquote(parts.path)) if parts.path else "/"
         return "file://" + path

@@ -77,8 +77,8 @@ def footprint(header: RasterHeader, densify: int = 8) -> dict[str, Any]:
     assert header.crs and header.transform
     t = Affine(*header.transform)
     h, w = header.shape
-    x0, y0 = t * (0, 0)
-    x1, y1 = t * (w, h)
+    x0, y0 = t @ (0, 0)
+    x1, y1 = t @ (w, h)
     poly = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
     edge = max(abs(x1 - x0), abs(y1 - y0)) / (densify + 1)
     poly = poly.segmentize(edge)

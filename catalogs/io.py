@@ -58,14 +58,11 @@ GDAL_CLOUD_DEFAULTS: dict[str, str] = {
 
 SUPPORTED_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 
-_configured = False
-
-
 def configure_gdal(overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """Apply GDAL's cloud settings to this process once (idempotent; call at a job's entry point).
+    """Apply GDAL's cloud settings to this process (idempotent: call it at a job's entry point).
 
-    Settings go into ``os.environ`` (GDAL reads config options from the environment), without replacing variables
-    the user already set; ``overrides`` replace them.
+    Settings go into ``os.environ`` (GDAL reads config options from the environment, and worker processes inherit
+    it), without replacing variables the user already set; ``overrides`` replace them.
 
     Args:
         overrides: Settings that replace both the defaults and the current environment.
@@ -73,11 +70,8 @@ def configure_gdal(overrides: dict[str, str] | None = None) -> dict[str, str]:
     Returns:
         The settings now in effect for the keys of :data:`GDAL_CLOUD_DEFAULTS` and ``overrides``.
     """
-    global _configured
-    if not _configured:
-        for key, value in GDAL_CLOUD_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        _configured = True
+    for key, value in GDAL_CLOUD_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     if overrides:
         os.environ.update(overrides)
     keys = set(GDAL_CLOUD_DEFAULTS) | set(overrides or {})

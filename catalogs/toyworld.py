@@ -509,7 +509,7 @@ def _ground_truth_rows(scene: ToyScene) -> list[dict[str, Any]]:
     to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
     rows = []
     for obj in scene.objects:
-        xs, ys = zip(*(t * (x, y) for x, y in ((obj.x1, obj.y1), (obj.x2, obj.y1), (obj.x2, obj.y2),
+        xs, ys = zip(*(t @ (x, y) for x, y in ((obj.x1, obj.y1), (obj.x2, obj.y1), (obj.x2, obj.y2),
                                                   (obj.x1, obj.y2))), strict=True)
         lon, lat = to_wgs84.transform(xs, ys)
         rows.append({

@@ -132,7 +132,7 @@ def _ingest(ns: argparse.Namespace) -> int:
         pgstac_dsn=ns.pgstac_dsn,
     )
     print(f"ingest: {result.count} items -> {result.items_path}, {result.collection_path}"
-          + (f"; loaded into pgstac" if ns.pgstac_dsn else ""))
+          + ("; loaded into pgstac" if ns.pgstac_dsn else ""))
     for err in result.errors:
         print(f"  skipped {err['item_id']}: {err['error_type']}: {err['message']}", file=sys.stderr)
     return 0 if result.count or not result.errors else 1
