@@ -224,6 +224,21 @@ class DetectionConfig(_Strict):
     containment: float = Field(default=0.7, gt=0.0, le=1.0)
 
 
+class RayConfig(_Strict):
+    """How the job reaches Ray.
+
+    Attributes:
+        address: A cluster to join (``auto``, ``ray://host:10001``). Default: ``RAY_ADDRESS`` if set (as under
+            ``ray job submit``), else a local instance started by the job.
+        num_cpus: CPUs of a local instance (default: all).
+        object_store_mb: Object store of a local instance (default: Ray's, 30 % of RAM).
+    """
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    object_store_mb: int | None = Field(default=None, ge=64)
+
+
 class OutputConfig(_Strict):
     """Where results go and how work is committed.
 
@@ -258,6 +273,7 @@ class InferConfig(_Strict):
         model: Model and engine.
         actors: Actor pool of the model stage.
         detection: Cross-tile NMS.
+        ray: Where Ray runs.
         output: Output root and commit unit.
     """
 
@@ -268,7 +284,16 @@ class InferConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
     detection: DetectionConfig = Field(default_factory=DetectionConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig
+
+    @model_validator(mode="after")
+    def _gpu_only_options(self) -> InferConfig:
+        if self.actors.num_gpus == 0 and (self.model.dtype == "float16" or self.model.kernel_inject):
+            raise ValueError("model.dtype float16 and model.kernel_inject need GPU actors (actors.num_gpus > 0)")
+        if self.model.tp_size > 1 and self.actors.num_gpus < self.model.tp_size:
+            raise ValueError(f"model.tp_size {self.model.tp_size} needs actors.num_gpus >= {self.model.tp_size}")
+        return self
 
     @field_validator("tasks")
     @classmethod
