@@ -55,7 +55,7 @@ def _to_chw_float(image: Any) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
     else:
-        t = torch.from_numpy(np.ascontiguousarray(np.asarray(image)))
+        t = torch.from_numpy(np.array(image))  # a copy: inputs may be read-only (PIL, memory-mapped rasters)
     if t.dim() != 3:
         raise ValueError(f"an image must be (3, H, W) or (H, W, 3), got shape {tuple(t.shape)}")
     integer = not (t.is_floating_point() or t.is_complex())
