@@ -254,7 +254,7 @@ def iter_cogs(source: str) -> Iterator[str]:
         source: Local folder or ``s3://bucket/prefix``.
 
     Yields:
-        Local absolute paths or ``s3://`` URLs.
+        ``file://`` or ``s3://`` URLs (STAC hrefs are URIs: a bare path would resolve against the API's URL).
     """
     if source.startswith("s3://"):
         import boto3
@@ -270,7 +270,7 @@ def iter_cogs(source: str) -> Iterator[str]:
         dirs.sort()
         for name in sorted(files):
             if name.lower().endswith((".tif", ".tiff")):
-                yield os.path.abspath(os.path.join(root, name))
+                yield Path(os.path.abspath(os.path.join(root, name))).as_uri()
 
 
 @dataclass(frozen=True)

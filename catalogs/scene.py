@@ -141,7 +141,7 @@ class Scene(BaseModel):
                     )
                 continue
             asset = item.assets[key]
-            href = policy.check(asset.get_absolute_href() or asset.href, item_id=item.id, asset=key)
+            href = policy.check(_absolute_href(asset), item_id=item.id, asset=key)
             fields = asset.extra_fields
             rb = _raster_band(fields)
             scale = rb.get("scale", rb.get("raster:scale"))
@@ -202,6 +202,18 @@ class Scene(BaseModel):
         if self.shape is None:
             raise NoGeoreference("scene has no grid shape", item_id=self.id)
         return self.shape[1]
+
+
+def _absolute_href(asset: pystac.Asset) -> str:
+    """The asset href; only relative references are resolved against the item's self link.
+
+    An absolute path stays a local path: resolving ``/data/x.tif`` against ``http://api/items/1`` (as RFC 3986
+    would) gives a URL nobody meant.
+    """
+    raw = asset.href
+    if "://" in raw or raw.startswith("/"):
+        return raw
+    return asset.get_absolute_href() or raw
 
 
 def _raster_band(fields: Mapping[str, Any]) -> dict[str, Any]:

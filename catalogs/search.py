@@ -5,8 +5,9 @@
 - CQL2 filters may be given as text (``"eo:cloud_cover < 20"``) or JSON; text is converted to CQL2-JSON and sent by
   POST. When the API does not conform to the filter extension (``rustac serve``, some static APIs), the filter is
   evaluated client-side on each item instead and a warning is logged once per process.
-- ``updated_since`` (for incremental runs) becomes a CQL2 condition ``updated >= T``, applied server-side when the
-  API filters, and always checked client-side too (cheap, and robust to servers that compare timestamps as text).
+- ``updated_since`` (for incremental runs) is sent as a text comparison on ``updated`` with a bound one second early
+  (servers hold ``updated`` as a string; pgstac fails on a timestamp literal for it), and the exact condition
+  ``updated >= T`` is always checked client-side.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def to_cql2_json(expr: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
     try:
         parsed = cql2.Expr(expr if isinstance(expr, str) else dict(expr))
         parsed.validate()
-    except (cql2.ParseError, cql2.ValidationError, ValueError) as exc:
+    except Exception as exc:  # cql2 raises bare Exception on parse errors
         raise ValueError(f"invalid CQL2 filter {expr!r}: {exc}") from exc
     return dict(parsed.to_json())
 
@@ -159,11 +160,13 @@ def search_items(
     """
     client = client or open_client(url, retries=retries, backoff=backoff, timeout=timeout)
     user_filter = to_cql2_json(filter)
-    since = (
-        {"op": ">=", "args": [{"property": "updated"}, {"timestamp": _timestamp(updated_since)}]}
-        if updated_since is not None
-        else None
-    )
+    since = server_since = None
+    if updated_since is not None:
+        since = {"op": ">=", "args": [{"property": "updated"}, {"timestamp": _timestamp(updated_since)}]}
+        # Servers hold `updated` as a string (pgstac compares it as text and fails on a timestamp literal):
+        # send a text bound one second early, which never drops a match, and apply the exact test here.
+        early = dt.datetime.fromisoformat(_timestamp(updated_since).replace("Z", "+00:00")) - dt.timedelta(seconds=1)
+        server_since = {"op": ">=", "args": [{"property": "updated"}, early.strftime("%Y-%m-%dT%H:%M:%S")]}
     server_side = client.conforms_to(ConformanceClasses.FILTER)
     if (user_filter or since) and not server_side:
         root = client.get_self_href() or url
@@ -189,7 +192,7 @@ def search_items(
         "method": "POST",
     }
     if server_side and (user_filter or since):
-        kwargs["filter"] = _and(user_filter, since)
+        kwargs["filter"] = _and(user_filter, server_since)
         kwargs["filter_lang"] = "cql2-json"
     if local_expr is None:
         kwargs["max_items"] = max_items  # the server's count is the final count

@@ -714,7 +714,7 @@ def generate_toyworld(
             if scene.cloud_cover is not None:
                 props["eo:cloud_cover"] = scene.cloud_cover
             item = build_item(
-                scene.scene_id, {b: str(p) for b, p in ordered.items()}, collection=COLLECTIONS[sensor],
+                scene.scene_id, {b: p.as_uri() for b, p in ordered.items()}, collection=COLLECTIONS[sensor],
                 sensor=sensor, datetime=scene.datetime, properties=props, created=created, updated=created,
             )
             extents[sensor].add(item)
