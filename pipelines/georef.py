@@ -232,6 +232,7 @@ def nms_per_scene(
     cut_by_tile_edge: np.ndarray | None = None,
     iou_threshold: float = 0.5,
     containment_threshold: float = 0.7,
+    containment_margin: float = 0.0,
 ) -> np.ndarray:
     """Greedy, label-aware non-maximum suppression over all boxes of one scene (from overlapping tiles).
 
@@ -248,6 +249,8 @@ def nms_per_scene(
         cut_by_tile_edge: ``(N,)`` booleans from :func:`touches_inner_edge` (default: none cut).
         iou_threshold: IoU at which the lower-ranked box is dropped.
         containment_threshold: Share of a cut box's area inside a kept box at which it is dropped.
+        containment_margin: The kept box is grown by this much (in the boxes' units) when measuring containment,
+            to absorb the quantisation of boxes written as text (two decimals of the tile side).
 
     Returns:
         Sorted indices of the kept boxes.
@@ -277,7 +280,10 @@ def nms_per_scene(
             inter = _intersection_area(boxes[i], boxes[rest])
             union = areas[i] + areas[rest] - inter
             iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-            contained = np.where(areas[rest] > 0, inter / np.maximum(areas[rest], 1e-12), 1.0)
+            grown = boxes[i] + np.array([-containment_margin, -containment_margin, containment_margin,
+                                         containment_margin])
+            inside = _intersection_area(grown, boxes[rest])
+            contained = np.where(areas[rest] > 0, inside / np.maximum(areas[rest], 1e-12), 1.0)
             drop = (iou >= iou_threshold) | (cut[rest] & (contained >= containment_threshold))
             suppressed[rest[drop]] = True
     return np.sort(np.array(kept, dtype=np.int64))

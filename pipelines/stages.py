@@ -115,6 +115,9 @@ class ReadStage:
         self.tiles_per_block = max(1, int(tiles_per_block))
 
     def __call__(self, batch: Batch) -> Iterator[Batch]:
+        from catalogs.io import configure_gdal
+
+        configure_gdal()  # idempotent; a Ray worker is a fresh process that did not run the job's entry point
         for key, scene_json in zip(batch["scene_key"], batch["scene"], strict=True):
             yield from self._read_scene(str(key), Scene.model_validate_json(str(scene_json)))
 
@@ -379,7 +382,8 @@ class ParseStage:
         tile_boxes = np.array([b.as_tuple() for b in boxes], dtype=np.float64)
         scene_boxes = tile_to_scene_boxes(tile_boxes, col_off=off[1], row_off=off[0])
         crs_boxes = pixel_to_crs_boxes(scene_boxes, geo.transform)
-        cut = touches_inner_edge(tile_boxes, hw, off, (geo.height, geo.width))
+        # boxes in text carry two decimals of the (padded) tile side: up to 1 % of it off the true edge
+        cut = touches_inner_edge(tile_boxes, hw, off, (geo.height, geo.width), tolerance=max(1.0, max(hw) / 100))
         wgs84 = to_wgs84(pixel_boxes_to_crs_polygons(scene_boxes, geo.transform, 2), geo.crs)
         return [
             {
@@ -567,7 +571,7 @@ class SceneAssembler:
         keep = nms_per_scene(
             boxes, np.nan_to_num(scores, nan=0.0), [d["label"] for _, d in dets],
             cut_by_tile_edge=np.array([d["cut"] for _, d in dets]), iou_threshold=self.nms_iou,
-            containment_threshold=self.containment,
+            containment_threshold=self.containment, containment_margin=max(1.0, self.tile_size / 100),
         )
         return [dets[k] for k in keep]
 
@@ -577,8 +581,10 @@ class SceneAssembler:
         dim = next((len(r["embedding"]) // 4 for r in rows if len(r.get("embedding", b"")) > 0), 0)
         emb = np.full((len(row_offs), len(col_offs), dim), np.nan, dtype=np.float32)
         valid = np.full((len(row_offs), len(col_offs)), np.nan, dtype=np.float32)
+        row_index = {off: i for i, off in enumerate(row_offs)}
+        col_index = {off: j for j, off in enumerate(col_offs)}
         for r in rows:
-            i, j = int(r["row"]), int(r["col"])
+            i, j = row_index[int(r["row_off"])], col_index[int(r["col_off"])]
             valid[i, j] = float(r["valid_fraction"])
             buf = r.get("embedding", b"")
             if dim and len(buf):
