@@ -106,6 +106,7 @@ def ray_local(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a cluster started with `ray start` on this machine
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=256 * 2**20,
