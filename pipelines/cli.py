@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("pipelines.evaluate", "evaluate a checkpoint on MMRS-1M-format data"),
     "catalog": ("pipelines.catalog_cli", "STAC catalog tools: ingest COGs, generate the toy world"),
     "query": ("pipelines.query", "SQL over the output tables (DuckDB)"),
+    "submit": ("pipelines.submit", "submit the archive or training job to a Ray cluster (Ray Jobs API)"),
 }
 
 

@@ -1,0 +1,80 @@
+"""Every shipped manifest and schedule parses, names an entrypoint that exists, and embeds a valid job config."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError
+from pipelines.config import load_config as load_infer_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = sorted((ROOT / "cluster").rglob("*.yaml"))
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _entrypoints(doc: dict) -> list[str]:
+    spec = doc.get("spec", {})
+    found = [spec["entrypoint"]] if "entrypoint" in spec else []
+    if "jobTemplate" in spec and "entrypoint" in spec["jobTemplate"]:
+        found.append(spec["jobTemplate"]["entrypoint"])
+    return found
+
+
+def test_there_are_manifests():
+    names = {p.name for p in MANIFESTS}
+    assert {"raycluster.yaml", "rayjob-infer.yaml", "rayjob-train.yaml", "raycronjob-infer.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_manifest_is_well_formed(path: Path):
+    docs = _docs(path)
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), path
+        if doc["apiVersion"].startswith("ray.io/"):
+            assert doc["kind"] in {"RayCluster", "RayJob", "RayCronJob"}
+        for entry in _entrypoints(doc):
+            argv = shlex.split(entry)
+            assert argv[:2] == ["python", "-m"], entry
+            assert importlib.util.find_spec(argv[2]) is not None, f"{entry}: no module {argv[2]}"
+
+
+def test_embedded_job_configs_are_valid(tmp_path: Path):
+    checked = 0
+    for path in MANIFESTS:
+        for doc in _docs(path):
+            if doc["kind"] != "ConfigMap" or "infer.yaml" not in doc.get("data", {}):
+                continue
+            cfg = tmp_path / "infer.yaml"
+            cfg.write_text(doc["data"]["infer.yaml"])
+            load_infer_config(cfg)
+            checked += 1
+    assert checked >= 1
+
+
+def test_an_invalid_embedded_config_would_be_caught(tmp_path: Path):
+    # The check above is not vacuous: the same loader refuses a broken config, naming the field.
+    doc = next(d for d in _docs(ROOT / "cluster/kuberay/rayjob-infer.yaml") if d["kind"] == "ConfigMap")
+    broken = yaml.safe_load(doc["data"]["infer.yaml"])
+    broken["tiling"]["overlap"] = broken["tiling"]["size"]
+    cfg = tmp_path / "infer.yaml"
+    cfg.write_text(yaml.safe_dump(broken))
+    with pytest.raises(ConfigError, match="tiling"):
+        load_infer_config(cfg)
+
+
+def test_crontab_submits_a_shipped_config():
+    lines = [ln for ln in (ROOT / "cluster/schedule/crontab").read_text().splitlines()
+             if ln and not ln.startswith("#") and "earthgpt submit" in ln]
+    assert lines
+    for line in lines:
+        config = shlex.split(line.split("earthgpt submit run", 1)[1])[0]
+        load_infer_config(ROOT / config)

@@ -1,0 +1,37 @@
+"""``earthgpt submit``: job specs, config validation before submission."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines import submit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_job_spec_forwards_endpoint_settings_but_not_keys(monkeypatch):
+    monkeypatch.setenv("AWS_S3_ENDPOINT", "127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    spec = submit.job_spec("run", "/cfg/my job.yaml", job_args=["--max-items", "3"])
+    assert spec["entrypoint"] == "python -m pipelines.infer '/cfg/my job.yaml' --max-items 3"
+    assert spec["runtime_env"]["env_vars"]["AWS_S3_ENDPOINT"] == "127.0.0.1:9000"
+    assert "AWS_SECRET_ACCESS_KEY" not in spec["runtime_env"]["env_vars"]
+    with_keys = submit.job_spec("train", "/cfg/t.yaml", forward_credentials=True)
+    assert with_keys["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert with_keys["entrypoint"].startswith("python -m pipelines.train ")
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind"):
+        submit.job_spec("serve", "x.yaml")
+
+
+def test_bad_config_is_refused_before_contacting_a_cluster(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs/infer/s3-pgstac.yaml").read_text().replace("size: 448", "size: -1"))
+    # No cluster listens on this port: a non-2 exit here would mean submission was attempted.
+    code = submit.cli(["run", str(bad), "--address", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "tiling.size" in capsys.readouterr().err
