@@ -5,99 +5,16 @@
 - ``earthgpt catalog ingest SOURCE --collection ID --out DIR [--pgstac-dsn DSN]`` builds STAC items for a folder or
   ``s3://`` prefix of COGs and writes NDJSON + collection JSON (and loads them into pgstac).
 
-The MMRS-1M answers are written here, not in ``catalogs`` (which may not import the model package): the same
-:mod:`earthgpt.tasks` templates format training targets and parse inference answers.
+The MMRS-1M instruction JSONs are written by :mod:`pipelines.mmrs`, not by ``catalogs`` (which may not import the
+model package): the same :mod:`earthgpt.tasks` templates format training targets and parse inference answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import sys
-from collections import Counter
-from pathlib import Path
-from typing import Any
-
-# catalogs names the thermal-infrared sensor "thermal"; the task templates call it "infrared".
-TASK_SENSOR = {"optical": "optical", "sar": "sar", "thermal": "infrared"}
-
-
-def _caption(record: dict[str, Any]) -> str:
-    from earthgpt.tasks import SENSOR_NOUNS, count_phrase
-
-    noun = SENSOR_NOUNS[TASK_SENSOR[record["sensor"]]]
-    counts = Counter(o["label"] for o in record["objects"])
-    place = record["scene_class"]
-    article = "an" if place[0] in "aeiou" else "a"
-    text = f"{'An' if noun[0] in 'aeiou' else 'A'} {noun} of {article} {place} area"
-    if counts:
-        text += " with " + " and ".join(count_phrase(n, label) for label, n in sorted(counts.items()))
-    return text + "."
-
-
-def write_mmrs_instructions(annotations_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write MMRS-1M-format (LLaVA-style) instruction JSONs for the chips of ``annotations.jsonl``.
-
-    One file per task and split: ``toyworld_{cls,cap,det,vg}_{train,val}.json``. Each record is
-    ``{"id", "image", "sensor", "conversations": [{"from": "human", "value": "<image>\\n..."},
-    {"from": "gpt", "value": "..."}]}``; ``image`` is the chip path relative to the folder of ``annotations_path``
-    (the toy-world root: pass it as the image root). Tasks:
-
-    - ``cls``: scene classification (the chip's scene class);
-    - ``cap``: a caption with the objects counted (``... of a harbor area with 3 ships.``);
-    - ``det``: detection of all objects, boxes in the padded-square normalised form;
-    - ``vg``: visual grounding for every label that occurs exactly once in a chip (``the ship``).
-
-    Args:
-        annotations_path: The toy world's ``annotations.jsonl``.
-        out_dir: Folder for the JSON files (created).
-
-    Returns:
-        ``{"{task}_{split}": path}`` of the files written.
-    """
-    from earthgpt.tasks import build_prompt, format_answer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records: dict[str, list[dict[str, Any]]] = {}
-
-    def add(task: str, rec: dict[str, Any], prompt: str, answer: str) -> None:
-        key = f"{task}_{rec['split']}"
-        rows = records.setdefault(key, [])
-        rows.append({
-            "id": f"{Path(rec['image']).stem}-{task}-{len(rows)}",
-            "image": rec["image"],
-            "sensor": rec["sensor"],
-            "conversations": [
-                {"from": "human", "value": "<image>\n" + prompt},
-                {"from": "gpt", "value": answer},
-            ],
-        })
-
-    with open(annotations_path, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            sensor = TASK_SENSOR[rec["sensor"]]
-            hw = rec["size"]
-            boxes = [{"label": o["label"], "bbox": o["box"]} for o in rec["objects"]]
-            add("cls", rec, build_prompt("classify", sensor), format_answer("classify", rec["scene_class"]))
-            add("cap", rec, build_prompt("caption", sensor), format_answer("caption", _caption(rec)))
-            add("det", rec, build_prompt("detect", sensor), format_answer("detect", boxes, hw))
-            counts = Counter(o["label"] for o in rec["objects"])
-            for obj in rec["objects"]:
-                if counts[obj["label"]] == 1:
-                    prompt = build_prompt("ground", sensor, description=f"the {obj['label']}")
-                    add("vg", rec, prompt, format_answer("ground", {"label": obj["label"], "bbox": obj["box"]}, hw))
-    paths: dict[str, Path] = {}
-    for key, rows in sorted(records.items()):
-        path = out / f"toyworld_{key}.json"
-        path.write_text(json.dumps(rows))
-        paths[key] = path
-    return paths
 
 
 def _toyworld(ns: argparse.Namespace) -> int:
@@ -110,12 +27,10 @@ def _toyworld(ns: argparse.Namespace) -> int:
     print(f"toy world: {len(world.scene_ids)} scenes, {world.n_objects} objects, {world.n_chips} chips "
           f"in {world.seconds:.1f} s -> {world.root}")
     if not ns.no_instructions:
-        try:
-            paths = write_mmrs_instructions(world.annotations_path, world.root / "mmrs")
-        except ImportError as exc:  # the model package is optional for catalog work
-            print(f"MMRS-1M instructions not written ({exc})", file=sys.stderr)
-        else:
-            print(f"MMRS-1M instructions: {', '.join(sorted(paths))} -> {world.root / 'mmrs'}")
+        from pipelines.mmrs import write_mmrs
+
+        paths = write_mmrs(world.root, world.root / "mmrs", annotations=world.annotations_path)
+        print(f"MMRS-1M instructions: {', '.join(sorted(paths))} -> {world.root / 'mmrs'}")
     if world.preview_path:
         print(f"preview: {world.preview_path}")
     return 0
