@@ -358,7 +358,8 @@ def parse_config(data: dict[str, Any]) -> InferConfig:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> InferConfig:
     """Read and validate a YAML job config.
 
-    Relative paths inside ``catalog.embedded`` are resolved against the config file's folder.
+    Relative paths in a config (embedded catalog files, a local output root, a checkpoint folder) are relative to
+    the current directory, like paths on the command line.
 
     Args:
         path: The YAML file.
@@ -387,11 +388,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> In
             if not isinstance(node, dict):
                 raise ConfigError(f"{dotted}: cannot set a key below a non-mapping value")
         node[leaf] = value
-    embedded = (data.get("catalog") or {}).get("embedded") if isinstance(data.get("catalog"), dict) else None
-    if isinstance(embedded, dict):
-        base = path.parent
-        if isinstance(embedded.get("items"), str):
-            embedded["items"] = str(base / embedded["items"])
-        if isinstance(embedded.get("collections"), list):
-            embedded["collections"] = [str(base / c) if isinstance(c, str) else c for c in embedded["collections"]]
     return parse_config(data)

@@ -150,7 +150,7 @@ def _catalog_url(config: InferConfig) -> Iterator[str]:
         yield url
 
 
-def _start_ray(config: InferConfig) -> None:
+def _start_ray(config: InferConfig) -> bool:
     import os
 
     import ray
@@ -168,9 +168,13 @@ def _start_ray(config: InferConfig) -> None:
             if config.ray.object_store_mb:
                 kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
             ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+        started = True
+    else:
+        started = False
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints one line per finished scene instead
     ctx.print_on_execution_start = False
+    return started
 
 
 def _redacted(config: InferConfig) -> str:
@@ -437,6 +441,7 @@ def run(config: InferConfig, *, say: Printer = print) -> RunSummary:
     say(f"run {summary.run_id}: model {config.model.name_or_path} ({config.model.engine}, {config.model.dtype}), "
         f"tasks {', '.join(config.tasks)}; {len(committed)} scenes already committed under {store.url()}")
     policy = HrefPolicy.for_roots(*config.catalog.asset_prefixes) if config.catalog.asset_prefixes else HrefPolicy()
+    started_ray = False
 
     try:
         # 2. search lazily; 3. process wave by wave
@@ -449,7 +454,7 @@ def run(config: InferConfig, *, say: Printer = print) -> RunSummary:
             waves = plan_waves(items, committed, config.output.wave_size, policy, summary, say)
             for wave_no, wave in enumerate(waves):
                 if wave_no == 0:
-                    _start_ray(config)
+                    started_ray = _start_ray(config)
                 _process_wave(config, wave, wave_no, summary.run_id, store, ledger, committed, summary, say)
         if summary.scenes_skipped:
             reasons = "; ".join(f"{n} {why}" for why, n in summary.skip_reasons.items())
@@ -470,6 +475,10 @@ def run(config: InferConfig, *, say: Printer = print) -> RunSummary:
             ledger.compact()
         except Exception:  # never mask the run's own exception
             log.exception("could not write the runs row")
+        if started_ray:  # a Ray instance this job started ends with it (an attached cluster stays)
+            import ray
+
+            ray.shutdown()
     return summary
 
 
