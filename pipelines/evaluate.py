@@ -1,0 +1,264 @@
+"""``earthgpt eval CHECKPOINT DATA...``: answer held-out MMRS-1M-format records and score every task.
+
+For each record the first question is put to the model (the inference engine's greedy decoding, the same prompt
+template as the archive job) and the answer is parsed with ``earthgpt.tasks.parse_answer``; the reference answer is
+parsed the same way, so any MMRS-1M-format file can be scored. Metrics (``earthgpt.metrics``, coco-caption
+conventions, see its docstring):
+
+- ``classify``: accuracy; ``vqa``: exact-match accuracy;
+- ``caption`` / ``region_caption``: BLEU-1..4, METEOR (exact-match module), ROUGE-L, CIDEr;
+- ``ground``: Acc@0.5 and mean IoU;
+- ``detect``: precision / recall / F1 at IoU 0.5, mAP@0.5, counting accuracy (stated count equals the true count).
+
+CHECKPOINT is a ``save_pretrained`` folder (the training job's export), a Ray Train checkpoint folder of the training
+job (exported on the fly), or a preset name (``small``: random weights, the untrained baseline). Prints a table and
+writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from earthgpt import metrics as M
+from earthgpt.data import MalformedRecord, Record, iter_raw_records, load_image, parse_record
+from earthgpt.tasks import NO_OBJECTS, parse_answer
+
+
+@dataclass
+class ScoredItem:
+    """One question put to the model.
+
+    Attributes:
+        task: The record's task.
+        prediction: Generated answer text.
+        reference: Reference answer text.
+        image_hw: ``(height, width)`` of the image (to map boxes back to pixels).
+    """
+
+    task: str
+    prediction: str
+    reference: str
+    image_hw: tuple[int, int]
+
+
+def first_turn(record: Record) -> tuple[str, str]:
+    """The first (question, reference answer) pair of a record."""
+    return record.conversations[0]["value"], record.conversations[1]["value"]
+
+
+def _count(parsed: Any) -> int | None:
+    if parsed.counts:
+        return int(sum(parsed.counts.values()))
+    if parsed.text.strip().rstrip(".") == NO_OBJECTS.rstrip("."):
+        return 0
+    return len(parsed.boxes) if parsed.boxes else None
+
+
+def _detections(parsed: Any, score: float = 1.0) -> list[M.Detection]:
+    return [M.Detection(b.label, b.as_tuple(), score) for b in parsed.boxes]
+
+
+def score_items(items: Sequence[ScoredItem]) -> dict[str, dict[str, float]]:
+    """Task metrics over scored items, ``{task: {metric: value}}`` (every task gets ``n``).
+
+    Args:
+        items: Predictions with their references.
+    """
+    by_task: dict[str, list[ScoredItem]] = defaultdict(list)
+    for item in items:
+        by_task[item.task].append(item)
+    out: dict[str, dict[str, float]] = {}
+    for task, group in sorted(by_task.items()):
+        row: dict[str, float] = {"n": float(len(group))}
+        if task == "classify":
+            preds = [parse_answer(task, g.prediction).label or "" for g in group]
+            refs = [parse_answer(task, g.reference).label or "" for g in group]
+            row["accuracy"] = M.accuracy(preds, refs)
+        elif task == "vqa":
+            row["accuracy"] = M.accuracy([g.prediction for g in group], [g.reference for g in group])
+        elif task in ("caption", "region_caption"):
+            row.update(M.caption_metrics([g.prediction for g in group], [[g.reference] for g in group]))
+        elif task == "ground":
+            pred_boxes: list[M.Box | None] = []
+            ref_boxes: list[M.Box] = []
+            for g in group:
+                ref = parse_answer(task, g.reference, g.image_hw)
+                if not ref.boxes:
+                    continue
+                pred = parse_answer(task, g.prediction, g.image_hw)
+                pred_boxes.append(pred.boxes[0].as_tuple() if pred.boxes else None)
+                ref_boxes.append(ref.boxes[0].as_tuple())
+            row.update(M.grounding_accuracy(pred_boxes, ref_boxes))
+        elif task == "detect":
+            preds_p = [parse_answer(task, g.prediction, g.image_hw) for g in group]
+            refs_p = [parse_answer(task, g.reference, g.image_hw) for g in group]
+            det = M.detection_metrics([_detections(p) for p in preds_p], [_detections(r) for r in refs_p])
+            row.update({k: det[k] for k in ("precision", "recall", "F1", "mAP")})
+            true_counts = [_count(r) or 0 for r in refs_p]
+            row["count_accuracy"] = M.counting_accuracy([_count(p) for p in preds_p], true_counts)
+            row["malformed_boxes"] = float(sum(p.n_malformed for p in preds_p))
+        out[task] = row
+    return out
+
+
+def load_records(
+    paths: Sequence[str], image_root: str | None = None, limit: int | None = None, per_task: bool = False
+) -> tuple[list[Record], int]:
+    """Reads evaluation records (first ``limit`` per file, or per task with ``per_task``), skipping malformed ones.
+
+    Returns:
+        ``(records with a known task, number of malformed or task-less records skipped)``.
+    """
+    records: list[Record] = []
+    skipped = 0
+    for path in paths:
+        taken: dict[str | None, int] = defaultdict(int)
+        for i, raw in enumerate(iter_raw_records(path)):
+            try:
+                rec = parse_record(raw, source=Path(path).name, image_root=image_root, index=i)
+            except MalformedRecord:
+                skipped += 1
+                continue
+            if rec.task is None or len(rec.conversations) < 2:
+                skipped += 1
+                continue
+            key = rec.task if per_task else None
+            if limit is not None and taken[key] >= limit:
+                continue
+            taken[key] += 1
+            records.append(rec)
+    return records, skipped
+
+
+def answer_records(
+    engine: Any, records: Sequence[Record], batch_size: int = 32, max_new_tokens: int = 64
+) -> list[ScoredItem]:
+    """Generates the answer to each record's first question (greedy) with an ``InferenceEngine``-like object.
+
+    Unreadable images are skipped (counted by the caller through the shorter result).
+    """
+    items: list[ScoredItem] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images, prompts, refs = [], [], []
+        kept: list[Record] = []
+        for rec in chunk:
+            try:
+                images.append(load_image(rec.image))
+            except MalformedRecord:
+                continue
+            question, reference = first_turn(rec)
+            prompts.append(question)
+            refs.append(reference)
+            kept.append(rec)
+        if not kept:
+            continue
+        generations = engine.generate(images, prompts, max_new_tokens=max_new_tokens)
+        for rec, img, gen, ref in zip(kept, images, generations, refs, strict=True):
+            assert rec.task is not None
+            items.append(ScoredItem(rec.task, gen.text, ref, (int(img.shape[0]), int(img.shape[1]))))
+    return items
+
+
+def evaluate(
+    checkpoint: str,
+    data: Sequence[str],
+    *,
+    image_root: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Loads a model and scores it on MMRS-1M-format files.
+
+    Args:
+        checkpoint: ``save_pretrained`` folder, training-job checkpoint folder, or preset name (random weights).
+        data: Evaluation JSON files.
+        image_root: Root of relative image paths (default: each file's folder).
+        limit: At most this many records per task.
+        batch_size: Prompts per generate call.
+        max_new_tokens: Answer budget.
+        seed: Weight seed for a preset.
+
+    Returns:
+        ``{"checkpoint", "metrics": {task: {...}}, "records", "skipped", "seconds", "samples_per_s"}``.
+    """
+    from earthgpt.engine import InferenceEngine
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(checkpoint)
+        if path.is_dir() and (path / "trainer_state.json").exists():
+            from pipelines.train import export_checkpoint
+
+            export_checkpoint(str(path), tmp)
+            path = Path(tmp)
+        engine = InferenceEngine.from_pretrained(str(path) if path.exists() else checkpoint, seed=seed)
+    records: list[Record] = []
+    skipped = 0
+    for file in data:
+        root = image_root if image_root is not None else str(Path(file).absolute().parent)
+        recs, n_bad = load_records([file], root, limit=limit, per_task=True)
+        records.extend(recs)
+        skipped += n_bad
+    t_gen = time.perf_counter()
+    items = answer_records(engine, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    gen_seconds = time.perf_counter() - t_gen
+    return {
+        "checkpoint": str(checkpoint),
+        "metrics": score_items(items),
+        "records": len(items),
+        "skipped": skipped + (len(records) - len(items)),
+        "seconds": time.perf_counter() - t0,
+        "samples_per_s": len(items) / gen_seconds if gen_seconds > 0 else 0.0,
+    }
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``earthgpt eval CHECKPOINT DATA... [--image-root R] [--limit N] [--out FILE]``."""
+    parser = argparse.ArgumentParser(prog="earthgpt eval", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "checkpoint", help="save_pretrained folder, training checkpoint folder, or preset name"
+    )
+    parser.add_argument("data", nargs="+", help="MMRS-1M-format JSON files")
+    parser.add_argument(
+        "--image-root", default=None, help="root of relative image paths (default: each file's dir)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="at most N records per task")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    missing = [d for d in args.data if "://" not in d and not Path(d).exists()]
+    if missing:
+        print(f"earthgpt eval: data file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    result = evaluate(
+        args.checkpoint,
+        args.data,
+        image_root=args.image_root,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(M.format_table(result["metrics"]))
+    print(f"\n{result['records']} records scored, {result['skipped']} skipped, {result['seconds']:.1f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
