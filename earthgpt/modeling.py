@@ -384,6 +384,8 @@ class EarthGPTPreTrainedModel(PreTrainedModel):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):  # reached only by transformers 4.x, which applies this everywhere
+                nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
 class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):

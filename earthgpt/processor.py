@@ -36,12 +36,22 @@ TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 
 
 def bundled_tokenizer() -> Any:
-    """Loads the bundled 1024-token tokenizer (offline; left padding)."""
-    from transformers import AutoTokenizer
+    """Loads the bundled 1024-token tokenizer (offline; left padding).
 
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    tokenizer.padding_side = "left"
-    return tokenizer
+    Built from ``tokenizer.json`` directly rather than ``AutoTokenizer``, so that it loads with any transformers
+    version (its ``tokenizer_config.json`` is written by the installed one).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def _to_chw_float(image: Any) -> torch.Tensor:
