@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,9 +132,9 @@ class CatalogConfig(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> CatalogConfig:
         if (self.url is None) == (self.embedded is None):
-            raise ValueError("give exactly one of `url` (a STAC API) and `embedded` (local files to serve)")
+            raise ValueError("url: give exactly one of `url` (a STAC API) and `embedded` (local files to serve)")
         if self.bbox is not None and self.intersects is not None:
-            raise ValueError("give at most one of `bbox` and `intersects`")
+            raise ValueError("intersects: give at most one of `bbox` and `intersects`")
         return self
 
 
@@ -153,7 +154,7 @@ class TilingConfig(_Strict):
     @model_validator(mode="after")
     def _overlap_below_size(self) -> TilingConfig:
         if self.overlap >= self.size:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than size ({self.size})")
+            raise ValueError(f"overlap: {self.overlap} must be smaller than size ({self.size})")
         return self
 
 
@@ -181,7 +182,7 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _engine_options(self) -> ModelConfig:
         if self.engine == "plain" and (self.tp_size != 1 or self.kernel_inject):
-            raise ValueError("tp_size > 1 and kernel_inject need engine: deepspeed")
+            raise ValueError("engine: tp_size > 1 and kernel_inject need engine: deepspeed")
         return self
 
 
@@ -207,7 +208,7 @@ class ActorsConfig(_Strict):
     @model_validator(mode="after")
     def _min_le_max(self) -> ActorsConfig:
         if self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
+            raise ValueError(f"min_actors: {self.min_actors} exceeds max_actors ({self.max_actors})")
         return self
 
 
@@ -290,9 +291,9 @@ class InferConfig(_Strict):
     @model_validator(mode="after")
     def _gpu_only_options(self) -> InferConfig:
         if self.actors.num_gpus == 0 and (self.model.dtype == "float16" or self.model.kernel_inject):
-            raise ValueError("model.dtype float16 and model.kernel_inject need GPU actors (actors.num_gpus > 0)")
+            raise ValueError("model: dtype float16 and kernel_inject need GPU actors (actors.num_gpus > 0)")
         if self.model.tp_size > 1 and self.actors.num_gpus < self.model.tp_size:
-            raise ValueError(f"model.tp_size {self.model.tp_size} needs actors.num_gpus >= {self.model.tp_size}")
+            raise ValueError(f"model: tp_size {self.model.tp_size} needs actors.num_gpus >= {self.model.tp_size}")
         return self
 
     @field_validator("tasks")
@@ -327,11 +328,21 @@ class InferConfig(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_FIELD_PREFIX = re.compile(r"^(?:Value error, )?([a-z_][a-z0-9_]*): (.*)$", re.DOTALL)
+
+
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(config)"
-        lines.append(f"{field}: {err['msg']}")
+        loc = [str(p) for p in err["loc"]]
+        msg = str(err["msg"])
+        m = _FIELD_PREFIX.match(msg)
+        if m:  # a cross-field check names the field it blames: "overlap: ..."
+            loc.append(m.group(1))
+            msg = m.group(2)
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{'.'.join(loc) or '(config)'}: {msg}")
     return "\n".join(lines)
 
 
