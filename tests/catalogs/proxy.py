@@ -8,18 +8,23 @@ object stores that refuse access (HTTP 403).
 from __future__ import annotations
 
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class CountingProxy:
-    """Forward requests to ``upstream``; fail the first ``fail_first`` with ``fail_status``."""
+    """Forward requests to ``upstream``; fail the first ``fail_first`` with ``fail_status``; stall the first
+    ``stall_first`` (after the failures) for ``stall_s`` seconds before answering."""
 
-    def __init__(self, upstream: str, fail_first: int = 0, fail_status: int = 503) -> None:
+    def __init__(self, upstream: str, fail_first: int = 0, fail_status: int = 503, stall_first: int = 0,
+                 stall_s: float = 0.0) -> None:
         self.upstream = upstream.rstrip("/")
         self.fail_first = fail_first
         self.fail_status = fail_status
+        self.stall_first = stall_first
+        self.stall_s = stall_s
         self.requests: list[tuple[str, str, int]] = []
         proxy = self
 
@@ -35,6 +40,10 @@ class CountingProxy:
                     self.send_response(proxy.fail_status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if len(proxy.requests) < proxy.fail_first + proxy.stall_first:
+                    proxy.requests.append((self.command, self.path, 0))  # 0: the client gave up waiting
+                    time.sleep(proxy.stall_s)
                     return
                 req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command)
                 for key in ("Content-Type", "Accept"):

@@ -156,6 +156,16 @@ def test_retries_on_5xx(rustac_url: str, toy_items: list[dict]) -> None:
         proxy.stop()
 
 
+def test_retries_on_timeouts(rustac_url: str, toy_items: list[dict]) -> None:
+    proxy = CountingProxy(rustac_url, stall_first=2, stall_s=1.5)
+    try:
+        got = list(search_items(proxy.url, timeout=0.5, backoff=0.01))
+        assert {i["id"] for i in got} == {i["id"] for i in toy_items}
+        assert [r[2] for r in proxy.requests[:3]] == [0, 0, 200]
+    finally:
+        proxy.stop()
+
+
 def test_bad_items_are_yielded_as_errors(rustac_server, toy_items: list[dict], toy_collections: list[dict],  # noqa: ANN001
                                          toyworld) -> None:  # noqa: ANN001
     bad = copy.deepcopy(toy_items[2])
