@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -361,6 +362,21 @@ class _ShiftHook:
         return output * self.shift.scales[self.key] + self.shift.biases[self.key]
 
 
+def _zero3_external_parameter_registrar() -> Any:
+    """``deepspeed.zero.register_external_parameter`` when DeepSpeed is already imported, else ``None``.
+
+    ZeRO-3 jobs import DeepSpeed before they build or convert the model, so checking ``sys.modules`` is enough and
+    keeps DeepSpeed an optional import of this file.
+    """
+    if "deepspeed" not in sys.modules:
+        return None
+    try:
+        from deepspeed.runtime.zero import register_external_parameter
+    except Exception:  # noqa: BLE001 - a broken DeepSpeed install must not break model building
+        return None
+    return register_external_parameter
+
+
 class EarthGPTPreTrainedModel(PreTrainedModel):
     """Base class: config class, weight initialisation of EarthGPT's own modules."""
 
@@ -455,8 +471,14 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             return self.shift
         linears = self.shift_target_linears()
         self.shift = ShiftParameters(linears)
+        register_external = _zero3_external_parameter_registrar()
         for name, linear in linears.items():
-            linear.register_forward_hook(_ShiftHook(self.shift, name.replace(".", "__")))
+            key = name.replace(".", "__")
+            linear.register_forward_hook(_ShiftHook(self.shift, key))
+            if register_external is not None:
+                # under ZeRO-3 a module's forward only gathers its own parameters: declare the ones the hook reads
+                register_external(linear, self.shift.scales[key])
+                register_external(linear, self.shift.biases[key])
         self.config.shift_parameters = True
         return self.shift
 

@@ -196,6 +196,7 @@ def build_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     seed: int | None = None,
+    zero3_config: dict[str, Any] | None = None,
 ) -> EarthGPTForConditionalGeneration:
     """Builds a randomly initialised model from a config.
 
@@ -206,6 +207,10 @@ def build_model(
         device: Where to build; ``"meta"`` allocates nothing (parameter counting).
         dtype: Parameter dtype (default float32).
         seed: Seeds ``torch`` before initialisation, for reproducible weights.
+        zero3_config: A DeepSpeed config dict with ZeRO stage 3: build the model already partitioned
+            (``deepspeed.zero.Init``), weight init deferred and then run on gathered parameters, module by module
+            (needs transformers >= 5 and an initialised ``deepspeed.comm``). Alternatively keep a
+            ``transformers.integrations.HfDeepSpeedConfig`` alive (needs ``accelerate``).
 
     Returns:
         The model, in eval mode.
@@ -216,12 +221,16 @@ def build_model(
     previous = torch.get_default_dtype()
     if dtype is not None:
         torch.set_default_dtype(dtype)
+    # _from_config, not the constructor: under ZeRO-3 (an HfDeepSpeedConfig alive) it builds inside zero.Init with
+    # weight init deferred, then initialises the partitioned parameters correctly
     try:
-        if device is not None:
+        if zero3_config is not None:
+            model = _build_zero3(config, zero3_config)
+        elif device is not None:
             with torch.device(device):
-                model = EarthGPTForConditionalGeneration(config)
+                model = EarthGPTForConditionalGeneration._from_config(config)
         else:
-            model = EarthGPTForConditionalGeneration(config)
+            model = EarthGPTForConditionalGeneration._from_config(config)
     finally:
         torch.set_default_dtype(previous)
     if stage is not None:
@@ -229,6 +238,19 @@ def build_model(
 
         set_trainable(model, stage)
     return model.eval()
+
+
+def _build_zero3(config: EarthGPTConfig, ds_config: dict[str, Any]) -> EarthGPTForConditionalGeneration:
+    """What ``_from_config`` does under an ``HfDeepSpeedConfig``, without needing ``accelerate``."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
+
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = EarthGPTForConditionalGeneration(config)
+    initialize_weights_zero3(model)
+    model.tie_weights()
+    return model
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
