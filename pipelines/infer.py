@@ -254,7 +254,7 @@ def plan_waves(
         yield wave
 
 
-def _wave_dataset(config: InferConfig, scenes: Mapping[str, Scene]) -> Any:
+def _wave_dataset(config: InferConfig, scenes: Mapping[str, Scene], model_stage: type) -> Any:
     import ray
 
     rows = [{"scene_key": k, "scene": s.model_dump_json()} for k, s in scenes.items()]
@@ -266,7 +266,7 @@ def _wave_dataset(config: InferConfig, scenes: Mapping[str, Scene]) -> Any:
         batch_size=1, num_cpus=actors.read_num_cpus, batch_format="numpy",
     )
     ds = ds.map_batches(
-        ModelStage,
+        model_stage,
         fn_constructor_kwargs={
             "model": config.model.name_or_path, "engine": config.model.engine, "dtype": config.model.dtype,
             "tp_size": config.model.tp_size, "kernel_inject": config.model.kernel_inject, "tasks": config.tasks,
@@ -315,6 +315,7 @@ def _process_wave(
     committed: dict[tuple[str, str], CommittedScene],
     summary: RunSummary,
     say: Printer,
+    model_stage: type,
 ) -> None:
     unit_id = f"{run_id}-w{wave_no:04d}"
     output_key = config.output_key()
@@ -333,7 +334,7 @@ def _process_wave(
             scenes, config.tasks, config.vqa, config.detection.nms_iou, config.detection.containment, ids,
             config.model.name_or_path, config.tiling.size,
         )
-        for batch in _wave_dataset(config, scenes).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _wave_dataset(config, scenes, model_stage).iter_batches(batch_size=None, batch_format="numpy"):
             for result in assembler.add(batch):
                 if result.committed and result.grid is not None:
                     write_scene_grid(store, result.grid)
@@ -415,12 +416,14 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
     store.write_bytes(path, geoparquet_bytes(build_frame("runs", [record], [aoi])))
 
 
-def run(config: InferConfig, *, say: Printer = print) -> RunSummary:
+def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelStage) -> RunSummary:
     """Run the archive inference job.
 
     Args:
         config: The validated job config.
         say: Where progress lines go (``print`` by default).
+        model_stage: The model stage's callable class; it is built with :class:`~pipelines.stages.ModelStage`'s
+            keyword arguments and must add the same columns (another engine, or a perfect "oracle" in tests).
 
     Returns:
         The run's summary (also written as its ``runs`` row).
@@ -455,7 +458,8 @@ def run(config: InferConfig, *, say: Printer = print) -> RunSummary:
             for wave_no, wave in enumerate(waves):
                 if wave_no == 0:
                     started_ray = _start_ray(config)
-                _process_wave(config, wave, wave_no, summary.run_id, store, ledger, committed, summary, say)
+                _process_wave(config, wave, wave_no, summary.run_id, store, ledger, committed, summary, say,
+                              model_stage)
         if summary.scenes_skipped:
             reasons = "; ".join(f"{n} {why}" for why, n in summary.skip_reasons.items())
             say(f"skipped {summary.scenes_skipped} scenes: {reasons}")
