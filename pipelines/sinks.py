@@ -147,7 +147,6 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("detections", pa.int64()),
             ("errors", pa.int64()),
             ("units_committed", pa.int64()),
-            ("model_load_s", pa.float64()),
             ("wall_s", pa.float64()),
             ("tiles_per_s", pa.float64()),
         ]
