@@ -187,8 +187,22 @@ def check_inputs(config: InferConfig) -> None:
     """Refuse a config whose local inputs are missing, before any work (naming the field).
 
     Raises:
-        ConfigError: For a missing embedded catalog file.
+        ConfigError: For a model that is neither a preset nor a saved model folder, or a missing embedded catalog
+            file.
     """
+    from pathlib import Path
+
+    name = config.model.name_or_path
+    folder = Path(name)
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {name} has no config.json (not a save_pretrained folder)")
+    else:
+        from earthgpt.presets import PRESETS
+
+        if name.removeprefix("earthgpt_").removeprefix("earthgpt-") not in PRESETS:
+            raise ConfigError(f"model.name_or_path: no folder {name!r} and no preset of that name "
+                              f"(presets: {', '.join(PRESETS)})")
     embedded = config.catalog.embedded
     if embedded is None:
         return

@@ -129,3 +129,17 @@ def test_cli_refuses_missing_embedded_files(tmp_path, capsys):
     path.write_text(yaml.safe_dump(data))
     assert cli([str(path)]) == 2
     assert "catalog.embedded.collections.0: no such file" in capsys.readouterr().err
+
+
+def test_cli_refuses_unknown_model_before_starting_ray(tmp_path, capsys):
+    from pipelines.infer import cli
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_with(model__name_or_path=str(tmp_path / "no-such-model"),
+                                         output__root=str(tmp_path / "out"))))
+    assert cli([str(path)]) == 2
+    assert "model.name_or_path: no folder" in capsys.readouterr().err
+    (tmp_path / "empty-model").mkdir()
+    path.write_text(yaml.safe_dump(_with(model__name_or_path=str(tmp_path / "empty-model"))))
+    assert cli([str(path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
