@@ -680,7 +680,7 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             image_features: Precomputed visual tokens instead of ``pixel_values``.
             position_ids: ``(B, L)``; default ``cumsum(attention_mask) - 1`` (correct for left padding).
             cache: KV cache to extend (``past_key_values=`` is accepted too).
-            use_cache: Return the KV cache.
+            use_cache: Build and return the KV cache (default: no).
             **kwargs: ``past_key_values``; anything else is ignored (trainer extras such as ``num_items_in_batch``).
 
         Returns:
@@ -700,7 +700,7 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            use_cache=use_cache,
+            use_cache=bool(use_cache),  # no cache unless asked: training and scoring need none
             return_dict=True,
             **{_CACHE_KW: cache},
         )
