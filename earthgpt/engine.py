@@ -210,13 +210,18 @@ class InferenceEngine:
         return results
 
     @torch.no_grad()
-    def embed(self, images: Sequence[Any] | Any) -> np.ndarray:
+    def embed(self, images: Sequence[Any] | Any = None, *, image_features: torch.Tensor | None = None) -> np.ndarray:
         """One embedding per image: the mean of its projected visual tokens.
+
+        Args:
+            images: N images; ignored when ``image_features`` is given.
+            image_features: Precomputed :meth:`encode_images` output: encode a batch once, then pass the same
+                features to :meth:`generate` and here.
 
         Returns:
             ``(N, D)`` float32 array, D the LLM hidden size.
         """
-        features = self.encode_images(images)
+        features = image_features if image_features is not None else self.encode_images(images)
         return features.float().mean(dim=1).cpu().numpy().astype(np.float32)
 
 

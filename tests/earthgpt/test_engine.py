@@ -46,6 +46,7 @@ def test_plain_generate_and_embed(
     assert [g.token_ids for g in again] == [g.token_ids for g in out]
     emb = engine.embed(tiles)
     assert emb.shape == (2, peaky_model.config.text_config.hidden_size) and emb.dtype == np.float32
+    np.testing.assert_array_equal(engine.embed(image_features=features), emb)
 
 
 def test_deepspeed_inference_matches_plain(
