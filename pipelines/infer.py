@@ -59,6 +59,7 @@ from pipelines.stages import (
 log = logging.getLogger(__name__)
 
 Printer = Callable[[str], None]
+HEARTBEAT_S = 15.0  # seconds between progress lines while a wave's scenes are still in flight
 
 
 @dataclass
@@ -348,7 +349,13 @@ def _process_wave(
             scenes, config.tasks, config.vqa, config.detection.nms_iou, config.detection.containment, ids,
             config.model.name_or_path, config.tiling.size,
         )
+        t_wave, t_said, tiles_seen = time.perf_counter(), time.perf_counter(), 0
         for batch in _wave_dataset(config, scenes, model_stage).iter_batches(batch_size=None, batch_format="numpy"):
+            tiles_seen += len(batch["scene_key"])
+            if time.perf_counter() - t_said > HEARTBEAT_S:  # big scenes take minutes: show the tiles moving
+                t_said = time.perf_counter()
+                say(f"  ... {tiles_seen} tiles through the model in this wave "
+                    f"({tiles_seen / (t_said - t_wave):.1f} tiles/s)")
             for result in assembler.add(batch):
                 if result.committed and result.grid is not None:
                     write_scene_grid(store, result.grid)
