@@ -192,7 +192,8 @@ class ActorsConfig(_Strict):
     Attributes:
         min_actors: Actors kept alive.
         max_actors: Actors the pool may grow to.
-        num_gpus: GPUs per actor (``0`` on CPU machines; ``tp_size`` for tensor parallelism).
+        num_gpus: GPUs per actor (``tp_size`` for tensor parallelism). Default: 1 when the Ray cluster has GPUs,
+            else 0.
         num_cpus: CPUs per actor.
         batch_size: Tiles per model call.
         read_num_cpus: CPUs per read task (GDAL windows + sensor recipe).
@@ -200,7 +201,7 @@ class ActorsConfig(_Strict):
 
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
-    num_gpus: float = Field(default=0.0, ge=0.0)
+    num_gpus: float | None = Field(default=None, ge=0.0)
     num_cpus: float = Field(default=1.0, gt=0.0)
     batch_size: int = Field(default=8, ge=1)
     read_num_cpus: float = Field(default=1.0, gt=0.0)
@@ -292,7 +293,7 @@ class InferConfig(_Strict):
     def _gpu_only_options(self) -> InferConfig:
         if self.actors.num_gpus == 0 and (self.model.dtype == "float16" or self.model.kernel_inject):
             raise ValueError("model: dtype float16 and kernel_inject need GPU actors (actors.num_gpus > 0)")
-        if self.model.tp_size > 1 and self.actors.num_gpus < self.model.tp_size:
+        if self.model.tp_size > 1 and (self.actors.num_gpus or 0) < self.model.tp_size:
             raise ValueError(f"model: tp_size {self.model.tp_size} needs actors.num_gpus >= {self.model.tp_size}")
         return self
 

@@ -274,6 +274,9 @@ def _wave_dataset(config: InferConfig, scenes: Mapping[str, Scene], model_stage:
 
     rows = [{"scene_key": k, "scene": s.model_dump_json()} for k, s in scenes.items()]
     actors = config.actors
+    num_gpus = actors.num_gpus
+    if num_gpus is None:  # one GPU per model replica wherever the cluster has GPUs
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         ReadStage(config.tiling.size, config.tiling.overlap, config.tiling.min_valid_fraction,
@@ -289,7 +292,7 @@ def _wave_dataset(config: InferConfig, scenes: Mapping[str, Scene], model_stage:
             "torch_threads": max(1, int(actors.num_cpus)),
         },
         compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors),
-        batch_size=actors.batch_size, num_cpus=actors.num_cpus, num_gpus=actors.num_gpus or None,
+        batch_size=actors.batch_size, num_cpus=actors.num_cpus, num_gpus=num_gpus or None,
         batch_format="numpy",
     )
     geo = {

@@ -64,7 +64,7 @@ def test_minimal_config_defaults():
         ({"tiling__overlap": 448}, "tiling.overlap"),
         ({"tiling__min_valid_fraction": 1.5}, "tiling.min_valid_fraction"),
         ({"model__engine": "onnx"}, "model.engine"),
-        ({"model__dtype": "float16"}, "model"),
+        ({"model__dtype": "float16", "actors__num_gpus": 0}, "model"),
         ({"model__tp_size": 2}, "model.engine"),
         ({"actors__min_actors": 3, "actors__max_actors": 2}, "actors.min_actors"),
         ({"actors__batch_size": 0}, "actors.batch_size"),
