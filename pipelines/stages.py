@@ -183,8 +183,8 @@ class ReadStage:
 class ModelStage:
     """Tile rows → answers: one EarthGPT replica per actor asks every task of every ``ok`` tile.
 
-    Images are encoded once per batch for all tasks (``image_index``); the pooled visual embedding comes from
-    ``InferenceEngine.embed``. A batch whose model call raises marks its tiles ``failed`` (stage ``model``); the
+    Images are encoded once per batch; all tasks' prompts (``image_index``) and the pooled visual embedding
+    (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises marks its tiles ``failed`` (stage ``model``); the
     actor lives on.
 
     Args:
@@ -259,7 +259,10 @@ class ModelStage:
                     for prompt in self._prompts(str(batch["sensor"][i])):
                         prompts.append(prompt)
                         index.append(j)
-                gens = self.engine.generate(images, prompts, max_new_tokens=self.max_new_tokens, image_index=index)
+                # encode the batch once; every task's prompt and the pooled embedding reuse the visual tokens
+                features = self.engine.encode_images(images)
+                gens = self.engine.generate(images, prompts, max_new_tokens=self.max_new_tokens, image_index=index,
+                                            image_features=features)
                 per_tile = len(self.tasks) + len(self.vqa)
                 for j, i in enumerate(todo):
                     mine = gens[j * per_tile : (j + 1) * per_tile]
@@ -267,7 +270,7 @@ class ModelStage:
                         answers[t][i] = gen.text
                         logprobs[t][i] = gen.mean_logprob
                     vqa[i] = [g.text for g in mine[len(self.tasks) :]]
-                emb = self.engine.embed(images)
+                emb = self.engine.embed(image_features=features)
                 for j, i in enumerate(todo):
                     embeddings[i] = np.ascontiguousarray(emb[j], dtype=np.float32).tobytes()
             except Exception as exc:  # one bad batch must not end the run: record it, keep the actor
