@@ -11,7 +11,8 @@ Reads top to bottom:
    JIT-compiled optimizer op needed on CPU) or DeepSpeed's own, warm-up + cosine LR, clipping, accumulation. Each
    micro-batch: records -> :class:`earthgpt.data.ExampleBuilder` (image through the inference processor, answer-only
    labels) -> :class:`earthgpt.data.Collator` -> model loss. Malformed records are counted and skipped. Logs loss,
-   tokens/s, samples/s; evaluates held-out loss (and optionally generated answers) periodically; checkpoints
+   tokens/s, samples/s; evaluates held-out loss (and optionally generated answers) periodically on a small fixed
+   held-out set that each rank reads directly (every world-th record); checkpoints
    (DeepSpeed's files from every rank + trainer state) to the run's storage, local or ``s3://``.
 4. **Resume**: a failed worker group restarts from the latest checkpoint (``FailureConfig``); rerunning the same
    config (same ``run.name`` and ``run.storage``) resumes the run. Step counter, optimizer and LR schedule carry on.
@@ -43,7 +44,7 @@ from pipelines.train_config import ConfigError, SourceConfig, TrainConfig, load_
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "engine"
 MODEL_DIR = "model"
-RECORDS_PER_PART = 256
+RECORDS_PER_PART = 2048
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -112,8 +113,9 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
 # Record stream (Ray Data)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _source_records(path: str) -> tuple[str, ...]:
+    # cached per Ray worker process: the parts of one source are read by the same few processes
     from earthgpt.data import iter_raw_records
 
     return tuple(iter_raw_records(path))
@@ -263,6 +265,22 @@ def _rows(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Iterat
             yield {"raw": batch["raw"][i], "source": batch["source"][i], "index": batch["index"][i]}
 
 
+def _eval_rows(
+    sources: Sequence[SourceConfig], limit: int, rank: int, world: int
+) -> Iterator[dict[str, Any]]:
+    """This rank's share of the first ``limit`` held-out records (sources in order)."""
+    from earthgpt.data import iter_raw_records
+
+    seen = 0
+    for i, src in enumerate(sources):
+        for j, raw in enumerate(iter_raw_records(src.path)):
+            if seen >= limit:
+                return
+            if seen % world == rank:
+                yield {"raw": raw, "source": i, "index": j}
+            seen += 1
+
+
 def _eval_loss(engine: Any, batches: Sequence[dict[str, Any]], device: Any) -> tuple[float, float]:
     """Summed answer-token NLL and token count over this rank's held-out batches."""
     import torch
@@ -378,9 +396,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # -- held-out set: this rank's share, built once
     eval_examples: list[Any] = []
     if cfg.data.eval:
+        # small and fixed: each rank reads its share (every world-th record) straight from the files
+        n_eval = max(cfg.data.eval_records, cfg.data.generate_records)
         eval_builder = ExampleBuilder(processor, cfg.data.max_length)
-        eval_rows = _rows(ray.train.get_dataset_shard("eval"), 64, 0, 0)
-        eval_examples = list(_examples(eval_rows, eval_builder, cfg.data.eval))
+        eval_examples = list(
+            _examples(_eval_rows(cfg.data.eval, n_eval, rank, world), eval_builder, cfg.data.eval)
+        )
     n_loss = math.ceil(cfg.data.eval_records / world)
     eval_batches = [
         collate(eval_examples[i : i + cfg.schedule.micro_batch_size])
@@ -454,7 +475,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            window_loss += float(loss)
+            window_loss += float(loss.detach())
             window_micro += 1
             meter.update(len(batch_examples), int(batch["attention_mask"].sum()))
             state.samples += len(batch_examples) * world
@@ -635,7 +656,8 @@ def run_training(cfg: TrainConfig, *, init_ray: bool = True) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     sizes = source_sizes(cfg.data.train)
-    eval_sizes = source_sizes(cfg.data.eval) if cfg.data.eval else []
+    if cfg.data.eval:
+        source_sizes(cfg.data.eval)
     if init_ray and not ray.is_initialized():
         ray.init(
             num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=256 * 2**20,
@@ -648,9 +670,6 @@ def run_training(cfg: TrainConfig, *, init_ray: bool = True) -> TrainResult:
                           f"({cfg.global_batch_size})")  # fmt: skip
     passes = math.ceil(cfg.schedule.max_steps * cfg.global_batch_size / per_pass) + 1
     datasets = {"train": record_stream(cfg.data.train, sizes, passes, cfg.model.seed)}
-    if cfg.data.eval:
-        n_eval = max(cfg.data.eval_records, cfg.data.generate_records)
-        datasets["eval"] = record_stream(cfg.data.eval, eval_sizes, 1, cfg.model.seed + 1, limit=n_eval)
     storage_path, filesystem = _storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
