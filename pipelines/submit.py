@@ -124,8 +124,10 @@ def cli(argv: list[str] | None = None) -> int:
                         help="pass AWS keys from this shell to the job (clusters without an instance role)")
     parser.add_argument("--pip", action="append", help="extra pip requirement for the job's runtime env")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra job env var")
-    parser.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments after `--` go to the job's CLI")
-    args = parser.parse_args(argv)
+    parser.epilog = "Arguments after `--` go to the job's own CLI (e.g. `-- --max-items 10`)."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     config = str(Path(args.config).absolute())
     try:
         validate(args.kind, config)
@@ -133,7 +135,6 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"earthgpt submit: invalid config {args.config}:\n{exc}", file=sys.stderr)
         return 2
     env = dict(item.split("=", 1) for item in args.env)
-    job_args = [a for a in args.job_args if a != "--"]
     spec = job_spec(args.kind, config, job_args=job_args, forward_credentials=args.forward_credentials,
                     pip=args.pip, env=env)
     job_id, status = submit(args.address, spec, wait=not args.no_wait, timeout=args.timeout)

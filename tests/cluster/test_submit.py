@@ -35,3 +35,18 @@ def test_bad_config_is_refused_before_contacting_a_cluster(tmp_path, capsys):
     code = submit.cli(["run", str(bad), "--address", "http://127.0.0.1:9"])
     assert code == 2
     assert "tiling.size" in capsys.readouterr().err
+
+
+def test_options_after_the_config_are_ours_and_after_double_dash_the_jobs(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_submit(address, spec, *, wait, timeout):  # records what would reach the Jobs API
+        seen.update(address=address, spec=spec, wait=wait)
+        return "job-1", "SUCCEEDED"
+
+    monkeypatch.setattr(submit, "submit", fake_submit)
+    cfg = ROOT / "configs/infer/s3-pgstac.yaml"
+    code = submit.cli(["run", str(cfg), "--address", "http://head:8265", "--no-wait", "--", "--max-items", "5"])
+    assert code == 0
+    assert seen["address"] == "http://head:8265" and seen["wait"] is False
+    assert seen["spec"]["entrypoint"].endswith("s3-pgstac.yaml --max-items 5")
