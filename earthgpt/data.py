@@ -63,6 +63,13 @@ _SENSOR_ALIASES = {"optical": "optical", "rgb": "optical", "sar": "sar", "infrar
                    "thermal": "infrared", "tir": "infrared"}  # fmt: skip
 
 
+MALFORMED_REASONS = (
+    "bad_json", "not_an_object", "no_image", "bad_turns", "bad_task", "bad_sensor", "image_unreadable", "bad_image",
+    "too_long",
+)  # fmt: skip
+"""Every :attr:`MalformedRecord.reason` (a fixed list, so that counters can be summed across workers)."""
+
+
 class MalformedRecord(ValueError):
     """A record that cannot become a training example; ``reason`` is a short category used for counting.
 

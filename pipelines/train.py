@@ -81,6 +81,7 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     if cfg.deepspeed.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.schedule.micro_batch_size,
         "gradient_accumulation_steps": cfg.schedule.grad_accum_steps,
@@ -330,7 +331,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from earthgpt.data import Collator, ExampleBuilder
+    from earthgpt.data import MALFORMED_REASONS, Collator, ExampleBuilder
     from earthgpt.metrics import ThroughputMeter, count_answer_tokens
     from pipelines.evaluate import score_items
 
@@ -502,9 +503,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not (log_now or eval_now or ckpt_now):
             continue
         rates = meter.rates()
-        malformed_keys = sorted(
-            set(builder.malformed) | {"bad_json", "image_unreadable", "bad_turns", "too_long"}
-        )
+        # a fixed key order: every rank must all-reduce vectors of the same layout
+        malformed_keys = list(MALFORMED_REASONS)
         sums = _all_reduce(
             [window_loss, window_micro, rates["samples_per_s"], rates["tokens_per_s"]]
             + [builder.malformed.get(k, 0) for k in malformed_keys]
@@ -604,6 +604,7 @@ class TrainResult:
         metrics: The last reported metrics.
         history: Every reported metrics dict, in order (rank 0's view, summed over ranks).
         checkpoint_path: Storage path of the latest checkpoint.
+        checkpoint: The latest ``ray.train.Checkpoint`` (``as_directory()`` / ``to_directory()`` fetch it).
         export_dir: The consolidated model folder, when ``run.export_dir`` is set.
         seconds: Wall time of ``fit``.
     """
@@ -611,6 +612,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     checkpoint_path: str | None
+    checkpoint: Any
     export_dir: str | None
     seconds: float
 
@@ -655,6 +657,13 @@ def run_training(cfg: TrainConfig, *, init_ray: bool = True) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise ConfigError(
+                "deepspeed.zero_init: needs the 'accelerate' package (transformers' HfDeepSpeedConfig)"
+            )
     sizes = source_sizes(cfg.data.train)
     if cfg.data.eval:
         source_sizes(cfg.data.eval)
@@ -698,6 +707,7 @@ def run_training(cfg: TrainConfig, *, init_ray: bool = True) -> TrainResult:
         metrics=dict(result.metrics or {}),
         history=history,
         checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
+        checkpoint=result.checkpoint,
         export_dir=export_dir,
         seconds=seconds,
     )

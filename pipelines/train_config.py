@@ -151,8 +151,17 @@ class DeepSpeedConfig(_Strict):
     )
     offload_optimizer: bool = False
     offload_params: bool = Field(default=False, description="ZeRO-3 only")
+    param_persistence_threshold: int = Field(
+        default=100_000,
+        ge=0,
+        description="ZeRO-3: parameters smaller than this stay whole on every rank (DeepSpeed's "
+        "stage3_param_persistence_threshold); 0 partitions every parameter",
+    )
     zero_init: bool = Field(
-        default=True, description="ZeRO-3: build the model inside deepspeed.zero.Init (partitioned)"
+        default=False,
+        description="ZeRO-3: build the model inside deepspeed.zero.Init, partitioned from the start (needed when one "
+        "worker's host memory cannot hold the whole model; uses transformers' HfDeepSpeedConfig, which needs the "
+        "'accelerate' package). Off: each worker builds the model whole and deepspeed.initialize partitions it",
     )
 
     @model_validator(mode="after")

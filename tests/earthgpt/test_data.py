@@ -189,3 +189,11 @@ def test_repeat_count_is_reproducible_and_unbiased() -> None:
     assert abs(np.mean([D.repeat_count(1.5, (1, i)) for i in range(4000)]) - 1.5) < 0.03
     with pytest.raises(ValueError):
         D.repeat_count(-1.0, (0,))
+
+
+def test_every_malformed_reason_is_declared() -> None:
+    import re
+
+    source = Path(D.__file__).read_text()
+    raised = set(re.findall(r'MalformedRecord\("([a-z_]+)"', source))
+    assert raised == set(D.MALFORMED_REASONS)
