@@ -339,48 +339,36 @@ def start_pgstac() -> PgStacServer:
 
 @dataclass
 class RustacServer:
-    """``rustac serve`` over a collection + items written to a temp dir (in-memory STAC API, no filter extension)."""
+    """``rustac serve`` (the job's own embedded STAC API) over a collection + items written to a temp dir."""
 
     url: str
-    proc: subprocess.Popen
+    _stack: contextlib.ExitStack
     workdir: Path
 
     def stop(self) -> None:
-        _stop(self.proc)
+        self._stack.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def rustac_executable() -> str:
-    exe = Path(sys.executable).parent / "rustac"
-    found = str(exe) if exe.exists() else shutil.which("rustac")
-    if not found:
-        raise HarnessError(f"`rustac` executable not found: {SETUP_HINT}")
-    return found
-
-
 def start_rustac(collections: list[dict], items: list[dict]) -> RustacServer:
-    """Serve ``collections`` and ``items`` with ``rustac serve`` on a free port."""
-    exe = rustac_executable()
+    """Serve ``collections`` and ``items`` with :func:`pipelines.embedded.serve_stac` on a free port."""
+    from pipelines.embedded import EmbeddedServerError, serve_stac
+
     workdir = Path(tempfile.mkdtemp(prefix="rustac-"))
-    hrefs = []
+    paths = []
     for i, collection in enumerate(collections):
         path = workdir / f"collection-{i}.json"
         path.write_text(json.dumps(collection))
-        hrefs.append(str(path))
+        paths.append(path)
     items_path = workdir / "items.ndjson"
     items_path.write_text("".join(json.dumps(item) + "\n" for item in items))
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "serve", *hrefs, str(items_path), "--addr", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    server = RustacServer(url=f"http://127.0.0.1:{port}", proc=proc, workdir=workdir)
+    stack = contextlib.ExitStack()
     try:
-        wait_for_http(server.url + "/", timeout=30, proc=proc, what="rustac serve")
-    except BaseException:
-        server.stop()
-        raise
-    return server
+        url = stack.enter_context(serve_stac(paths, items_path))
+    except EmbeddedServerError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise HarnessError(f"{exc}: {SETUP_HINT}") from exc
+    return RustacServer(url=url, _stack=stack, workdir=workdir)
 
 
 @contextlib.contextmanager
