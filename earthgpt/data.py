@@ -35,14 +35,16 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from earthgpt.conversation import render_turns
 from earthgpt.metrics import IGNORE_INDEX
 from earthgpt.tasks import SENSORS, TASKS
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: record streaming stays light (no torch import)
+    import torch
 
 # File-name fragments of MMRS-1M / common RS benchmarks -> task (checked in order; first hit wins).
 _TASK_HINTS: tuple[tuple[str, str], ...] = (
@@ -372,6 +374,8 @@ class Collator:
         Raises:
             ValueError: for an empty list.
         """
+        import torch
+
         if not examples:
             raise ValueError("cannot collate an empty batch")
         width = max(len(e.input_ids) for e in examples)

@@ -32,9 +32,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where needed, so that text metrics and data streaming do not load torch
+    import torch
 
 IGNORE_INDEX = -100
 """Label value excluded from the loss (prompt, image and padding positions)."""
@@ -474,6 +477,8 @@ def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     Returns:
         ``(sum of NLL as a 0-d tensor, number of answer tokens)``.
     """
+    import torch
+
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
