@@ -536,11 +536,11 @@ def mean_or_nan(values: Iterable[float]) -> float:
 
 def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     """Renders ``{task: {metric: value}}`` as an aligned plain-text table (one row per task and metric)."""
-    lines = [f"{'task':<16} {'metric':<14} {'value':>10}", "-" * 42]
+    lines = [f"{'task':<16} {'metric':<16} {'value':>10}", "-" * 44]
     for task, metrics in rows.items():
         for name, value in metrics.items():
             text = (
                 f"{value:10.4f}" if isinstance(value, float) and not math.isnan(value) else f"{value!s:>10}"
             )
-            lines.append(f"{task:<16} {name:<14} {text}")
+            lines.append(f"{task:<16} {name:<16} {text}")
     return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Scoring generated answers per task, the eval command's refusals, and the toy-world MMRS writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from earthgpt.tasks import format_answer, parse_answer
+from pipelines.evaluate import ScoredItem, cli, score_items
+from pipelines.mmrs import chip_records
+
+HW = (64, 64)
+REF = "There are <p>2 ships</p>[0.10,0.10,0.30,0.30;0.50,0.50,0.80,0.80]"
+
+
+def test_score_items_per_task() -> None:
+    items = [
+        ScoredItem("classify", "Harbor.", "harbor", HW),
+        ScoredItem("classify", "forest", "harbor", HW),
+        ScoredItem("vqa", "2", "2", HW),
+        ScoredItem("ground", "[0.10,0.10,0.30,0.30]", "[0.10,0.10,0.30,0.30]", HW),
+        ScoredItem("ground", "no box here", "[0.10,0.10,0.30,0.30]", HW),
+        ScoredItem("detect", REF, REF, HW),
+        # one box right, one far off, count right
+        ScoredItem("detect", "There are <p>2 ships</p>[0.10,0.10,0.30,0.30;0.00,0.90,0.05,1.00]", REF, HW),
+        ScoredItem("detect", "There are no objects.", "There are no objects.", HW),
+        ScoredItem("caption", "a ship in a harbour", "a ship in a harbour", HW),
+    ]
+    out = score_items(items)
+    assert out["classify"] == {"n": 2.0, "accuracy": 0.5}
+    assert out["vqa"]["accuracy"] == 1.0
+    assert out["ground"]["Acc@0.5"] == 0.5
+    det = out["detect"]
+    # 4 true boxes; predictions: 2 + 2 boxes, 3 hits
+    assert det["precision"] == pytest.approx(0.75) and det["recall"] == pytest.approx(0.75)
+    assert det["count_accuracy"] == 1.0
+    assert out["caption"]["BLEU-1"] == pytest.approx(1.0)
+
+
+def test_eval_cli_refuses_missing_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["small", str(tmp_path / "missing.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_chip_records_round_trip_through_the_parsers() -> None:
+    chip = {
+        "image": "chips/sar/a_0001.png", "sensor": "thermal", "split": "val", "size": [64, 48],
+        "scene_class": "harbor",
+        "objects": [{"label": "ship", "box": [10, 5, 20, 12]}, {"label": "vehicle", "box": [30, 30, 37, 36]}],
+    }  # fmt: skip
+    recs = dict(chip_records(chip))
+    assert set(recs) == {"det", "cls", "count_vqa", "rsvg", "multiturn"}
+    det = recs["det"]
+    assert det["sensor"] == "infrared" and det["task"] == "detect" and det["split"] == "val"
+    assert det["conversations"][0]["value"].startswith("<image>\n")
+    assert "infrared" in det["conversations"][0]["value"]
+    parsed = parse_answer("detect", det["conversations"][1]["value"], (48, 64))
+    assert parsed.counts == {"ship": 1, "vehicle": 1}
+    for box, obj in zip(sorted(parsed.boxes, key=lambda b: b.x1), chip["objects"], strict=True):
+        assert box.as_tuple() == pytest.approx(obj["box"], abs=0.33)  # two decimals of a 64-px side
+    assert recs["count_vqa"]["conversations"][1]["value"] == "2"
+    assert recs["cls"]["conversations"][1]["value"] == "harbor"
+    assert len(recs["multiturn"]["conversations"]) == 4
+    assert recs["rsvg"]["conversations"][1]["value"] == format_answer("ground", [30, 30, 37, 36], (48, 64))
+    json.dumps(recs)  # records are plain JSON
