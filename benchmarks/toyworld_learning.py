@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = f1 >= 0.8 and count_acc >= 0.9
 
     plot_curve(history, {"eval_loss": untrained_loss}, out / "learning_curve.png")
+    exported = json.loads((Path(result.export_dir) / "training_state.json").read_text())
     export_mb = sum(p.stat().st_size for p in Path(result.export_dir).rglob("*") if p.is_file()) / 2**20
     summary = {
         "target_met": ok,
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "untrained": untrained["metrics"],
         "trained": trained["metrics"],
         "export_dir": result.export_dir,
+        "export_step": exported["step"],
         "export_mb": export_mb,
         "checkpoint": result.checkpoint_path,
         "world": WORLD
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- held-out answer loss: untrained {untrained_loss:.3f} -> trained {trained_loss:.3f}",
         f"- held-out detection F1@0.5 {f1:.3f} (target 0.8), count accuracy {count_acc:.3f} (target 0.9): "
         f"{'met' if ok else 'NOT met'}",
-        f"- export: {result.export_dir} ({export_mb:.1f} MB)",
+        f"- evaluated export: checkpoint of step {exported['step']} ({exported['elapsed_s'] / 60:.1f} min), "
+        f"{result.export_dir} ({export_mb:.1f} MB)",
         "",
         "```",
         table,

@@ -481,7 +481,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"trainable={n_trainable} global_batch={cfg.global_batch_size} eval_records/rank={len(eval_examples)}",
             flush=True,
         )
-    while state.step < cfg.schedule.max_steps:
+    reported_step = state.step
+    stopping = False
+    while not stopping and state.step < cfg.schedule.max_steps:
         # -- one optimizer step: grad_accum micro-batches; every rank must have data for all of them
         t_data = time.perf_counter()
         micro: list[Any] = []
@@ -494,35 +496,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (go,) = _all_reduce([1.0 if full and not out_of_time else 0.0], op="min")
         if go < 1:
             if rank == 0:
-                print(
-                    f"[train] stopping at step {state.step}: {'time budget' if out_of_time else 'data exhausted'}"
+                reason = "time budget" if out_of_time else "data exhausted"
+                print(f"[train] stopping at step {state.step}: {reason}", flush=True)
+            # the steps since the last report still get their log, evaluation and checkpoint (what export uses)
+            stopping = True
+            if state.step == reported_step:
+                break
+        else:
+            t_compute = time.perf_counter()
+            window_data_s += t_compute - t_data
+            for batch_examples in micro:
+                batch = {k: v.to(device) for k, v in collate(batch_examples).items()}
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                window_loss += float(loss.detach())
+                window_micro += 1
+                meter.update(len(batch_examples), int(batch["attention_mask"].sum()))
+                state.samples += len(batch_examples) * world
+                state.tokens += count_answer_tokens(batch["labels"])
+            state.step += 1
+            window_compute_s += time.perf_counter() - t_compute
+            if cfg.run.fail_at_step == state.step and state.restored_from is None:
+                raise RuntimeError(
+                    f"fault drill: worker {rank} crashes after step {state.step} (run.fail_at_step)"
                 )
-            break
-        t_compute = time.perf_counter()
-        window_data_s += t_compute - t_data
-        for batch_examples in micro:
-            batch = {k: v.to(device) for k, v in collate(batch_examples).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            window_loss += float(loss.detach())
-            window_micro += 1
-            meter.update(len(batch_examples), int(batch["attention_mask"].sum()))
-            state.samples += len(batch_examples) * world
-            state.tokens += count_answer_tokens(batch["labels"])
-        state.step += 1
-        window_compute_s += time.perf_counter() - t_compute
 
-        if (
-            cfg.run.fail_at_step is not None
-            and state.step == cfg.run.fail_at_step
-            and state.restored_from is None
-        ):
-            raise RuntimeError(
-                f"fault drill: worker {rank} crashes after step {state.step} (run.fail_at_step)"
-            )
-
-        last = state.step >= cfg.schedule.max_steps
+        last = stopping or state.step >= cfg.schedule.max_steps
         log_now = state.step % cfg.schedule.log_every == 0 or last
         eval_now = bool(eval_batches or gen_examples) and (
             last or (cfg.schedule.eval_every > 0 and state.step % cfg.schedule.eval_every == 0)
@@ -569,6 +569,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with open(cfg.run.metrics_log, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(metrics, default=str) + "\n")
         save_and_report(metrics, ckpt_now)
+        reported_step = state.step
         window_loss, window_micro = 0.0, 0
         window_data_s, window_compute_s = 0.0, 0.0
         meter.reset()

@@ -28,7 +28,7 @@ RESULTS = REPO / "benchmarks" / "results" / "results.json"
 MAX_MB = 20.0
 
 
-def _card(results: dict, command: str) -> str:
+def _card(results: dict, command: str, exported: dict) -> str:
     det = results["trained"].get("detect", {})
     rows = []
     for task, metrics in results["trained"].items():
@@ -46,8 +46,9 @@ def _card(results: dict, command: str) -> str:
             f"- made by: `{command}`",
             f"- toy world: `generate_toyworld(out/toyworld-train, **{world})`; model seed "
             f"{results['config']['model']['seed']}, data seed {results['config']['model']['seed']}",
-            f"- training: {results['steps']} steps x {results['global_batch']} examples, "
-            f"{results['training_minutes']:.1f} min, 2 Ray workers, DeepSpeed ZeRO-2, fp32, CPU",
+            f"- training: {results['global_batch']} examples per step, 2 Ray workers, DeepSpeed ZeRO-2, fp32, CPU; "
+            f"this export is the checkpoint of step {exported['step']} ({exported['elapsed_s'] / 60:.1f} min of "
+            f"training, {exported['samples']} samples)",
             f"- held-out scenes: detection F1@0.5 {det.get('F1', 0):.3f}, count accuracy "
             f"{det.get('count_accuracy', 0):.3f}; answer loss {results['heldout_loss']['trained']:.3f} "
             f"(untrained {results['heldout_loss']['untrained']:.3f})",
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(DEST)
     DEST.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(EXPORT, DEST)
-    (DEST / "MODEL_CARD.md").write_text(_card(results, command))
+    exported = json.loads((EXPORT / "training_state.json").read_text())
+    (DEST / "MODEL_CARD.md").write_text(_card(results, command, exported))
     size_mb = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file()) / 2**20
     if size_mb > MAX_MB:
         shutil.rmtree(DEST)
