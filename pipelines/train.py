@@ -291,17 +291,17 @@ def _rows(shard: Any, shuffle_buffer: int, seed: int) -> Iterator[dict[str, Any]
 def _eval_rows(
     sources: Sequence[SourceConfig], limit: int, rank: int, world: int
 ) -> Iterator[dict[str, Any]]:
-    """This rank's share of the first ``limit`` held-out records (sources in order)."""
+    """This rank's share (every world-th) of ``limit`` held-out records spread evenly over the held-out files.
+
+    Evenly spaced rather than the first ones: held-out files are often ordered by scene or sensor.
+    """
     from earthgpt.data import iter_raw_records
 
-    seen = 0
-    for i, src in enumerate(sources):
-        for j, raw in enumerate(iter_raw_records(src.path)):
-            if seen >= limit:
-                return
-            if seen % world == rank:
-                yield {"raw": raw, "source": i, "index": j}
-            seen += 1
+    rows = [{"raw": raw, "source": i, "index": j} for i, src in enumerate(sources)
+            for j, raw in enumerate(iter_raw_records(src.path))]  # fmt: skip
+    if len(rows) > limit > 0:
+        rows = [rows[int(k * len(rows) / limit)] for k in range(limit)]
+    yield from rows[rank::world]
 
 
 def _eval_loss(engine: Any, batches: Sequence[dict[str, Any]], device: Any) -> tuple[float, float]:

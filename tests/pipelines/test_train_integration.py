@@ -83,7 +83,9 @@ def _adam_steps(obj: Any) -> list[float]:
 
 def _heldout_loss(model: EarthGPTForConditionalGeneration, processor: Any, mmrs: Path) -> float:
     builder = ExampleBuilder(processor, 256)
-    raws = list(iter_raw_records(str(mmrs / "mmrs" / "toyworld_det_val.json")))[:N_EVAL]
+    # the job's held-out set: N_EVAL records spread evenly over the file
+    every = list(iter_raw_records(str(mmrs / "mmrs" / "toyworld_det_val.json")))
+    raws = [every[int(k * len(every) / N_EVAL)] for k in range(N_EVAL)] if len(every) > N_EVAL else every
     examples = [builder(parse_record(r, image_root=str(mmrs))) for r in raws]
     batch = Collator(processor.pad_token_id)(examples)
     with torch.no_grad():
