@@ -169,6 +169,21 @@ def answer_records(
     return items
 
 
+def _guess_image_root(path: str) -> str:
+    """The folder a local file's relative image paths start from: its own folder, else its parent (toy world)."""
+    here = Path(path).absolute().parent
+    for raw in iter_raw_records(path):
+        try:
+            image = json.loads(raw).get("image", "")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        for root in (here, here.parent):
+            if isinstance(image, str) and (root / image).exists():
+                return str(root)
+        break
+    return str(here)
+
+
 def evaluate(
     checkpoint: str,
     data: Sequence[str],
@@ -184,7 +199,8 @@ def evaluate(
     Args:
         checkpoint: ``save_pretrained`` folder, training-job checkpoint folder, or preset name (random weights).
         data: Evaluation JSON files.
-        image_root: Root of relative image paths (default: each file's folder).
+        image_root: Root of relative image paths (default: each file's folder, or its parent when the images are
+            there, as in the toy world's ``mmrs/`` folder).
         limit: At most this many records per task.
         batch_size: Prompts per generate call.
         max_new_tokens: Answer budget.
@@ -207,7 +223,7 @@ def evaluate(
     records: list[Record] = []
     skipped = 0
     for file in data:
-        root = image_root if image_root is not None else str(Path(file).absolute().parent)
+        root = image_root if image_root is not None else _guess_image_root(file)
         recs, n_bad = load_records([file], root, limit=limit, per_task=True)
         records.extend(recs)
         skipped += n_bad
@@ -253,6 +269,11 @@ def cli(argv: list[str] | None = None) -> int:
     )
     print(M.format_table(result["metrics"]))
     print(f"\n{result['records']} records scored, {result['skipped']} skipped, {result['seconds']:.1f} s")
+    if result["records"] == 0 and result["skipped"]:
+        print(
+            "earthgpt eval: no record could be scored (images not found? pass --image-root)", file=sys.stderr
+        )
+        return 1
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

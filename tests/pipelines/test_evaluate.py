@@ -65,3 +65,20 @@ def test_chip_records_round_trip_through_the_parsers() -> None:
     assert len(recs["multiturn"]["conversations"]) == 4
     assert recs["rsvg"]["conversations"][1]["value"] == format_answer("ground", [30, 30, 37, 36], (48, 64))
     json.dumps(recs)  # records are plain JSON
+
+
+def test_eval_cli_scores_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from catalogs.toyworld import generate_toyworld
+    from pipelines.mmrs import write_mmrs
+
+    world = generate_toyworld(tmp_path / "w", scenes=6, seed=2, chips_per_scene=4, val_chips_per_scene=2)
+    files = write_mmrs(world.root, tags=("det", "cls"))
+    out = tmp_path / "eval.json"
+    # a preset = random weights (the untrained baseline); images found next to mmrs/ without --image-root
+    assert cli(["tiny", str(files["det_val"]), str(files["cls_val"]), "--limit", "3", "--max-new-tokens", "8",
+                "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["records"] == 6 and result["skipped"] == 0
+    assert result["metrics"]["detect"]["n"] == 3 and "F1" in result["metrics"]["detect"]
+    assert result["metrics"]["classify"]["accuracy"] == 0.0
+    assert "detect" in capsys.readouterr().out
