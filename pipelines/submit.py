@@ -88,7 +88,7 @@ def submit(address: str, spec: dict[str, Any], *, wait: bool = True, timeout: fl
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(**spec)
+    job_id = _submit_when_ready(client, spec)
     if not wait:
         return job_id, str(client.get_job_status(job_id))
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -106,6 +106,19 @@ def submit(address: str, spec: dict[str, Any], *, wait: bool = True, timeout: fl
             client.stop_job(job_id)
             return job_id, "TIMEOUT"
         time.sleep(1.0)
+
+
+def _submit_when_ready(client: Any, spec: dict[str, Any], patience: float = 120.0) -> str:
+    """Submit, waiting while the head's job agent is still starting (a cluster that has just come up answers
+    "No available agent to submit job" for a few seconds)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return str(client.submit_job(**spec))
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def cli(argv: list[str] | None = None) -> int:
