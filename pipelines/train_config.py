@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# One strict base and one error type for every job config (the archive job defines them).
+from pipelines.config import ConfigError, _Strict  # noqa: F401  (ConfigError is part of this module's API)
 
 
 class SourceConfig(_Strict):
@@ -239,10 +238,6 @@ class TrainConfig(_Strict):
     def global_batch_size(self) -> int:
         """Examples per optimizer step over all workers."""
         return self.schedule.micro_batch_size * self.schedule.grad_accum_steps * self.scaling.num_workers
-
-
-class ConfigError(ValueError):
-    """An invalid training config; the message names each failing field by its dotted path."""
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
