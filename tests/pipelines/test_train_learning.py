@@ -36,6 +36,7 @@ from pipelines.train_config import parse_config
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
+@pytest.mark.timeout(1500)  # 9 minutes of training plus Ray start, two evaluations and the export
 def test_short_training_beats_untrained(ray_local: Any, tmp_path: Path) -> None:
     world = generate_toyworld(
         tmp_path / "world", scenes=9, seed=3, chips_per_scene=1500, val_chips_per_scene=50
