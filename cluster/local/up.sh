@@ -7,7 +7,9 @@
 #
 # Token authentication is on (RAY_AUTH_MODE=token); the token lives in ~/.ray/auth_token (created if missing), and
 # clients on this machine (`ray job submit`, `earthgpt submit`) find it there. Ports: head GCS 26379, dashboard
-# 28265; override with EARTHGPT_RAY_PORT / EARTHGPT_DASHBOARD_PORT.
+# 28265; override with EARTHGPT_RAY_PORT / EARTHGPT_DASHBOARD_PORT. Every other port of every node is derived from
+# the GCS port, never Ray's defaults: another Ray instance on this machine (e.g. a local `ray.init()`) already holds
+# those, and a head whose job agent cannot bind answers "No available agent to submit job".
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -26,10 +28,13 @@ export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 DS_ACCELERATOR=cpu HF_HUB_O
 ray start --head --node-ip-address=127.0.0.1 --port="$gcs_port" --num-cpus="$cpus_per_node" \
   --dashboard-host=127.0.0.1 --dashboard-port="$dash_port" --ray-client-server-port=$((gcs_port + 1)) \
   --object-store-memory="$store" --min-worker-port=30000 --max-worker-port=30199 \
+  --node-manager-port=$((gcs_port + 21)) --object-manager-port=$((gcs_port + 22)) \
+  --dashboard-agent-listen-port=$((gcs_port + 23)) --dashboard-agent-grpc-port=$((gcs_port + 24)) \
+  --metrics-export-port=$((gcs_port + 25)) --runtime-env-agent-port=$((gcs_port + 26)) \
   --temp-dir="$temp_dir" --disable-usage-stats >/dev/null
 
 for i in $(seq 1 "$workers"); do
-  base=$((26400 + 10 * i))
+  base=$((gcs_port + 20 + 10 * i))
   ray start --address="127.0.0.1:$gcs_port" --node-ip-address=127.0.0.1 --num-cpus="$cpus_per_node" \
     --object-store-memory="$store" --node-manager-port=$base --object-manager-port=$((base + 1)) \
     --dashboard-agent-listen-port=$((base + 2)) --dashboard-agent-grpc-port=$((base + 3)) \
