@@ -26,10 +26,10 @@ def cluster():
     up = subprocess.run([str(ROOT / "cluster/local/up.sh"), "1"], env=env, capture_output=True, text=True,
                         timeout=180)
     if up.returncode != 0:
-        subprocess.run([str(ROOT / "cluster/local/down.sh")], capture_output=True, timeout=60)
+        subprocess.run([str(ROOT / "cluster/local/down.sh")], env=env, capture_output=True, timeout=60)
         pytest.fail(f"cluster/local/up.sh failed:\n{up.stdout}\n{up.stderr}", pytrace=False)
     yield env
-    subprocess.run([str(ROOT / "cluster/local/down.sh")], capture_output=True, timeout=60)
+    subprocess.run([str(ROOT / "cluster/local/down.sh")], env=env, capture_output=True, timeout=60)
 
 
 def _alive_nodes(env: dict) -> list[dict]:
