@@ -36,6 +36,17 @@ def _rustac() -> str:
     return found
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server subprocess, killing it if it does not exit within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 @contextlib.contextmanager
 def serve_stac(collections: Sequence[str | Path], items: str | Path, timeout: float = 30.0) -> Iterator[str]:
     """Serve local STAC files with ``rustac serve`` on a free loopback port for the duration of a ``with`` block.
@@ -72,10 +83,4 @@ def serve_stac(collections: Sequence[str | Path], items: str | Path, timeout: fl
                 time.sleep(0.05)
         yield url
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)

@@ -57,13 +57,9 @@ def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    from pipelines.embedded import stop_process
+
+    stop_process(proc)
 
 
 # --------------------------------------------------------------------------------------------------------- S3 (moto)
