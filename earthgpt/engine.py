@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,15 @@ class Generation:
             ``(-inf, 0]``.
         n_tokens: Tokens generated (stop token included).
         token_ids: The generated ids (stop token included, padding excluded).
+        token_logprobs: Log-probability of each of ``token_ids`` (temperature 1), aligned with them: what
+            per-box confidences are computed from.
     """
 
     text: str
     mean_logprob: float
     n_tokens: int
     token_ids: list[int]
+    token_logprobs: list[float] = field(default_factory=list)
 
 
 class InferenceEngine:
@@ -205,6 +208,7 @@ class InferenceEngine:
                     mean_logprob=float(out.mean_logprob[row]),
                     n_tokens=n,
                     token_ids=token_ids,
+                    token_logprobs=[float(x) for x in out.token_logprobs[row, :n].tolist()],
                 )
             )
         return results
