@@ -62,6 +62,10 @@ class SceneError(Exception):
         return f"{self.message} ({where})" if where else self.message
 
 
+class InvalidItem(SceneError):
+    """The item is not a usable STAC item (no id, a timestamp that does not parse, a malformed field)."""
+
+
 class UnknownCollection(SceneError):
     """No sensor recipe is defined for the item's collection."""
 

@@ -129,6 +129,7 @@ def search_items(
     updated_since: dt.datetime | str | None = None,
     max_items: int | None = None,
     page_size: int = 100,
+    ids: Sequence[str] | None = None,
     client: Client | None = None,
     retries: int = 4,
     backoff: float = 0.5,
@@ -146,6 +147,7 @@ def search_items(
         updated_since: Only items whose ``updated`` is at or after this time.
         max_items: Stop after this many matching items.
         page_size: Items per page requested from the API.
+        ids: Only these item ids (the STAC ``ids`` parameter).
         client: An already opened client (from :func:`open_client`).
         retries: Retries per request.
         backoff: Backoff factor in seconds.
@@ -188,6 +190,7 @@ def search_items(
         "bbox": list(bbox) if bbox is not None else None,
         "intersects": intersects,
         "datetime": datetime,
+        "ids": list(ids) if ids else None,
         "limit": page_size if max_items is None else min(page_size, max_items),
         "method": "POST",
     }

@@ -332,6 +332,21 @@ class EarthGPTProcessor:
             ids.append(sep[0])
         return ids
 
+    def answer_token_ends(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        """Where each generated token's text ends in the answer :meth:`decode` returns (character offsets).
+
+        Used to map parts of an answer (a box's coordinates) back to the tokens, and so the log-probabilities,
+        that wrote them. Offsets are relative to the trimmed answer: a token that only wrote leading spaces ends
+        at or before 0.
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = list(ids)
+        raw = [self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True) for i in range(len(ids))]
+        full = raw[-1] if raw else ""
+        lead = len(full) - len(full.lstrip())
+        return [len(r) - lead for r in raw]
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Generated ids -> answer text (special tokens dropped, cut at the separator, trimmed)."""
         if isinstance(ids, torch.Tensor):

@@ -17,6 +17,7 @@ images.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class ParsedAnswer:
         boxes: ``detect``: every well-formed box; ``ground``: the first well-formed box. Tile pixel coordinates.
         counts: ``detect``: the object count the text states per (singular) label, e.g. ``{"ship": 3}``.
         n_malformed: Boxes (and ``<p>`` phrases) that could not be parsed and were dropped.
+        box_spans: ``detect`` / ``ground``: for each of ``boxes``, the ``(start, end)`` character span of its
+            coordinates in ``text`` (what :func:`span_confidence` scores a box by).
     """
 
     task: str
@@ -82,6 +85,7 @@ class ParsedAnswer:
     boxes: list[Box] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     n_malformed: int = 0
+    box_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -316,12 +320,16 @@ def _parse_box(text: str, pad: PadInfo, label: str) -> Box | None:
     return Box(label, x1, y1, x2, y2)
 
 
-def _parse_box_list(text: str, pad: PadInfo, label: str) -> tuple[list[Box], int]:
+def _parse_box_list(
+    text: str, pad: PadInfo, label: str, offset: int = 0, spans: list[tuple[int, int]] | None = None
+) -> tuple[list[Box], int]:
     boxes: list[Box] = []
     bad = 0
     if not text.strip():
         return boxes, bad
+    start = 0
     for chunk in text.split(";"):
+        chunk_start, start = start, start + len(chunk) + 1
         if not chunk.strip():
             continue
         box = _parse_box(chunk, pad, label)
@@ -329,7 +337,35 @@ def _parse_box_list(text: str, pad: PadInfo, label: str) -> tuple[list[Box], int
             bad += 1
         else:
             boxes.append(box)
+            if spans is not None:
+                lead = len(chunk) - len(chunk.lstrip())
+                spans.append((offset + chunk_start + lead, offset + chunk_start + len(chunk.rstrip())))
     return boxes, bad
+
+
+def span_confidence(
+    spans: Sequence[tuple[int, int]], token_ends: Sequence[int], token_logprobs: Sequence[float]
+) -> list[float]:
+    """Per-span confidence: ``exp`` of the mean log-probability of the generated tokens that wrote each span.
+
+    The model writes boxes as text, so a box's own confidence is how sure the model was of the tokens of its
+    coordinates (``0.12,0.40,0.18,0.47``), not of the whole answer.
+
+    Args:
+        spans: ``(start, end)`` character spans in the answer text (e.g. :attr:`ParsedAnswer.box_spans`).
+        token_ends: For each generated token, the end offset of its text in the answer text (a token before the
+            answer starts has an end <= 0; offsets past the answer are fine).
+        token_logprobs: Log-probability of each generated token, aligned with ``token_ends``.
+
+    Returns:
+        One confidence in ``(0, 1]`` per span (NaN for a span no token covers).
+    """
+    out: list[float] = []
+    starts = [0, *token_ends[:-1]]
+    for a, b in spans:
+        picked = [lp for s, e, lp in zip(starts, token_ends, token_logprobs, strict=False) if e > a and s < b]
+        out.append(float(math.exp(sum(picked) / len(picked))) if picked else math.nan)
+    return out
 
 
 def normalise_label(text: str) -> str:
@@ -377,9 +413,11 @@ def parse_answer(
     if task == "ground":
         bad = 0
         for m in _BRACKET_RE.finditer(answer):
-            boxes, n_bad = _parse_box_list(m.group("boxes"), pad, "")
+            spans: list[tuple[int, int]] = []
+            boxes, n_bad = _parse_box_list(m.group("boxes"), pad, "", m.start("boxes"), spans)
             if boxes:
-                return ParsedAnswer(task=task, text=answer, boxes=boxes[:1], n_malformed=bad + n_bad)
+                return ParsedAnswer(task=task, text=answer, boxes=boxes[:1], n_malformed=bad + n_bad,
+                                    box_spans=spans[:1])
             bad += max(n_bad, 1)
         return ParsedAnswer(task=task, text=answer, n_malformed=bad)
     # detect
@@ -401,7 +439,7 @@ def parse_answer(
                 body, _, tail = body.rpartition(";")
                 if tail.strip():
                     result.n_malformed += 1
-            boxes, n_bad = _parse_box_list(body, pad, label)
+            boxes, n_bad = _parse_box_list(body, pad, label, m.start("boxes"), result.box_spans)
             result.boxes.extend(boxes)
             result.n_malformed += n_bad
     return result

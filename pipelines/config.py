@@ -15,11 +15,12 @@ Example::
     tiling: {size: 448, overlap: 32, min_valid_fraction: 0.5}
     model: {name_or_path: tiny, engine: plain, dtype: float32}
     actors: {min_actors: 1, max_actors: 2, batch_size: 8}
-    output: {root: s3://bucket/earthgpt, wave_size: 16}
+    output: {root: s3://bucket/earthgpt, commit_tiles: 2048, commit_seconds: 300}
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -67,6 +68,13 @@ class CatalogConfig(_Strict):
         max_items: Stop after this many matching scenes (``None``: all).
         asset_prefixes: Asset hrefs must lie under one of these prefixes (``s3://bucket/cogs/``, a local
             folder). Empty: any ``s3``/``https`` href, no local files (a catalog is untrusted input).
+        incremental: Ask the catalog only for items updated since the last run's watermark (plus the scenes that
+            failed before). ``earthgpt run --full-scan`` lists the whole search once (a reconcile for the schedule
+            to run now and then).
+        items_per_task: The search is split into disjoint datetime windows of about this many items (sized from
+            the API's ``numberMatched``), each paged by its own read task.
+        max_read_tasks: Upper bound on those windows.
+        page_size: Items per STAC API page.
     """
 
     url: str | None = None
@@ -78,6 +86,10 @@ class CatalogConfig(_Strict):
     filter: dict[str, Any] | str | None = None
     max_items: int | None = Field(default=None, gt=0)
     asset_prefixes: list[str] = Field(default_factory=list)
+    incremental: bool = True
+    items_per_task: int = Field(default=2000, ge=1)
+    max_read_tasks: int = Field(default=256, ge=1)
+    page_size: int = Field(default=100, ge=1, le=10000)
 
     @field_validator("url")
     @classmethod
@@ -169,6 +181,9 @@ class ModelConfig(_Strict):
         kernel_inject: DeepSpeed kernel injection (GPU only).
         max_new_tokens: Generation budget per answer.
         seed: Seed for a preset's random initialisation (presets without trained weights only).
+        storage_options: fsspec options for a remote ``name_or_path`` (``s3://bucket/models/x``); credentials come
+            from the environment. Each node copies a remote model once into ``$EARTHGPT_CACHE`` (default
+            ``~/.cache/earthgpt``).
     """
 
     name_or_path: str = "tiny"
@@ -178,6 +193,7 @@ class ModelConfig(_Strict):
     kernel_inject: bool = False
     max_new_tokens: int = Field(default=96, ge=1, le=4096)
     seed: int = 0
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _engine_options(self) -> ModelConfig:
@@ -248,13 +264,25 @@ class OutputConfig(_Strict):
         root: A local folder or an ``s3://bucket/prefix`` URL.
         storage_options: fsspec options for ``root`` (e.g. ``{endpoint_url: ...}``); credentials come from the
             environment.
-        wave_size: Scenes per commit unit. A crash loses at most one wave; each wave starts a fresh actor pool,
-            so on GPUs make it large enough that model loading is a small share of a wave.
+        commit_tiles: A commit unit closes once its finished scenes hold at least this many tiles. ``None``: no
+            tile limit.
+        commit_seconds: ... or once its oldest finished scene has waited this long. ``None``: no time limit. With
+            both ``None`` the whole run is one unit. Commits never stop the model: it works on while a unit is
+            staged and committed, and a crash loses only the scenes not yet committed.
     """
 
     root: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    wave_size: int = Field(default=16, ge=1)
+    commit_tiles: int | None = Field(default=2048, ge=1)
+    commit_seconds: float | None = Field(default=300.0, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "wave_size" in data:
+            raise ValueError("wave_size: no longer exists (a run is one streaming execution; commit units are set "
+                             "by commit_tiles and commit_seconds, see docs/outputs.md)")
+        return data
 
     @field_validator("root")
     @classmethod
@@ -307,26 +335,37 @@ class InferConfig(_Strict):
     def output_key(self) -> str:
         """A short hash of everything that changes a tile's results: model, engine numerics, tasks, tiling, NMS.
 
-        Two runs with the same key over the same scene produce the same rows, so the ledger skips the second.
-        A checkpoint folder contributes the hash of its ``config.json`` and the size and mtime of its weights
-        (hashing multi-GB weights on every run would cost minutes).
+        Two runs with the same key over the same scene produce the same rows, so the ledger skips the second. The
+        model enters by content, never by path: a preset by name and seed, a checkpoint folder (local or
+        ``s3://``) by :func:`earthgpt.weights.weights_digest` — the same weights copied to another node or bucket
+        give the same key, other weights a different one.
         """
-        model = self.model.model_dump(exclude={"tp_size"})
-        folder = Path(self.model.name_or_path)
-        if folder.is_dir():
-            cfg = folder / "config.json"
-            model["config_sha"] = hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.exists() else None
-            model["weights"] = sorted(
-                (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.glob("*.safetensors")
-            )
-        payload = {
-            "model": model,
-            "tasks": sorted(self.tasks),
-            "vqa": self.vqa,
-            "tiling": self.tiling.model_dump(),
-            "detection": self.detection.model_dump(),
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return _output_key(self.model_dump_json(include={"model", "tasks", "vqa", "tiling", "detection"}))
+
+
+@functools.lru_cache(maxsize=64)
+def _output_key(dumped: str) -> str:
+    data = json.loads(dumped)
+    model = dict(data["model"])
+    name = str(model.pop("name_or_path"))
+    model.pop("tp_size", None)
+    model.pop("storage_options", None)
+    model.pop("seed")
+    from earthgpt.weights import is_remote, weights_digest
+
+    if is_remote(name) or Path(name).is_dir():
+        model["weights"] = weights_digest(name, data["model"].get("storage_options") or None)
+    else:  # a preset: random weights from its name and seed
+        model["preset"] = name.removeprefix("earthgpt_").removeprefix("earthgpt-")
+        model["seed"] = data["model"]["seed"]
+    payload = {
+        "model": model,
+        "tasks": sorted(data["tasks"]),
+        "vqa": data["vqa"],
+        "tiling": data["tiling"],
+        "detection": data["detection"],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _FIELD_PREFIX = re.compile(r"^(?:Value error, )?([a-z_][a-z0-9_]*): (.*)$", re.DOTALL)

@@ -177,9 +177,17 @@ def cli(argv: list[str] | None = None) -> int:
     say(f'  earthgpt query "SELECT label, count(*) FROM detections GROUP BY ALL" --root {summary.output_root}')
     say(f'  earthgpt query "SELECT collection, count(*), avg(valid_fraction) FROM tiles GROUP BY ALL" '
         f"--root {summary.output_root}")
-    say(f"  python -c \"import xarray as xr; print(xr.open_zarr('{summary.output_root}/embeddings.zarr', "
-        f"group='<collection>/<scene_id>'))\"")
+    group = _first_group(summary.output_root)
+    if group:  # a committed scene's arrays: its `scenes.embeddings_group` under embeddings.zarr
+        say(f"  python -c \"import xarray as xr; print(xr.open_zarr('{summary.output_root}/embeddings.zarr/{group}'))\"")
     return 0 if summary.status.startswith("ok") else 1
+
+
+def _first_group(root: str) -> str | None:
+    from pipelines.sinks import OutputStore, read_table
+
+    scenes = read_table(OutputStore(root), "scenes", columns=["embeddings_group"])
+    return str(scenes["embeddings_group"].iloc[0]) if len(scenes) else None
 
 
 if __name__ == "__main__":

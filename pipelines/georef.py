@@ -265,25 +265,27 @@ def nms_per_scene(
     areas = _area(boxes)
     # lexsort: last key is primary -> whole boxes first, then higher score, then larger area
     order = np.lexsort((-areas, -scores, cut))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    margin = np.array([-containment_margin, -containment_margin, containment_margin, containment_margin])
+    # a spatial index: each kept box is compared only with the boxes it can touch, not with every box of its label
+    tree = shapely.STRtree(shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]))
+    suppressed = np.zeros(n, bool)
     kept: list[int] = []
-    for label in dict.fromkeys(labels_arr[order].tolist()):
-        candidates = [i for i in order if labels_arr[i] == label]
-        suppressed = np.zeros(n, bool)
-        for pos, i in enumerate(candidates):
-            if suppressed[i]:
-                continue
-            kept.append(i)
-            rest = np.array(candidates[pos + 1 :], dtype=np.int64)
-            if len(rest) == 0:
-                continue
-            rest = rest[~suppressed[rest]]
-            inter = _intersection_area(boxes[i], boxes[rest])
-            union = areas[i] + areas[rest] - inter
-            iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-            grown = boxes[i] + np.array([-containment_margin, -containment_margin, containment_margin,
-                                         containment_margin])
-            inside = _intersection_area(grown, boxes[rest])
-            contained = np.where(areas[rest] > 0, inside / np.maximum(areas[rest], 1e-12), 1.0)
-            drop = (iou >= iou_threshold) | (cut[rest] & (contained >= containment_threshold))
-            suppressed[rest[drop]] = True
+    for i in order:
+        if suppressed[i]:
+            continue
+        kept.append(int(i))
+        grown = boxes[i] + margin
+        near = tree.query(shapely.box(*grown))
+        rest = near[(rank[near] > rank[i]) & ~suppressed[near] & (labels_arr[near] == labels_arr[i])]
+        if len(rest) == 0:
+            continue
+        inter = _intersection_area(boxes[i], boxes[rest])
+        union = areas[i] + areas[rest] - inter
+        iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+        inside = _intersection_area(grown, boxes[rest])
+        contained = np.where(areas[rest] > 0, inside / np.maximum(areas[rest], 1e-12), 1.0)
+        drop = (iou >= iou_threshold) | (cut[rest] & (contained >= containment_threshold))
+        suppressed[rest[drop]] = True
     return np.sort(np.array(kept, dtype=np.int64))

@@ -1,6 +1,6 @@
 """The run ledger: commit units atomically, make reruns incremental, never duplicate rows.
 
-A *unit* is one wave of scenes. Its table files are first written under ``_staging/<unit>/``; then one small
+A *unit* is a group of finished scenes (closed by tile count or age, see ``output.commit_tiles``). Its table files are first written under ``_staging/<unit>/``; then one small
 ledger record, ``_ledger/<unit>.parquet``, is written in a single atomic PUT (or rename) — that write **is** the
 commit. The record lists the unit's committed scenes (id, STAC ``updated``, output key) and, in its metadata, which
 staged files to publish to their final paths and which superseded files to delete. Publishing happens right after
@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -33,6 +34,7 @@ from pipelines.sinks import OutputStore, StagedFile, geoparquet_bytes, partition
 
 LEDGER_DIR = "_ledger"
 STAGING_DIR = "_staging"
+STATE_DIR = "_state"
 
 _LEDGER_SCHEMA = pa.schema(
     [
@@ -140,11 +142,18 @@ class Ledger:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.store.write_bytes(self._record_path(unit.unit_id), buf.getvalue())
-        self._publish(unit.unit_id, [(f.staged, f.final) for f in unit.publish], unit.delete)
+        self._publish(unit.unit_id, [(f.staged, f.final) for f in unit.publish], unit.delete, strict=True)
 
-    def _publish(self, unit_id: str, moves: Sequence[Sequence[str]], deletes: Sequence[str]) -> None:
+    def _publish(self, unit_id: str, moves: Sequence[Sequence[str]], deletes: Sequence[str],
+                 strict: bool = False) -> None:
         for staged, final in moves:
-            if self.store.exists(staged):
+            if strict:  # a first publish: every staged file must be there (a replay finds moved ones gone)
+                try:
+                    self.store.move(staged, final)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"unit {unit_id}: staged file {staged} is missing; its rows cannot be "
+                                            "published") from None
+            elif self.store.exists(staged):
                 self.store.move(staged, final)
         for path in deletes:
             self.store.remove(path)
@@ -184,6 +193,33 @@ class Ledger:
                              schema=_LEDGER_SCHEMA)
         expr = None if output_key is None else pc.field("output_key") == output_key
         return dataset.to_table(filter=expr)
+
+    def committed_table(self, output_key: str) -> pa.Table:
+        """The latest ledger entry of every committed scene of one output key, as an Arrow table.
+
+        Columns ``collection, scene_id, date, updated, unit_id``: a few tens of bytes per scene, columnar, so the
+        job shares it with its read tasks through the object store once (each task cuts it to its dates).
+        """
+        table = self._read_records(output_key)
+        if table.num_rows == 0:
+            return table.select(["collection", "scene_id", "date", "updated", "unit_id"])
+        frame = table.sort_by([("committed_at", "ascending")]).to_pandas(types_mapper=pd.ArrowDtype)
+        frame = frame.drop_duplicates(["collection", "scene_id"], keep="last")
+        return pa.Table.from_pandas(frame[["collection", "scene_id", "date", "updated", "unit_id"]],
+                                    preserve_index=False)
+
+    # --------------------------------------------------------------------------------------------------- state
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        """A small JSON document under ``_state/`` (a search's watermark and retry list), or None."""
+        path = f"{STATE_DIR}/{name}.json"
+        if not self.store.exists(path):
+            return None
+        return dict(json.loads(self.store.read_bytes(path)))
+
+    def write_state(self, name: str, state: Mapping[str, Any]) -> None:
+        """Replace a state document (one atomic write)."""
+        self.store.write_bytes(f"{STATE_DIR}/{name}.json", json.dumps(state, sort_keys=True, default=str).encode())
 
     def committed(self, output_key: str) -> dict[tuple[str, str], CommittedScene]:
         """The latest committed version of every scene for one output key.

@@ -4,7 +4,7 @@ tile-grid arrays. Layout under the output root (a local folder or ``s3://bucket/
     scenes/collection=<c>/date=<YYYY-MM-DD>/part-<unit>.parquet
     tiles/…  detections/…  errors/…          (same partitioning)
     runs/date=<YYYY-MM-DD>/run-<run_id>.parquet
-    embeddings.zarr/<collection>/<scene_id>/ (one xarray dataset per scene, scene-CRS coordinates)
+    embeddings.zarr/<output_key>/<collection>/<scene_id>/  (one xarray dataset per scene, scene-CRS coordinates)
     _ledger/, _staging/                      (commit bookkeeping, see pipelines.ledger)
 
 Partition columns live only in the paths (Hive style): geopandas, pyarrow and DuckDB add ``collection`` and ``date``
@@ -149,6 +149,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("units_committed", pa.int64()),
             ("wall_s", pa.float64()),
             ("tiles_per_s", pa.float64()),
+            ("full_scan", pa.bool_()),
+            ("updated_since", _TS),
+            ("watermark", _TS),
+            ("read_tasks", pa.int64()),
+            ("model_actors", pa.int64()),
+            ("model_loads", pa.int64()),
         ]
     ),
 }
@@ -348,10 +354,14 @@ def read_table(store: OutputStore, table: str, columns: Sequence[str] | None = N
 # ---------------------------------------------------------------------------------------------------------- zarr
 
 
-def embeddings_group(collection: str, scene_id: str) -> str:
-    """The Zarr group of a scene's arrays inside ``embeddings.zarr``: ``<collection>/<scene_id>``."""
+def embeddings_group(output_key: str, collection: str, scene_id: str) -> str:
+    """The Zarr group of a scene's arrays inside ``embeddings.zarr``: ``<output_key>/<collection>/<scene_id>``.
+
+    The output key comes first, so runs of different models (or tasks, tiling) over one root never touch each
+    other's arrays.
+    """
     safe = scene_id.replace("/", "_")
-    return f"{collection}/{safe}"
+    return f"{output_key}/{collection}/{safe}"
 
 
 @dataclass
@@ -369,6 +379,7 @@ class SceneGrid:
         embedding: ``(n_rows, n_cols, d)`` float32 pooled visual embedding per tile (NaN where not computed).
         valid_fraction: ``(n_rows, n_cols)`` share of valid pixels per tile (NaN where not read).
         attrs: Extra attributes for the group (run id, model...).
+        output_key: The config's output key (first level of the group path).
     """
 
     collection: str
@@ -381,6 +392,7 @@ class SceneGrid:
     embedding: np.ndarray
     valid_fraction: np.ndarray
     attrs: dict[str, Any]
+    output_key: str = ""
 
     def to_xarray(self) -> Any:
         """The grid as an ``xarray.Dataset`` with CF/rioxarray georeferencing (``spatial_ref``, x/y centres)."""
@@ -423,35 +435,54 @@ class SceneGrid:
         )
 
 
-def write_scene_grid(store: OutputStore, grid: SceneGrid) -> str:
-    """Write (or replace) one scene's group in ``embeddings.zarr`` as whole chunks, and consolidate it.
+def write_scene_grid(store: OutputStore, grid: SceneGrid, under: str = "") -> list[str]:
+    """Write one scene's group of ``embeddings.zarr`` as whole chunks, with the group's own consolidated metadata.
 
     Each array is a single chunk covering the scene's whole tile grid, so exactly one writer ever touches a chunk
-    (two processes writing parts of one chunk lose data). Importing ``zarr`` here, not at module level, keeps this
-    module picklable by Ray.
+    (two processes writing parts of one chunk lose data). The group is written as a store of its own: its
+    consolidated metadata lives in the group's ``zarr.json`` and nothing above it is rewritten (a root-level
+    consolidation would grow with every scene). The job writes it under its unit's staging folder (``under``) and
+    the unit's commit moves it into place, with the unit's rows. Importing ``zarr`` here, not at module level,
+    keeps this module picklable by Ray.
 
     Args:
         store: The output root.
         grid: The scene's arrays.
+        under: A folder (relative to the root) holding the ``embeddings.zarr`` tree; ``""`` writes in place.
 
     Returns:
-        The group path inside the Zarr store.
+        The files written, relative to ``under``.
     """
     import zarr.storage
 
-    group = embeddings_group(grid.collection, grid.scene_id)
+    group = embeddings_group(grid.output_key, grid.collection, grid.scene_id)
+    rel = posixpath.join(under, EMBEDDINGS_STORE, group) if under else posixpath.join(EMBEDDINGS_STORE, group)
     ds = grid.to_xarray()
     encoding = {name: {"chunks": ds[name].shape} for name in ("embedding", "valid_fraction")}
     if store.local:
-        zstore: Any = zarr.storage.LocalStore(store.full(EMBEDDINGS_STORE))
+        zstore: Any = zarr.storage.LocalStore(store.full(rel))
     else:
-        zstore = zarr.storage.FsspecStore(fs=_async_fs(store), path=store.full(EMBEDDINGS_STORE))
+        zstore = zarr.storage.FsspecStore(fs=_async_fs(store), path=store.full(rel))
     with warnings.catch_warnings():
         # zarr notes that consolidated metadata is not in the v3 spec yet; xarray reads it, and it saves a
         # round trip per array when a reader opens a scene on object storage
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.to_zarr(zstore, group=group, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
-    return group
+        ds.to_zarr(zstore, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
+    prefix = posixpath.join(under, "") if under else ""
+    return [p[len(prefix):] for p in store.glob(f"{rel}/**") if not store.fs.isdir(store.full(p))]
+
+
+_EMPTY_GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+def ensure_parent_groups(store: OutputStore, group: str) -> None:
+    """Write the (empty, never changing) group nodes above a scene's group, so that ``xr.open_zarr(root,
+    group=...)`` can walk from the store's root. Idempotent; concurrent writers write identical bytes."""
+    parts = group.split("/")[:-1]
+    for depth in range(len(parts) + 1):
+        node = posixpath.join(EMBEDDINGS_STORE, *parts[:depth], "zarr.json")
+        if not store.exists(node):
+            store.write_bytes(node, _EMPTY_GROUP)
 
 
 def _async_fs(store: OutputStore) -> Any:
@@ -460,12 +491,12 @@ def _async_fs(store: OutputStore) -> Any:
     return cls(asynchronous=True, **{k: v for k, v in store.storage_options.items() if k != "asynchronous"})
 
 
-def open_scene_grid(store: OutputStore, collection: str, scene_id: str) -> Any:
+def open_scene_grid(store: OutputStore, output_key: str, collection: str, scene_id: str) -> Any:
     """Open one scene's tile-grid dataset lazily (dask-backed) with ``xarray.open_zarr``."""
     import xarray as xr
 
     return xr.open_zarr(
-        store.url(EMBEDDINGS_STORE), group=embeddings_group(collection, scene_id),
+        store.url(EMBEDDINGS_STORE), group=embeddings_group(output_key, collection, scene_id),
         storage_options=None if store.local else store.storage_options, zarr_format=3,
     )
 

@@ -5,10 +5,13 @@ The path of a tile, top to bottom::
     scene row ──ReadStage──▶ tile rows (image bytes, valid fraction, status)        Ray CPU tasks
               ──ModelStage─▶ + answers per task, log-probs, pooled embedding        Ray actor pool (GPUs)
               ──ParseStage─▶ + caption, class label, boxes in tile/scene/CRS/WGS84   Ray CPU tasks
-              ──SceneAssembler (driver)─▶ per scene: NMS, table rows, tile-grid arrays
+              ──SceneCollector (driver: gathers a scene's rows, nothing else)
+              ──assemble_scene─▶ per scene: NMS, table rows, tile-grid arrays      Ray CPU tasks
 
 Each stage declares the columns it reads (``needs``) and adds (``adds``), builds heavy state once in ``__init__``,
-and is called on a hand-built batch in the tests, without Ray. Rows carry explicit ids (``scene_key``, ``tile_id``):
+and is called on a hand-built batch in the tests, without Ray. :func:`check_columns` checks a batch against a
+stage's ``needs`` (a missing column is a clear error naming the stage, not a ``KeyError`` three stages later), and
+:func:`check_chain` checks a whole chain before any work starts. Rows carry explicit ids (``scene_key``, ``tile_id``):
 Ray does not keep order. A tile's ``status`` is ``ok`` (goes through every stage), ``skipped`` (too little valid
 data; recorded, not sent to the model), ``failed`` (this tile's read, model or parse step raised) or ``scene_failed``
 (one row standing for all ``n_planned`` tiles of a scene that could not be opened).
@@ -39,6 +42,9 @@ from pipelines.georef import (
     touches_inner_edge,
 )
 from pipelines.sinks import SceneGrid, embeddings_group
+from pipelines.source import scene_key
+
+__all__ = ["scene_key"]  # re-exported: stages and tests name scenes by it
 
 Batch = dict[str, np.ndarray]
 
@@ -46,11 +52,43 @@ Batch = dict[str, np.ndarray]
 MODEL_SENSOR = {"optical": "optical", "sar": "sar", "thermal": "infrared"}
 
 _ERROR_COLUMNS = ("error_stage", "error_type", "error_message", "error_asset", "error_href")
+_MODEL_LOADS = 0  # models built in this process (an actor is a process: > 1 would mean a reload)
 
 
-def scene_key(collection: str, scene_id: str) -> str:
-    """The id a scene's rows carry through the stages: ``<collection>/<scene_id>``."""
-    return f"{collection}/{scene_id}"
+class MissingColumns(KeyError):
+    """A stage got a batch without a column it needs."""
+
+
+def check_columns(stage: Any, batch: Mapping[str, Any]) -> None:
+    """Raise :class:`MissingColumns` when ``batch`` lacks any of ``stage.needs``.
+
+    Raises:
+        MissingColumns: Naming the stage and the columns.
+    """
+    missing = [c for c in getattr(stage, "needs", ()) if c not in batch]
+    if missing:
+        raise MissingColumns(f"{type(stage).__name__} needs columns {missing}; the batch has {sorted(batch)}")
+
+
+def check_chain(first_columns: Sequence[str], stages: Sequence[Any]) -> None:
+    """Check that every stage's ``needs`` are provided by the columns before it (source columns + ``adds``).
+
+    Args:
+        first_columns: Columns of the rows entering the first stage.
+        stages: The stages (classes or instances) in order; ``adds`` may be a property, so pass instances where
+            it is one.
+
+    Raises:
+        MissingColumns: Naming the first stage whose input lacks a column.
+    """
+    have = set(first_columns)
+    for stage in stages:
+        missing = [c for c in getattr(stage, "needs", ()) if c not in have]
+        if missing:
+            name = stage.__name__ if isinstance(stage, type) else type(stage).__name__
+            raise MissingColumns(f"{name} needs columns {missing} that no earlier stage adds")
+        adds = getattr(stage, "adds", ())
+        have |= set(adds if isinstance(adds, (tuple, list)) else ())
 
 
 def _columns(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Batch:
@@ -80,6 +118,19 @@ def _no_error() -> dict[str, str]:
     return dict.fromkeys(_ERROR_COLUMNS, "")
 
 
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def scene_meta(scene: Scene) -> dict[str, Any]:
+    """What assembly needs to know of a scene, as JSON-able values (it travels in the ``meta`` column)."""
+    return {
+        "collection": scene.collection, "id": scene.id, "datetime": _iso(scene.datetime),
+        "updated": _iso(scene.updated), "geometry": scene.geometry, "sensor": scene.sensor, "crs": scene.crs,
+        "height": scene.height, "width": scene.width, "transform": list(scene.transform or ()),
+    }
+
+
 def decode_image(buf: bytes, height: int, width: int) -> np.ndarray:
     """A tile image from its row bytes: ``(3, H, W)`` float32 in [0, 1]."""
     return np.frombuffer(buf, dtype=np.float32).reshape(3, int(height), int(width))
@@ -93,7 +144,9 @@ class ReadStage:
 
     Runs as a Ray task per scene (a generator: tiles leave in blocks of ``tiles_per_block`` while the rest are
     read, so a large scene never sits whole in memory). Tiles with less than ``min_valid_fraction`` valid pixels
-    are marked ``skipped`` and carry no image.
+    are marked ``skipped`` and carry no image. A source row that could not become a scene (its error columns set)
+    becomes one ``scene_failed`` row. The scene's description (``meta``: ids, times, grid, footprint) rides on the
+    scene's first tile row only; every row carries the grid the parse stage georeferences with.
 
     Args:
         tile_size: Tile side in pixels.
@@ -102,10 +155,11 @@ class ReadStage:
         tiles_per_block: Tiles per output batch.
     """
 
-    needs = ("scene_key", "scene")
+    needs = ("scene_key", "scene", "meta", *_ERROR_COLUMNS)
     adds = (
         "scene_key", "tile_id", "row", "col", "row_off", "col_off", "win_h", "win_w", "n_planned", "status",
-        "skip_reason", "valid_fraction", "sensor", "image", "image_h", "image_w", *_ERROR_COLUMNS,
+        "skip_reason", "valid_fraction", "sensor", "image", "image_h", "image_w", "meta", "crs", "transform_json",
+        "scene_h", "scene_w", *_ERROR_COLUMNS,
     )
 
     def __init__(self, tile_size: int, overlap: int, min_valid_fraction: float, tiles_per_block: int = 16) -> None:
@@ -118,26 +172,43 @@ class ReadStage:
         from catalogs.io import configure_gdal
 
         configure_gdal()  # idempotent; a Ray worker is a fresh process that did not run the job's entry point
-        for key, scene_json in zip(batch["scene_key"], batch["scene"], strict=True):
-            yield from self._read_scene(str(key), Scene.model_validate_json(str(scene_json)))
+        check_columns(self, batch)
+        for i, key in enumerate(batch["scene_key"]):
+            meta = json.loads(str(batch["meta"][i]))
+            if str(batch["error_type"][i]):  # the item did not become a scene: one row stands for it
+                row = self._base(str(key), None, meta, 0)
+                row.update(status="scene_failed", **{c: str(batch[c][i]) for c in _ERROR_COLUMNS})
+                yield _columns([row], self.adds)
+                continue
+            yield from self._read_scene(str(key), Scene.model_validate_json(str(batch["scene"][i])), meta)
 
-    def _row(self, key: str, scene: Scene, n_planned: int, **fields: Any) -> dict[str, Any]:
-        row = {
+    def _base(self, key: str, scene: Scene | None, meta: dict[str, Any], n_planned: int) -> dict[str, Any]:
+        return {
             "scene_key": key, "tile_id": "", "row": -1, "col": -1, "row_off": -1, "col_off": -1, "win_h": 0,
             "win_w": 0, "n_planned": n_planned, "status": "ok", "skip_reason": "", "valid_fraction": math.nan,
-            "sensor": scene.sensor, "image": b"", "image_h": 0, "image_w": 0, **_no_error(),
+            "sensor": scene.sensor if scene else "", "image": b"", "image_h": 0, "image_w": 0,
+            "meta": json.dumps(meta), "crs": (scene.crs or "") if scene else "",
+            "transform_json": json.dumps(list(scene.transform or (1, 0, 0, 0, 1, 0))) if scene else "[]",
+            "scene_h": scene.height if scene else 0, "scene_w": scene.width if scene else 0, **_no_error(),
         }
-        row.update(fields)
-        return row
 
-    def _read_scene(self, key: str, scene: Scene) -> Iterator[Batch]:
+    def _read_scene(self, key: str, scene: Scene, source_meta: dict[str, Any]) -> Iterator[Batch]:
         from catalogs.io import SceneReader
+
+        meta = {**source_meta, **scene_meta(scene)}
+        first = self._base(key, scene, meta, 0)
+        rest = {**first, "meta": ""}  # the scene's description rides on its first row only
+
+        def row(n_planned: int, **fields: Any) -> dict[str, Any]:
+            nonlocal first
+            out = {**(first or rest), "n_planned": n_planned, **fields}
+            first = None
+            return out
 
         try:
             tiles = plan_tiles(scene.height, scene.width, self.tile_size, self.overlap)
         except (SceneError, ValueError) as exc:
-            yield _columns([self._row(key, scene, 0, status="scene_failed", **_error_fields(exc, "plan"))],
-                           self.adds)
+            yield _columns([row(0, status="scene_failed", **_error_fields(exc, "plan"))], self.adds)
             return
         n = len(tiles)
         reader = SceneReader(scene)
@@ -146,7 +217,7 @@ class ReadStage:
             _ = reader.stretch  # one overview read per scene, before the first window
         except SceneError as exc:
             reader.close()
-            yield _columns([self._row(key, scene, n, status="scene_failed", **_error_fields(exc, "open"))], self.adds)
+            yield _columns([row(n, status="scene_failed", **_error_fields(exc, "open"))], self.adds)
             return
         rows: list[dict[str, Any]] = []
         try:
@@ -157,17 +228,16 @@ class ReadStage:
                 try:
                     img = reader.read(win, allow_empty=True)
                 except SceneError as exc:
-                    rows.append(self._row(key, scene, n, status="failed", **base, **_error_fields(exc, "read")))
+                    rows.append(row(n, status="failed", **base, **_error_fields(exc, "read")))
                 else:
                     vf = float(img.valid_fraction)
                     if vf < self.min_valid_fraction:
                         reason = f"valid fraction {vf:.3f} < {self.min_valid_fraction}"
-                        rows.append(self._row(key, scene, n, status="skipped", skip_reason=reason,
-                                              valid_fraction=vf, **base))
+                        rows.append(row(n, status="skipped", skip_reason=reason, valid_fraction=vf, **base))
                     else:
                         image = np.ascontiguousarray(img.image, dtype=np.float32)
-                        rows.append(self._row(key, scene, n, valid_fraction=vf, image=image.tobytes(),
-                                              image_h=image.shape[1], image_w=image.shape[2], **base))
+                        rows.append(row(n, valid_fraction=vf, image=image.tobytes(), image_h=image.shape[1],
+                                        image_w=image.shape[2], **base))
                 if len(rows) >= self.tiles_per_block:
                     yield _columns(rows, self.adds)
                     rows = []
@@ -184,8 +254,11 @@ class ModelStage:
     """Tile rows → answers: one EarthGPT replica per actor asks every task of every ``ok`` tile.
 
     Images are encoded once per batch; all tasks' prompts (``image_index``) and the pooled visual embedding
-    (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises marks its tiles ``failed`` (stage ``model``); the
-    actor lives on.
+    (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises marks its tiles
+    ``failed`` (stage ``model``); the actor lives on. The model is built once per actor, in ``__init__``; a remote
+    ``model`` (``s3://...``) is first copied to the node's cache (once per node, see
+    :func:`earthgpt.weights.fetch_model`). Every row says which actor answered it and how many times that actor's
+    process has loaded a model (``actor_id``, ``model_loads``): the job's proof that nothing reloads.
 
     Args:
         model: Preset name or checkpoint folder.
@@ -198,9 +271,10 @@ class ModelStage:
         max_new_tokens: Generation budget per answer.
         seed: Weight seed for presets.
         torch_threads: Intra-op threads per actor (1 on small shared machines).
+        storage_options: fsspec options for a remote ``model``.
     """
 
-    needs = ("status", "sensor", "image", "image_h", "image_w")
+    needs = ("status", "sensor", "image", "image_h", "image_w", *_ERROR_COLUMNS)
 
     def __init__(
         self,
@@ -214,24 +288,35 @@ class ModelStage:
         max_new_tokens: int = 96,
         seed: int = 0,
         torch_threads: int | None = 1,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
+        import os
+        import uuid
+
         import torch
 
         from earthgpt.engine import InferenceEngine
+        from earthgpt.weights import fetch_model, is_remote
 
+        global _MODEL_LOADS
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.tasks = list(tasks)
         self.vqa = list(vqa)
         self.max_new_tokens = int(max_new_tokens)
+        if is_remote(model):
+            model = str(fetch_model(model, storage_options=dict(storage_options or {})))
         self.engine = InferenceEngine.from_pretrained(
             model, seed=seed, kind=engine, dtype=getattr(torch, dtype), tp_size=tp_size, kernel_inject=kernel_inject
         )
+        _MODEL_LOADS += 1
+        self.actor_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     @property
     def adds(self) -> tuple[str, ...]:
-        """Answer columns per task, the VQA answers and the embedding."""
-        return (*(c for t in self.tasks for c in (f"answer_{t}", f"logprob_{t}")), "vqa_json", "embedding")
+        """Answer columns per task, the VQA answers, the embedding, the detection tokens and the actor counters."""
+        return (*(c for t in self.tasks for c in (f"answer_{t}", f"logprob_{t}")), "vqa_json", "embedding",
+                "tokens_detect", "actor_id", "model_loads")
 
     def _prompts(self, sensor: str) -> list[str]:
         from earthgpt.tasks import build_prompt
@@ -241,8 +326,10 @@ class ModelStage:
         return prompts + [build_prompt("vqa", model_sensor, question=q) for q in self.vqa]
 
     def __call__(self, batch: Batch) -> Batch:
+        check_columns(self, batch)
         n = len(batch["status"])
         out: Batch = {k: v for k, v in batch.items() if k != "image"}
+        tokens_detect = [""] * n
         answers = {t: [""] * n for t in self.tasks}
         logprobs = {t: [math.nan] * n for t in self.tasks}
         vqa: list[list[str]] = [[] for _ in range(n)]
@@ -269,6 +356,9 @@ class ModelStage:
                     for t, gen in zip(self.tasks, mine, strict=False):
                         answers[t][i] = gen.text
                         logprobs[t][i] = gen.mean_logprob
+                        if t == "detect":  # per-box confidences need each token's place in the text
+                            ends = self.engine.processor.answer_token_ends(gen.token_ids)
+                            tokens_detect[i] = json.dumps([ends, [round(x, 5) for x in gen.token_logprobs]])
                     vqa[i] = [g.text for g in mine[len(self.tasks) :]]
                 emb = self.engine.embed(image_features=features)
                 for j, i in enumerate(todo):
@@ -283,6 +373,9 @@ class ModelStage:
             out[f"answer_{t}"] = np.asarray(answers[t], dtype=object)
             out[f"logprob_{t}"] = np.asarray(logprobs[t], dtype=np.float32)
         out["vqa_json"] = np.asarray([json.dumps(v) for v in vqa], dtype=object)
+        out["tokens_detect"] = np.asarray(tokens_detect, dtype=object)
+        out["actor_id"] = np.asarray([self.actor_id] * n, dtype=object)
+        out["model_loads"] = np.full(n, _MODEL_LOADS, dtype=np.int32)
         emb_col = np.empty(n, dtype=object)
         emb_col[:] = embeddings
         out["embedding"] = emb_col
@@ -296,11 +389,9 @@ class ModelStage:
 
 
 @dataclass(frozen=True)
-class SceneGeo:
-    """What the parse stage needs of a scene to georeference its tiles."""
-
+class _Geo:
     crs: str
-    transform: tuple[float, float, float, float, float, float]
+    transform: tuple[float, ...]
     height: int
     width: int
 
@@ -310,23 +401,26 @@ class ParseStage:
 
     Caption and class label from their answers; detection boxes parsed in tile pixels (padding undone by
     ``earthgpt.tasks.parse_answer``), shifted to scene pixels, mapped to the scene CRS and to WGS84 polygons, and
-    flagged when a tile edge inside the scene cuts them (for the per-scene NMS). The tile footprint is added as a
-    WGS84 polygon. A row whose parsing raises becomes ``failed`` (stage ``parse``).
+    flagged when a tile edge inside the scene cuts them (for the per-scene NMS). Each box's ``confidence`` is
+    ``exp`` of the mean log-probability of the tokens that wrote its coordinates
+    (:func:`earthgpt.tasks.span_confidence`). The tile footprint is added as a WGS84 polygon. A row whose parsing
+    raises becomes ``failed`` (stage ``parse``).
 
     Args:
         tasks: The tasks the model stage answered.
-        scenes: ``scene_key -> SceneGeo`` of the scenes in this wave.
     """
 
-    needs = ("scene_key", "status", "row_off", "col_off", "win_h", "win_w", "image_h", "image_w")
+    needs = ("scene_key", "status", "row_off", "col_off", "win_h", "win_w", "image_h", "image_w", "crs",
+             "transform_json", "scene_h", "scene_w", *_ERROR_COLUMNS)
     adds = ("caption", "class_label", "boxes_json", "boxes_parsed", "boxes_malformed", "footprint_wkb")
 
-    def __init__(self, tasks: Sequence[str], scenes: Mapping[str, SceneGeo]) -> None:
+    def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = list(tasks)
-        self.scenes = dict(scenes)
 
     def __call__(self, batch: Batch) -> Batch:
         from earthgpt.tasks import parse_answer
+
+        check_columns(self, batch)
 
         n = len(batch["scene_key"])
         out = dict(batch)
@@ -341,7 +435,8 @@ class ParseStage:
         for i in range(n):
             if status[i] not in ("ok", "skipped"):
                 continue
-            geo = self.scenes[str(batch["scene_key"][i])]
+            geo = _Geo(str(batch["crs"][i]), tuple(json.loads(str(batch["transform_json"][i]))),
+                       int(batch["scene_h"][i]), int(batch["scene_w"][i]))
             r0, c0 = int(batch["row_off"][i]), int(batch["col_off"][i])
             wh, ww = int(batch["win_h"][i]), int(batch["win_w"][i])
             try:
@@ -357,8 +452,8 @@ class ParseStage:
                 if "detect" in self.tasks:
                     det = parse_answer("detect", str(batch["answer_detect"][i]), hw)
                     parsed[i], malformed[i] = len(det.boxes), det.n_malformed
-                    conf = float(np.exp(batch["logprob_detect"][i])) if len(det.boxes) else math.nan
-                    boxes_json[i] = json.dumps(self._georef(det.boxes, conf, (r0, c0), hw, geo))
+                    boxes_json[i] = json.dumps(self._georef(det.boxes, self._confidences(batch, i, det), (r0, c0),
+                                                            hw, geo))
             except Exception as exc:  # model text never raises in parse_answer; this guards georef edge cases
                 status[i] = "failed"
                 fields = _error_fields(exc, "parse")
@@ -378,8 +473,19 @@ class ParseStage:
         return out
 
     @staticmethod
-    def _georef(boxes: Sequence[Any], confidence: float, off: tuple[int, int], hw: tuple[int, int],
-                geo: SceneGeo) -> list[dict[str, Any]]:
+    def _confidences(batch: Batch, i: int, det: Any) -> list[float]:
+        from earthgpt.tasks import span_confidence
+
+        tokens = str(batch["tokens_detect"][i]) if "tokens_detect" in batch else ""
+        if tokens:
+            ends, logprobs = json.loads(tokens)
+            return span_confidence(det.box_spans, ends, logprobs)
+        # no per-token log-probabilities (another model stage): the answer's own confidence for every box
+        return [float(np.exp(batch["logprob_detect"][i]))] * len(det.boxes)
+
+    @staticmethod
+    def _georef(boxes: Sequence[Any], confidences: Sequence[float], off: tuple[int, int], hw: tuple[int, int],
+                geo: _Geo) -> list[dict[str, Any]]:
         if not boxes:
             return []
         tile_boxes = np.array([b.as_tuple() for b in boxes], dtype=np.float64)
@@ -390,7 +496,7 @@ class ParseStage:
         wgs84 = to_wgs84(pixel_boxes_to_crs_polygons(scene_boxes, geo.transform, 2), geo.crs)
         return [
             {
-                "label": b.label, "confidence": confidence, "tile": tile_boxes[k].tolist(),
+                "label": b.label, "confidence": confidences[k], "tile": tile_boxes[k].tolist(),
                 "scene": scene_boxes[k].tolist(), "crs": crs_boxes[k].tolist(), "cut": bool(cut[k]),
                 "wkb": shapely.to_wkb(wgs84[k], hex=True),
             }
@@ -409,7 +515,7 @@ class SceneResult:
     rows are written, and the next run tries the scene again.
     """
 
-    scene: Scene
+    meta: dict[str, Any]
     committed: bool
     tiles_planned: int
     tiles_written: int = 0
@@ -422,189 +528,259 @@ class SceneResult:
     grid: SceneGrid | None = None
 
     @property
+    def key(self) -> str:
+        """``<collection>/<scene_id>``."""
+        return scene_key(self.collection, self.scene_id)
+
+    @property
+    def collection(self) -> str:
+        """STAC collection id."""
+        return str(self.meta.get("collection") or "")
+
+    @property
+    def scene_id(self) -> str:
+        """STAC item id."""
+        return str(self.meta.get("id") or "")
+
+    @property
+    def date(self) -> str:
+        """Acquisition date (``YYYY-MM-DD``, UTC): the partition of the scene's rows; ``unknown`` without one."""
+        t = _time(self.meta.get("datetime"))
+        return t.strftime("%Y-%m-%d") if t else "unknown"
+
+    @property
+    def updated(self) -> datetime | None:
+        """The item's STAC ``updated``."""
+        return _time(self.meta.get("updated"))
+
+    @property
     def detections(self) -> int:
         """Detections kept after NMS."""
         return len(self.detection_rows)
 
+    def summary(self) -> dict[str, Any]:
+        """The few numbers the driver keeps of a scene (its rows stay in the object store)."""
+        return {
+            "key": self.key, "collection": self.collection, "scene_id": self.scene_id, "date": self.date,
+            "updated": self.updated, "committed": self.committed, "tiles_planned": self.tiles_planned,
+            "tiles_written": self.tiles_written, "tiles_skipped": self.tiles_skipped,
+            "tiles_failed": self.tiles_failed, "detections": self.detections,
+            "labels": [rec["label"] for rec, _ in self.detection_rows], "errors": len(self.error_rows),
+            "first_error": dict(self.error_rows[0][0]) if self.error_rows else None,
+            "prev_date": self.meta.get("prev_date"), "prev_unit": self.meta.get("prev_unit"),
+        }
 
-class SceneAssembler:
-    """Driver-side last step: gathers a scene's tile rows as they stream in; when all ``n_planned`` tiles are
-    there, runs cross-tile NMS and builds the scene's table rows and tile-grid arrays.
 
-    Args:
-        scenes: ``scene_key -> Scene`` of the wave.
-        tasks: Tasks answered.
-        vqa: VQA questions asked.
-        nms_iou: IoU threshold of the per-scene NMS.
-        containment: Containment threshold for boxes cut by tile edges.
-        ids: Columns every row gets (``run_id``, ``unit_id``, ``output_key``).
-        model: The model name, for the ``scenes`` table.
-        tile_size: Tile side (for the grid's coordinates).
+def _time(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+# columns assembly reads; the image was dropped by the model stage, everything else of a tile row is small
+ASSEMBLY_COLUMNS = (
+    "scene_key", "tile_id", "row", "col", "row_off", "col_off", "win_h", "win_w", "n_planned", "status",
+    "skip_reason", "valid_fraction", "meta", "footprint_wkb", "boxes_json", "boxes_parsed", "boxes_malformed",
+    "caption", "class_label", "vqa_json", "embedding", *_ERROR_COLUMNS,
+)
+
+
+class SceneCollector:
+    """Driver side: gathers each scene's tile rows as they stream in and hands back complete scenes.
+
+    It holds only the rows of scenes in flight (Ray Data's backpressure bounds them) and does no work on them:
+    assembly runs in a Ray task (:func:`assemble_scene`). A tile row seen twice (a retried task) counts once.
     """
 
-    def __init__(
-        self,
-        scenes: Mapping[str, Scene],
-        tasks: Sequence[str],
-        vqa: Sequence[str],
-        nms_iou: float,
-        containment: float,
-        ids: Mapping[str, str],
-        model: str,
-        tile_size: int,
-    ) -> None:
-        self.scenes = dict(scenes)
-        self.tasks = list(tasks)
-        self.vqa = list(vqa)
-        self.nms_iou = nms_iou
-        self.containment = containment
-        self.ids = dict(ids)
-        self.model = model
-        self.tile_size = tile_size
-        self._pending: dict[str, list[dict[str, Any]]] = {}
+    def __init__(self) -> None:
+        self._rows: dict[str, dict[str, dict[str, Any]]] = {}
         self._expected: dict[str, int] = {}
 
     @property
     def pending(self) -> list[str]:
         """Keys of scenes with some but not all tiles received."""
-        return list(self._pending)
+        return list(self._rows)
 
-    def add(self, batch: Batch) -> list[SceneResult]:
-        """Take one batch of parsed tile rows; return the scenes it completed."""
-        done: list[SceneResult] = []
-        names = list(batch)
-        n = len(batch["scene_key"])
-        for i in range(n):
+    def add(self, batch: Batch) -> list[tuple[str, list[dict[str, Any]]]]:
+        """Take one batch of parsed tile rows; return ``(scene_key, rows)`` of the scenes it completed."""
+        done: list[tuple[str, list[dict[str, Any]]]] = []
+        names = [c for c in batch if c in ASSEMBLY_COLUMNS or c.startswith(("answer_", "logprob_"))]
+        for i in range(len(batch["scene_key"])):
             row = {k: batch[k][i] for k in names}
             key = str(row["scene_key"])
-            self._pending.setdefault(key, []).append(row)
+            scene = self._rows.setdefault(key, {})
+            scene[str(row["tile_id"]) or "#scene"] = row
             if str(row["status"]) == "scene_failed":
                 self._expected[key] = 1
             else:
                 self._expected.setdefault(key, int(row["n_planned"]))
-            if len(self._pending[key]) >= self._expected[key]:
-                done.append(self.finish(key, self._pending.pop(key)))
+            if len(scene) >= self._expected[key]:
+                done.append((key, list(self._rows.pop(key).values())))
                 self._expected.pop(key)
         return done
 
-    def finish(self, key: str, rows: list[dict[str, Any]]) -> SceneResult:
-        """Build a scene's outputs from all its tile rows."""
-        scene = self.scenes[key]
-        now = datetime.now(timezone.utc)
-        footprint = shapely.geometry.shape(scene.geometry) if scene.geometry else None
-        common = {**self.ids, "scene_id": scene.id, "datetime": scene.datetime}
-        if len(rows) == 1 and str(rows[0]["status"]) == "scene_failed":
-            row = rows[0]
-            n = int(row["n_planned"])
-            result = SceneResult(scene=scene, committed=False, tiles_planned=n, tiles_failed=n)
-            result.error_rows.append((self._error(common, row, None, now), footprint))
-            return result
-        rows.sort(key=lambda r: (int(r["row"]), int(r["col"])))
-        planned = int(rows[0]["n_planned"])
-        failed = [r for r in rows if str(r["status"]) == "failed"]
-        result = SceneResult(scene=scene, committed=not failed, tiles_planned=planned)
-        if failed:
-            result.tiles_failed = planned
-            for r in failed:
-                result.error_rows.append((self._error(common, r, str(r["tile_id"]), now), _wkb(r["footprint_wkb"])
-                                          or footprint))
-            return result
-        result.tiles_written = sum(1 for r in rows if str(r["status"]) == "ok")
-        result.tiles_skipped = sum(1 for r in rows if str(r["status"]) == "skipped")
-        kept = self._nms(rows)
-        kept_per_tile: dict[str, int] = {}
-        for k, (tile_id, det) in enumerate(kept):
-            kept_per_tile[tile_id] = kept_per_tile.get(tile_id, 0) + 1
-            tx1, ty1, tx2, ty2 = det["tile"]
-            sx1, sy1, sx2, sy2 = det["scene"]
-            cx1, cy1, cx2, cy2 = det["crs"]
-            result.detection_rows.append((
-                {**common, "tile_id": tile_id, "detection_id": k, "label": det["label"],
-                 "confidence": det["confidence"], "tile_x1": tx1, "tile_y1": ty1, "tile_x2": tx2, "tile_y2": ty2,
-                 "scene_x1": sx1, "scene_y1": sy1, "scene_x2": sx2, "scene_y2": sy2, "crs": scene.crs,
-                 "crs_minx": cx1, "crs_miny": cy1, "crs_maxx": cx2, "crs_maxy": cy2},
-                shapely.from_wkb(det["wkb"]),
-            ))
-        for r in rows:
-            ok = str(r["status"]) == "ok"
-            record = {
-                **common, "tile_id": str(r["tile_id"]), "row": int(r["row"]), "col": int(r["col"]),
-                "col_off": int(r["col_off"]), "row_off": int(r["row_off"]), "width": int(r["win_w"]),
-                "height": int(r["win_h"]), "status": str(r["status"]),
-                "skip_reason": str(r["skip_reason"]) or None, "valid_fraction": _nan_none(r["valid_fraction"]),
-            }
-            if ok:
-                record.update(self._answers(r, kept_per_tile.get(str(r["tile_id"]), 0)))
-            result.tile_rows.append((record, _wkb(r["footprint_wkb"])))
-        result.grid = self._grid(scene, rows)
-        result.scene_row = {
-            **common, "updated": scene.updated, "sensor": scene.sensor, "crs": scene.crs,
-            "height": scene.height, "width": scene.width, "transform": list(scene.transform or ()),
-            "tiles_planned": planned, "tiles_written": result.tiles_written, "tiles_skipped": result.tiles_skipped,
-            "detections": len(kept), "embeddings_group": embeddings_group(scene.collection, scene.id),
-            "model": self.model, "processed_at": now,
-        }
+
+@dataclass(frozen=True)
+class AssemblySettings:
+    """What assembling a scene needs besides its rows.
+
+    Attributes:
+        tasks: Tasks answered.
+        vqa: VQA questions asked.
+        nms_iou: IoU threshold of the per-scene NMS.
+        containment: Containment threshold for boxes cut by tile edges.
+        ids: Columns every row gets (``run_id``, ``output_key``; ``unit_id`` is set when the unit closes).
+        model: The model name, for the ``scenes`` table.
+        tile_size: Tile side (for the grid's coordinates).
+    """
+
+    tasks: tuple[str, ...]
+    vqa: tuple[str, ...]
+    nms_iou: float
+    containment: float
+    ids: tuple[tuple[str, str], ...]
+    model: str
+    tile_size: int
+
+
+def assemble_scene(rows: list[dict[str, Any]], settings: AssemblySettings) -> SceneResult:
+    """Build a scene's outputs from all its tile rows: cross-tile NMS, table rows, tile-grid arrays.
+
+    Runs in a Ray task (CPU), never in the driver; pure otherwise, so tests call it directly.
+
+    Args:
+        rows: Every tile row of the scene (one ``scene_failed`` row for a scene that could not be read).
+        settings: Tasks, NMS thresholds, ids.
+
+    Returns:
+        The scene's result; ``committed`` is False when any tile failed.
+    """
+    meta = next((json.loads(str(r["meta"])) for r in rows if str(r.get("meta") or "")), None)
+    if meta is None:
+        raise ValueError(f"scene {rows[0]['scene_key'] if rows else '?'}: no row carries the scene's meta")
+    ids = dict(settings.ids)
+    now = datetime.now(timezone.utc)
+    footprint = shapely.geometry.shape(meta["geometry"]) if meta.get("geometry") else None
+    common = {**ids, "scene_id": str(meta.get("id") or ""), "datetime": _time(meta.get("datetime"))}
+    if len(rows) == 1 and str(rows[0]["status"]) == "scene_failed":
+        row = rows[0]
+        n = int(row["n_planned"])
+        result = SceneResult(meta=meta, committed=False, tiles_planned=n, tiles_failed=n)
+        result.error_rows.append((_error(common, row, None, now), footprint))
         return result
-
-    def _answers(self, r: Mapping[str, Any], n_detections: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if "caption" in self.tasks:
-            out["caption"] = str(r["caption"])
-            out["caption_logprob"] = _nan_none(r["logprob_caption"])
-        if "classify" in self.tasks:
-            out["class_label"] = str(r["class_label"]) or None
-            out["class_logprob"] = _nan_none(r["logprob_classify"])
-        if "detect" in self.tasks:
-            out["detect_logprob"] = _nan_none(r["logprob_detect"])
-            out["boxes_parsed"] = int(r["boxes_parsed"])
-            out["boxes_malformed"] = int(r["boxes_malformed"])
-            out["detections"] = n_detections
-        if self.vqa:
-            out["vqa_questions"] = list(self.vqa)
-            out["vqa_answers"] = json.loads(str(r["vqa_json"]))
-        return out
-
-    def _nms(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-        dets = [(str(r["tile_id"]), d) for r in rows if str(r["status"]) == "ok"
-                for d in json.loads(str(r["boxes_json"]))]
-        if not dets:
-            return []
-        boxes = np.array([d["scene"] for _, d in dets], dtype=np.float64)
-        scores = np.array([d["confidence"] for _, d in dets], dtype=np.float64)
-        keep = nms_per_scene(
-            boxes, np.nan_to_num(scores, nan=0.0), [d["label"] for _, d in dets],
-            cut_by_tile_edge=np.array([d["cut"] for _, d in dets]), iou_threshold=self.nms_iou,
-            containment_threshold=self.containment, containment_margin=max(1.0, self.tile_size / 100),
-        )
-        return [dets[k] for k in keep]
-
-    def _grid(self, scene: Scene, rows: Sequence[Mapping[str, Any]]) -> SceneGrid:
-        row_offs = sorted({int(r["row_off"]) for r in rows})
-        col_offs = sorted({int(r["col_off"]) for r in rows})
-        dim = next((len(r["embedding"]) // 4 for r in rows if len(r.get("embedding", b"")) > 0), 0)
-        emb = np.full((len(row_offs), len(col_offs), dim), np.nan, dtype=np.float32)
-        valid = np.full((len(row_offs), len(col_offs)), np.nan, dtype=np.float32)
-        row_index = {off: i for i, off in enumerate(row_offs)}
-        col_index = {off: j for j, off in enumerate(col_offs)}
-        for r in rows:
-            i, j = row_index[int(r["row_off"])], col_index[int(r["col_off"])]
-            valid[i, j] = float(r["valid_fraction"])
-            buf = r.get("embedding", b"")
-            if dim and len(buf):
-                emb[i, j] = np.frombuffer(buf, dtype=np.float32)
-        return SceneGrid(
-            collection=scene.collection, scene_id=scene.id, crs=scene.crs or "", transform=scene.transform or (),
-            rows=np.array(row_offs), cols=np.array(col_offs), tile_size=self.tile_size, embedding=emb,
-            valid_fraction=valid, attrs={k: v for k, v in self.ids.items()},
-        )
-
-    @staticmethod
-    def _error(common: Mapping[str, Any], r: Mapping[str, Any], tile_id: str | None, now: datetime) -> dict[str, Any]:
-        return {
-            **common, "tile_id": tile_id, "stage": str(r["error_stage"]), "error_type": str(r["error_type"]),
-            "message": str(r["error_message"]), "asset": str(r["error_asset"]) or None,
-            "href": str(r["error_href"]) or None, "occurred_at": now,
+    rows = sorted(rows, key=lambda r: (int(r["row"]), int(r["col"])))
+    planned = int(rows[0]["n_planned"])
+    failed = [r for r in rows if str(r["status"]) == "failed"]
+    result = SceneResult(meta=meta, committed=not failed, tiles_planned=planned)
+    if failed:
+        result.tiles_failed = planned
+        for r in failed:
+            result.error_rows.append((_error(common, r, str(r["tile_id"]), now), _wkb(r["footprint_wkb"]) or footprint))
+        return result
+    result.tiles_written = sum(1 for r in rows if str(r["status"]) == "ok")
+    result.tiles_skipped = sum(1 for r in rows if str(r["status"]) == "skipped")
+    kept = _nms(rows, settings)
+    kept_per_tile: dict[str, int] = {}
+    for k, (tile_id, det) in enumerate(kept):
+        kept_per_tile[tile_id] = kept_per_tile.get(tile_id, 0) + 1
+        tx1, ty1, tx2, ty2 = det["tile"]
+        sx1, sy1, sx2, sy2 = det["scene"]
+        cx1, cy1, cx2, cy2 = det["crs"]
+        result.detection_rows.append((
+            {**common, "tile_id": tile_id, "detection_id": k, "label": det["label"],
+             "confidence": _nan_none(det["confidence"]), "tile_x1": tx1, "tile_y1": ty1, "tile_x2": tx2,
+             "tile_y2": ty2, "scene_x1": sx1, "scene_y1": sy1, "scene_x2": sx2, "scene_y2": sy2,
+             "crs": meta.get("crs"), "crs_minx": cx1, "crs_miny": cy1, "crs_maxx": cx2, "crs_maxy": cy2},
+            shapely.from_wkb(det["wkb"]),
+        ))
+    for r in rows:
+        ok = str(r["status"]) == "ok"
+        record = {
+            **common, "tile_id": str(r["tile_id"]), "row": int(r["row"]), "col": int(r["col"]),
+            "col_off": int(r["col_off"]), "row_off": int(r["row_off"]), "width": int(r["win_w"]),
+            "height": int(r["win_h"]), "status": str(r["status"]),
+            "skip_reason": str(r["skip_reason"]) or None, "valid_fraction": _nan_none(r["valid_fraction"]),
         }
+        if ok:
+            record.update(_answers(r, kept_per_tile.get(str(r["tile_id"]), 0), settings))
+        result.tile_rows.append((record, _wkb(r["footprint_wkb"])))
+    output_key = ids.get("output_key", "")
+    result.grid = _grid(meta, rows, settings, output_key)
+    result.scene_row = {
+        **common, "updated": _time(meta.get("updated")), "sensor": meta.get("sensor"), "crs": meta.get("crs"),
+        "height": meta.get("height"), "width": meta.get("width"), "transform": list(meta.get("transform") or ()),
+        "tiles_planned": planned, "tiles_written": result.tiles_written, "tiles_skipped": result.tiles_skipped,
+        "detections": len(kept), "embeddings_group": embeddings_group(output_key, result.collection, result.scene_id),
+        "model": settings.model, "processed_at": now,
+    }
+    return result
+
+
+def _answers(r: Mapping[str, Any], n_detections: int, settings: AssemblySettings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "caption" in settings.tasks:
+        out["caption"] = str(r["caption"])
+        out["caption_logprob"] = _nan_none(r["logprob_caption"])
+    if "classify" in settings.tasks:
+        out["class_label"] = str(r["class_label"]) or None
+        out["class_logprob"] = _nan_none(r["logprob_classify"])
+    if "detect" in settings.tasks:
+        out["detect_logprob"] = _nan_none(r["logprob_detect"])
+        out["boxes_parsed"] = int(r["boxes_parsed"])
+        out["boxes_malformed"] = int(r["boxes_malformed"])
+        out["detections"] = n_detections
+    if settings.vqa:
+        out["vqa_questions"] = list(settings.vqa)
+        out["vqa_answers"] = json.loads(str(r["vqa_json"]))
+    return out
+
+
+def _nms(rows: Sequence[Mapping[str, Any]], settings: AssemblySettings) -> list[tuple[str, dict[str, Any]]]:
+    dets = [(str(r["tile_id"]), d) for r in rows if str(r["status"]) == "ok"
+            for d in json.loads(str(r["boxes_json"]))]
+    if not dets:
+        return []
+    boxes = np.array([d["scene"] for _, d in dets], dtype=np.float64)
+    scores = np.array([np.nan if d["confidence"] is None else d["confidence"] for _, d in dets], dtype=np.float64)
+    keep = nms_per_scene(
+        boxes, np.nan_to_num(scores, nan=0.0), [d["label"] for _, d in dets],
+        cut_by_tile_edge=np.array([d["cut"] for _, d in dets]), iou_threshold=settings.nms_iou,
+        containment_threshold=settings.containment, containment_margin=max(1.0, settings.tile_size / 100),
+    )
+    return [dets[k] for k in keep]
+
+
+def _grid(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], settings: AssemblySettings,
+          output_key: str) -> SceneGrid:
+    row_offs = sorted({int(r["row_off"]) for r in rows})
+    col_offs = sorted({int(r["col_off"]) for r in rows})
+    dim = next((len(r["embedding"]) // 4 for r in rows if len(r.get("embedding", b"")) > 0), 0)
+    emb = np.full((len(row_offs), len(col_offs), dim), np.nan, dtype=np.float32)
+    valid = np.full((len(row_offs), len(col_offs)), np.nan, dtype=np.float32)
+    row_index = {off: i for i, off in enumerate(row_offs)}
+    col_index = {off: j for j, off in enumerate(col_offs)}
+    for r in rows:
+        i, j = row_index[int(r["row_off"])], col_index[int(r["col_off"])]
+        valid[i, j] = float(r["valid_fraction"])
+        buf = r.get("embedding", b"")
+        if dim and len(buf):
+            emb[i, j] = np.frombuffer(buf, dtype=np.float32)
+    return SceneGrid(
+        collection=str(meta.get("collection") or ""), scene_id=str(meta.get("id") or ""),
+        crs=str(meta.get("crs") or ""), transform=tuple(meta.get("transform") or ()), rows=np.array(row_offs),
+        cols=np.array(col_offs), tile_size=settings.tile_size, embedding=emb, valid_fraction=valid,
+        attrs=dict(settings.ids), output_key=output_key,
+    )
+
+
+def _error(common: Mapping[str, Any], r: Mapping[str, Any], tile_id: str | None, now: datetime) -> dict[str, Any]:
+    return {
+        **common, "tile_id": tile_id, "stage": str(r["error_stage"]), "error_type": str(r["error_type"]),
+        "message": str(r["error_message"]), "asset": str(r["error_asset"]) or None,
+        "href": str(r["error_href"]) or None, "occurred_at": now,
+    }
 
 
 def _wkb(buf: Any) -> Any:

@@ -1,0 +1,494 @@
+"""Where a run's scenes come from: a STAC search split into disjoint sub-searches, each paged by its own read task.
+
+Nothing here holds the whole item list. The driver asks the API one cheap question — how many items match
+(``numberMatched``) and over which time span (``sortby`` on ``datetime``) — and cuts the search into datetime
+windows of about ``items_per_task`` items each. Each window becomes one Ray Data read task that pages its own
+sub-search, drops what is already committed (the ledger's index, shared once through the object store and cut to the
+window's dates), turns items into scenes — reading headers for items without ``proj:*`` there, never in the driver —
+and yields small blocks of scene rows. Ray Data's streaming executor starts read tasks only as fast as the model
+consumes their scenes, so a 10^7-item search never sits in memory anywhere.
+
+Windows are half-open ``[start, end)`` on an item's own time (``datetime``, else ``start_datetime``): the API's
+interval test is inclusive and a ranged item overlaps several windows, so each read task keeps only items whose own
+time falls in its window. An item whose time cannot be read is kept by the first window and becomes an error row.
+
+Incremental runs add ``updated >= watermark`` to the search (server-side through the CQL2 filter extension where the
+API has it; the search falls back to listing everything and testing client-side, with a warning, where it does not)
+and one more read task that fetches, by id, the scenes that failed in earlier runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pyarrow as pa
+import shapely
+
+from catalogs.errors import InvalidItem, SceneError
+from catalogs.hrefs import HrefPolicy
+from catalogs.scene import Scene
+
+log = logging.getLogger(__name__)
+
+SCENE_COLUMNS = (
+    "scene_key", "scene", "meta", "error_stage", "error_type", "error_message", "error_asset", "error_href",
+)
+_BLOCK_SCENES = 8  # scenes per block a read task yields: small, so the first tiles reach the model early
+
+
+def scene_key(collection: str, scene_id: str) -> str:
+    """The id a scene's rows carry through the stages: ``<collection>/<scene_id>``."""
+    return f"{collection}/{scene_id}"
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 timestamp as an aware UTC datetime; ``None`` for a missing value.
+
+    Raises:
+        ValueError: For a value that is present but not a timestamp.
+    """
+    if value is None or value == "":
+        return None
+    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def item_time(item: Mapping[str, Any]) -> datetime | None:
+    """An item's own time: ``datetime``, else ``start_datetime``."""
+    props = item.get("properties") or {}
+    return parse_time(props.get("datetime") or props.get("start_datetime"))
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """One STAC search, as plain values (what every read task needs to page its part of it).
+
+    Attributes:
+        url: STAC API root.
+        collections: Collection ids.
+        bbox: WGS84 bbox, or None.
+        intersects: GeoJSON geometry, or None.
+        datetime: The user's datetime interval (``a/b``, ``../b``), or None.
+        filter: CQL2 (text or JSON), or None.
+        updated_since: Only items updated at or after this (the watermark), or None for a full listing.
+        page_size: Items per page.
+    """
+
+    url: str
+    collections: tuple[str, ...]
+    bbox: tuple[float, float, float, float] | None = None
+    intersects: dict[str, Any] | None = None
+    datetime: str | None = None
+    filter: dict[str, Any] | str | None = None
+    updated_since: datetime | None = None
+    page_size: int = 100
+
+    def search_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`catalogs.search.search_items` for the whole search."""
+        return {
+            "collections": list(self.collections), "bbox": self.bbox, "intersects": self.intersects,
+            "datetime": self.datetime, "filter": self.filter, "updated_since": self.updated_since,
+            "page_size": self.page_size,
+        }
+
+    def fingerprint(self) -> str:
+        """What identifies the search for its watermark (everything but ``updated_since`` and paging)."""
+        return json.dumps(
+            {"url": self.url, "collections": sorted(self.collections), "bbox": self.bbox,
+             "intersects": self.intersects, "datetime": self.datetime, "filter": self.filter},
+            sort_keys=True, default=str,
+        )
+
+
+@dataclass(frozen=True)
+class Window:
+    """One read task's part of the search: items whose own time is in ``[start, end)`` (None: unbounded), or, for
+    a retry task, the items with the given ids."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    ids: tuple[str, ...] = ()
+    collection: str = ""
+
+    def contains(self, t: datetime | None) -> bool:
+        """Whether an item with own time ``t`` belongs here (an unreadable time belongs to the first window)."""
+        if t is None:
+            return self.start is None
+        return (self.start is None or t >= self.start) and (self.end is None or t < self.end)
+
+    def datetime_param(self, user: str | None) -> str | None:
+        """The sub-search's datetime: this window intersected with the user's interval (inclusive bounds)."""
+        lo, hi = _interval(user)
+        start = max((t for t in (lo, self.start) if t is not None), default=None)
+        end = min((t for t in (hi, self.end) if t is not None), default=None)
+        if start is None and end is None:
+            return None
+        return f"{_iso(start) or '..'}/{_iso(end) or '..'}"
+
+
+def _interval(value: str | None) -> tuple[datetime | None, datetime | None]:
+    if not value:
+        return None, None
+    parts = value.split("/")
+    if len(parts) == 1:
+        t = parse_time(parts[0])
+        return t, t
+    lo = None if parts[0] in ("", "..") else parse_time(parts[0])
+    hi = None if parts[1] in ("", "..") else parse_time(parts[1])
+    return lo, hi
+
+
+@dataclass
+class SourcePlan:
+    """How a run's search was split (printed, and recorded in the ``runs`` row)."""
+
+    windows: list[Window]
+    matched: int | None
+    span: tuple[datetime | None, datetime | None] = (None, None)
+    requests: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_windows(spec: SearchSpec, items_per_task: int, max_tasks: int, client: Any = None) -> SourcePlan:
+    """Split a search into disjoint datetime windows of about ``items_per_task`` items (at most ``max_tasks``).
+
+    Two or three small requests: ``numberMatched`` of the search, then (when it needs splitting) its earliest and
+    latest item by ``sortby=datetime``. An API that reports no count, or cannot sort, gets one window.
+
+    Args:
+        spec: The search.
+        items_per_task: Target items per window.
+        max_tasks: Most windows.
+        client: An open pystac-client ``Client`` (opened here otherwise).
+
+    Returns:
+        The plan; its windows cover all time exactly once.
+    """
+    from catalogs.search import open_client
+
+    client = client or open_client(spec.url)
+    plan = SourcePlan(windows=[Window()], matched=None)
+    kwargs = _client_kwargs(spec)
+    try:
+        plan.requests += 1
+        with warnings.catch_warnings():  # an API without counts is expected here, and handled
+            warnings.filterwarnings("ignore", message="numberMatched or context.matched not in response")
+            plan.matched = client.search(**kwargs, limit=1, max_items=1).matched()
+    except Exception as exc:  # an API without counts is common: one window then
+        plan.notes.append(f"numberMatched unavailable ({type(exc).__name__}); one read task")
+        return plan
+    if plan.matched is None:
+        plan.notes.append("the API reports no numberMatched; one read task")
+        return plan
+    n = min(max_tasks, max(1, math.ceil(plan.matched / max(1, items_per_task))))
+    if n == 1:
+        return plan
+    lo, hi = _interval(spec.datetime)
+    try:
+        if lo is None:
+            plan.requests += 1
+            lo = _edge_time(client, kwargs, "asc")
+        if hi is None:
+            plan.requests += 1
+            hi = _edge_time(client, kwargs, "desc")
+    except Exception as exc:
+        plan.notes.append(f"cannot sort by datetime ({type(exc).__name__}: {exc}); one read task")
+        return plan
+    if lo is None or hi is None or hi <= lo:
+        plan.notes.append("no time span to split; one read task")
+        return plan
+    plan.span = (lo, hi)
+    step = (hi - lo) / n
+    cuts = [lo + step * k for k in range(1, n)]
+    cuts = sorted({c.replace(microsecond=c.microsecond) for c in cuts})
+    bounds: list[datetime | None] = [None, *cuts, None]
+    plan.windows = [Window(start=bounds[k], end=bounds[k + 1]) for k in range(len(bounds) - 1)]
+    return plan
+
+
+def _client_kwargs(spec: SearchSpec) -> dict[str, Any]:
+    from catalogs.search import _and, _timestamp, to_cql2_json
+
+    kwargs: dict[str, Any] = {"collections": list(spec.collections), "method": "POST"}
+    if spec.bbox is not None:
+        kwargs["bbox"] = list(spec.bbox)
+    if spec.intersects is not None:
+        kwargs["intersects"] = spec.intersects
+    if spec.datetime:
+        kwargs["datetime"] = spec.datetime
+    filt = to_cql2_json(spec.filter)
+    if spec.updated_since is not None:
+        early = parse_time(_timestamp(spec.updated_since))
+        assert early is not None
+        bound = (early - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+        filt = _and(filt, {"op": ">=", "args": [{"property": "updated"}, bound]})
+    if filt is not None:
+        kwargs["filter"] = filt
+        kwargs["filter_lang"] = "cql2-json"
+    return kwargs
+
+
+def _edge_time(client: Any, kwargs: dict[str, Any], direction: str) -> datetime | None:
+    from pystac_client.conformance import ConformanceClasses
+
+    if not client.conforms_to(ConformanceClasses.SORT):
+        raise RuntimeError("the API does not conform to the sort extension")
+    search = client.search(**kwargs, limit=1, max_items=1,
+                           sortby=[{"field": "properties.datetime", "direction": direction}])
+    for item in search.items_as_dicts():
+        return item_time(item)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- the read task
+
+
+def _meta(item: Mapping[str, Any], prev: tuple[str, str] | None) -> dict[str, Any]:
+    """What the rest of the job needs of an item that did not become a scene, plus its superseded version."""
+    props = item.get("properties") or {}
+    try:
+        t = _iso(item_time(item))
+    except ValueError:
+        t = None
+    try:
+        updated = _iso(parse_time(props.get("updated")))
+    except ValueError:
+        updated = None
+    geometry = item.get("geometry")
+    try:
+        if geometry is not None:
+            shapely.geometry.shape(geometry)
+    except Exception:
+        geometry = None
+    return {
+        "collection": str(item.get("collection") or ""), "id": str(item.get("id") or ""), "datetime": t,
+        "updated": updated, "geometry": geometry, "prev_date": prev[0] if prev else None,
+        "prev_unit": prev[1] if prev else None,
+    }
+
+
+def read_window(
+    spec: SearchSpec,
+    window: Window,
+    committed: pa.Table | None,
+    href_policy: HrefPolicy,
+    *,
+    retry_after: datetime | None = None,
+) -> Iterator[tuple[pa.Table | None, dict[str, Any]]]:
+    """Page one window's sub-search and yield blocks of scene rows (and, last, the window's counters).
+
+    Args:
+        spec: The whole search.
+        window: This task's part.
+        committed: The ledger index (``collection, scene_id, date, updated, unit_id``) for the output key.
+        href_policy: Which asset hrefs may be read.
+        retry_after: For a retry window: items updated at or after this are left to the incremental windows.
+
+    Yields:
+        ``(block, None-ish counters)``: blocks of :data:`SCENE_COLUMNS` rows with empty counters, then
+        ``(None, counters)`` once at the end.
+    """
+    from catalogs.search import search_items
+    from pipelines.ledger import skip_reason
+
+    index = _window_index(committed, window)
+    counts: dict[str, Any] = {"matched": 0, "skipped": 0, "planned": 0, "failed_items": 0,
+                              "max_updated": None, "skip_reasons": Counter(), "seen_retry": []}
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    if window.ids:
+        items = search_items(spec.url, collections=[window.collection] if window.collection
+                             else list(spec.collections), ids=list(window.ids), page_size=spec.page_size)
+    else:
+        kwargs = spec.search_kwargs()
+        kwargs["datetime"] = window.datetime_param(spec.datetime)
+        items = search_items(spec.url, **kwargs)
+    for item in items:
+        try:
+            own_time: datetime | None = item_time(item)
+            time_error = None
+        except ValueError as exc:
+            own_time, time_error = None, exc
+        if not window.ids and not window.contains(own_time):
+            continue  # another window's item (inclusive API bounds, ranged items)
+        collection, item_id = str(item.get("collection") or ""), str(item.get("id") or "")
+        key = scene_key(collection, item_id)
+        if key in seen:  # a catalog may list an item twice (paging under concurrent writes)
+            continue
+        seen.add(key)
+        counts["matched"] += 1
+        if window.ids:
+            counts["seen_retry"].append(key)
+        try:
+            updated = parse_time((item.get("properties") or {}).get("updated"))
+        except ValueError:
+            updated = None
+        if updated is not None and (counts["max_updated"] is None or updated > counts["max_updated"]):
+            counts["max_updated"] = updated
+        if window.ids and retry_after is not None and updated is not None and updated >= retry_after:
+            continue  # listed by the incremental windows of this run
+        prev = index.get((collection, item_id))
+        reason = skip_reason(prev, updated) if prev is not None else None
+        if reason:
+            counts["skipped"] += 1
+            counts["skip_reasons"][reason.split(" (")[0]] += 1
+            continue
+        prev_ref = (prev.date, prev.unit_id) if prev is not None else None
+        row = dict.fromkeys(SCENE_COLUMNS, "")
+        row["scene_key"] = key
+        try:
+            if not item_id:
+                raise InvalidItem("item has no id")
+            if time_error is not None:
+                raise InvalidItem(f"item {item_id}: unreadable datetime ({time_error})")
+            scene = Scene.from_item(item, href_policy=href_policy)
+            row["scene"] = scene.model_dump_json()
+            meta = _meta(item, prev_ref)
+            counts["planned"] += 1
+        except SceneError as exc:
+            meta = _meta(item, prev_ref)
+            row.update(error_stage=exc.stage or "scene", error_type=exc.error_type, error_message=exc.message,
+                       error_asset=exc.asset or "", error_href=exc.href or "")
+            counts["failed_items"] += 1
+        except Exception as exc:  # a malformed item from a catalog we do not control must not stop the run
+            meta = _meta(item, prev_ref)
+            row.update(error_stage="scene", error_type="InvalidItem",
+                       error_message=f"{type(exc).__name__}: {str(exc)[:500]}")
+            counts["failed_items"] += 1
+        row["meta"] = json.dumps(meta)
+        rows.append(row)
+        if len(rows) >= _BLOCK_SCENES:
+            yield pa.Table.from_pylist(rows), {}
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows), {}
+    yield None, counts
+
+
+def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str, str], Any]:
+    """The ledger entries that can concern this window: its scenes' acquisition dates only (never all of them)."""
+    from pipelines.ledger import CommittedScene
+
+    if committed is None or committed.num_rows == 0:
+        return {}
+    import pyarrow.compute as pc
+
+    table = committed
+    if not window.ids:
+        mask = None
+        if window.start is not None:
+            mask = pc.greater_equal(table["date"], (window.start - timedelta(days=1)).strftime("%Y-%m-%d"))
+        if window.end is not None:
+            upper = pc.less_equal(table["date"], (window.end + timedelta(days=1)).strftime("%Y-%m-%d"))
+            mask = upper if mask is None else pc.and_(mask, upper)
+        if mask is not None:
+            table = table.filter(pc.or_(mask, pc.equal(table["date"], "unknown")))
+    out: dict[tuple[str, str], Any] = {}
+    for row in table.to_pylist():
+        out[(row["collection"], row["scene_id"])] = CommittedScene(
+            row["collection"], row["scene_id"], row["date"], row["updated"], row["unit_id"]
+        )
+    return out
+
+
+def scene_rows_schema() -> pa.Schema:
+    """The schema of a read task's blocks."""
+    return pa.schema([(c, pa.string()) for c in SCENE_COLUMNS])
+
+
+def window_datasource(
+    spec: SearchSpec,
+    windows: Sequence[Window],
+    committed_ref: Any,
+    href_policy: HrefPolicy,
+    stats: Any,
+    retry_after: datetime | None = None,
+) -> Any:
+    """A Ray Data datasource with one read task per window (``ray.data.read_datasource(...)``).
+
+    Args:
+        spec: The search.
+        windows: Its disjoint parts (plus retry windows).
+        committed_ref: Object ref of the ledger index table (or None).
+        href_policy: Which asset hrefs may be read.
+        stats: A :class:`SourceStats` actor; each task reports its counters there when it ends.
+        retry_after: The watermark, for retry windows.
+    """
+    import ray
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class StacWindows(Datasource):
+        def get_name(self) -> str:
+            return "StacSearch"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            tasks = []
+            for window in windows:
+                def read(window: Window = window) -> Iterator[pa.Table]:
+                    committed = ray.get(committed_ref) if committed_ref is not None else None
+                    for block, counts in read_window(spec, window, committed, href_policy,
+                                                     retry_after=retry_after):
+                        if block is None:
+                            ray.get(stats.add.remote(counts))
+                        else:
+                            yield block
+
+                tasks.append(ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                                          input_files=None), schema=scene_rows_schema()))
+            return tasks
+
+    return StacWindows()
+
+
+class SourceStats:
+    """Counters the read tasks report (a Ray actor in the job): items matched, skipped and why, the newest
+    ``updated`` seen (the next watermark), and which retried scenes the catalog still lists."""
+
+    def __init__(self) -> None:
+        self.matched = 0
+        self.skipped = 0
+        self.planned = 0
+        self.failed_items = 0
+        self.tasks = 0
+        self.max_updated: datetime | None = None
+        self.skip_reasons: Counter[str] = Counter()
+        self.seen_retry: list[str] = []
+
+    def add(self, counts: Mapping[str, Any]) -> None:
+        """Fold one read task's counters in."""
+        self.tasks += 1
+        self.matched += int(counts.get("matched", 0))
+        self.skipped += int(counts.get("skipped", 0))
+        self.planned += int(counts.get("planned", 0))
+        self.failed_items += int(counts.get("failed_items", 0))
+        self.skip_reasons.update(counts.get("skip_reasons") or {})
+        self.seen_retry.extend(counts.get("seen_retry") or [])
+        mu = counts.get("max_updated")
+        if mu is not None and (self.max_updated is None or mu > self.max_updated):
+            self.max_updated = mu
+
+    def summary(self) -> dict[str, Any]:
+        """Everything counted so far."""
+        return {
+            "matched": self.matched, "skipped": self.skipped, "planned": self.planned,
+            "failed_items": self.failed_items, "tasks": self.tasks,
+            "max_updated": self.max_updated, "skip_reasons": dict(self.skip_reasons),
+            "seen_retry": list(self.seen_retry),
+        }
