@@ -24,7 +24,7 @@ import logging
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -260,11 +260,11 @@ def _meta(item: Mapping[str, Any], prev: tuple[str, str] | None) -> dict[str, An
     props = item.get("properties") or {}
     try:
         t = _iso(item_time(item))
-    except ValueError:
+    except (ValueError, TypeError):
         t = None
     try:
         updated = _iso(parse_time(props.get("updated")))
-    except ValueError:
+    except (ValueError, TypeError):
         updated = None
     geometry = item.get("geometry")
     try:
@@ -287,7 +287,7 @@ def read_window(
     *,
     retry_after: datetime | None = None,
 ) -> Iterator[tuple[pa.Table | None, dict[str, Any]]]:
-    """Page one window's sub-search and yield blocks of scene rows (and, last, the window's counters).
+    """Page one window's sub-search and yield blocks of scene rows, then the window's counters.
 
     Args:
         spec: The whole search.
@@ -297,17 +297,10 @@ def read_window(
         retry_after: For a retry window: items updated at or after this are left to the incremental windows.
 
     Yields:
-        ``(block, None-ish counters)``: blocks of :data:`SCENE_COLUMNS` rows with empty counters, then
-        ``(None, counters)`` once at the end.
+        ``(block, {})`` for each block of :data:`SCENE_COLUMNS` rows, then ``(None, counters)`` once.
     """
     from catalogs.search import search_items
-    from pipelines.ledger import skip_reason
 
-    index = _window_index(committed, window)
-    counts: dict[str, Any] = {"matched": 0, "skipped": 0, "planned": 0, "failed_items": 0,
-                              "max_updated": None, "skip_reasons": Counter(), "seen_retry": []}
-    seen: set[str] = set()
-    rows: list[dict[str, Any]] = []
     if window.ids:
         items = search_items(spec.url, collections=[window.collection] if window.collection
                              else list(spec.collections), ids=list(window.ids), page_size=spec.page_size)
@@ -315,11 +308,51 @@ def read_window(
         kwargs = spec.search_kwargs()
         kwargs["datetime"] = window.datetime_param(spec.datetime)
         items = search_items(spec.url, **kwargs)
+    counts: dict[str, Any] = {}
+    for block in scene_rows(items, window, _window_index(committed, window), href_policy, counts,
+                            retry_after=retry_after):
+        yield block, {}
+    yield None, counts
+
+
+def scene_rows(
+    items: Iterable[Mapping[str, Any]],
+    window: Window,
+    index: Mapping[tuple[str, str], Any],
+    href_policy: HrefPolicy,
+    counts: dict[str, Any],
+    *,
+    retry_after: datetime | None = None,
+    block_scenes: int = _BLOCK_SCENES,
+) -> Iterator[pa.Table]:
+    """Items → blocks of scene rows: keep the window's own items, drop repeats and committed scenes, turn the rest
+    into scenes. An item that cannot become one (no asset, a refused href, no id, a timestamp that does not parse,
+    any other malformation) becomes a row with its error set: recorded by the job, never a crash.
+
+    Args:
+        items: STAC item dicts, lazily.
+        window: The read task's window (its items only are kept).
+        index: ``(collection, scene_id) -> CommittedScene`` of committed scenes that may be in this window.
+        href_policy: Which asset hrefs may be read.
+        counts: Filled with ``matched``, ``skipped``, ``planned``, ``failed_items``, ``max_updated``,
+            ``skip_reasons``, ``seen_retry``.
+        retry_after: For a retry window: items updated at or after this are left to the incremental windows.
+        block_scenes: Rows per block.
+
+    Yields:
+        Arrow tables of :data:`SCENE_COLUMNS`.
+    """
+    from pipelines.ledger import skip_reason
+
+    counts.update({"matched": 0, "skipped": 0, "planned": 0, "failed_items": 0, "max_updated": None,
+                   "skip_reasons": Counter(), "seen_retry": []})
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
     for item in items:
         try:
             own_time: datetime | None = item_time(item)
             time_error = None
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             own_time, time_error = None, exc
         if not window.ids and not window.contains(own_time):
             continue  # another window's item (inclusive API bounds, ranged items)
@@ -333,7 +366,7 @@ def read_window(
             counts["seen_retry"].append(key)
         try:
             updated = parse_time((item.get("properties") or {}).get("updated"))
-        except ValueError:
+        except (ValueError, TypeError):
             updated = None
         if updated is not None and (counts["max_updated"] is None or updated > counts["max_updated"]):
             counts["max_updated"] = updated
@@ -353,28 +386,24 @@ def read_window(
                 raise InvalidItem("item has no id")
             if time_error is not None:
                 raise InvalidItem(f"item {item_id}: unreadable datetime ({time_error})")
-            scene = Scene.from_item(item, href_policy=href_policy)
+            scene = Scene.from_item(dict(item), href_policy=href_policy)
             row["scene"] = scene.model_dump_json()
-            meta = _meta(item, prev_ref)
             counts["planned"] += 1
         except SceneError as exc:
-            meta = _meta(item, prev_ref)
             row.update(error_stage=exc.stage or "scene", error_type=exc.error_type, error_message=exc.message,
                        error_asset=exc.asset or "", error_href=exc.href or "")
             counts["failed_items"] += 1
         except Exception as exc:  # a malformed item from a catalog we do not control must not stop the run
-            meta = _meta(item, prev_ref)
             row.update(error_stage="scene", error_type="InvalidItem",
                        error_message=f"{type(exc).__name__}: {str(exc)[:500]}")
             counts["failed_items"] += 1
-        row["meta"] = json.dumps(meta)
+        row["meta"] = json.dumps(_meta(item, prev_ref))
         rows.append(row)
-        if len(rows) >= _BLOCK_SCENES:
-            yield pa.Table.from_pylist(rows), {}
+        if len(rows) >= block_scenes:
+            yield pa.Table.from_pylist(rows, schema=scene_rows_schema())
             rows = []
     if rows:
-        yield pa.Table.from_pylist(rows), {}
-    yield None, counts
+        yield pa.Table.from_pylist(rows, schema=scene_rows_schema())
 
 
 def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str, str], Any]:
@@ -401,6 +430,24 @@ def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str,
             row["collection"], row["scene_id"], row["date"], row["updated"], row["unit_id"]
         )
     return out
+
+
+def source_batch(scenes: Sequence[Scene]) -> dict[str, Any]:
+    """Source rows for given scenes, as a read task would emit them (to run the stages by hand, e.g. in tests).
+
+    Returns:
+        A column batch (dict of numpy arrays) of :data:`SCENE_COLUMNS`.
+    """
+    import numpy as np
+
+    rows = []
+    for scene in scenes:
+        row = dict.fromkeys(SCENE_COLUMNS, "")
+        row.update(scene_key=scene_key(scene.collection, scene.id), scene=scene.model_dump_json(),
+                   meta=json.dumps({"collection": scene.collection, "id": scene.id, "prev_date": None,
+                                    "prev_unit": None}))
+        rows.append(row)
+    return {c: np.array([r[c] for r in rows], dtype=object) for c in SCENE_COLUMNS}
 
 
 def scene_rows_schema() -> pa.Schema:

@@ -24,8 +24,14 @@ def oracle_stage(truth: list[dict[str, Any]]) -> type:
         by_scene.setdefault(f"{rec['collection']}/{rec['scene_id']}", []).append((rec["label"], rec["pixel_box"]))
 
     class OracleStage:
+        needs = ("scene_key", "status", "row_off", "col_off", "win_h", "win_w")
+
         def __init__(self, **_: Any) -> None:
+            import os
+            import uuid
+
             self.truth = by_scene
+            self.actor_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             n = len(batch["scene_key"])
@@ -49,6 +55,9 @@ def oracle_stage(truth: list[dict[str, Any]]) -> type:
             emb = np.empty(n, dtype=object)
             emb[:] = embeddings
             out["embedding"] = emb
+            out["tokens_detect"] = np.array([""] * n, dtype=object)
+            out["actor_id"] = np.array([self.actor_id] * n, dtype=object)
+            out["model_loads"] = np.ones(n, np.int32)
             return out
 
     return OracleStage

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from earthgpt.tasks import format_answer
-from pipelines.stages import ParseStage, ReadStage, SceneAssembler, SceneGeo, scene_key
+from pipelines.source import source_batch
+from pipelines.stages import AssemblySettings, ParseStage, ReadStage, SceneCollector, assemble_scene
 
 TILE, OVERLAP = 64, 24  # overlap above the largest toy object (20 px): each object lies whole in some tile
 
@@ -43,16 +44,15 @@ def test_oracle_detections_land_within_one_pixel_of_ground_truth(world, world_sc
     truth = truth[truth["scene_id"] == scene.id].reset_index(drop=True)
     if truth.empty:
         pytest.skip(f"{scene.id} has no objects")
-    key = scene_key(scene.collection, scene.id)
-    geo = {key: SceneGeo(scene.crs, scene.transform, scene.height, scene.width)}
     reader = ReadStage(TILE, OVERLAP, min_valid_fraction=0.0)
-    parse = ParseStage(["detect"], geo)
-    assembler = SceneAssembler({key: scene}, ["detect"], [], 0.5, 0.7, {"run_id": "r", "unit_id": "u",
-                                                                        "output_key": "k"}, "oracle", TILE)
-    results = []
-    for block in reader({"scene_key": np.array([key]), "scene": np.array([scene.model_dump_json()])}):
-        results += assembler.add(parse(_oracle_answers(block, truth)))
-    (result,) = results
+    parse = ParseStage(["detect"])
+    collector = SceneCollector()
+    settings = AssemblySettings(("detect",), (), 0.5, 0.7, (("run_id", "r"), ("unit_id", "u"), ("output_key", "k")),
+                                "oracle", TILE)
+    done = []
+    for block in reader(source_batch([scene])):
+        done += collector.add(parse(_oracle_answers(block, truth)))
+    (result,) = [assemble_scene(rows, settings) for _, rows in done]
     assert result.committed
 
     got = np.array([[r["scene_x1"], r["scene_y1"], r["scene_x2"], r["scene_y2"]] for r, _ in result.detection_rows])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,30 +12,38 @@ import shapely
 from catalogs.scene import Scene
 from catalogs.tiling import plan_tiles
 from earthgpt.tasks import format_answer
+from pipelines.source import source_batch
 from pipelines.stages import (
+    AssemblySettings,
+    MissingColumns,
     ModelStage,
     ParseStage,
     ReadStage,
-    SceneAssembler,
-    SceneGeo,
+    SceneCollector,
+    assemble_scene,
+    check_chain,
     decode_image,
     scene_key,
+    scene_meta,
 )
 
-IDS = {"run_id": "r", "unit_id": "u", "output_key": "k"}
+IDS = (("run_id", "r"), ("unit_id", "u"), ("output_key", "k"))
+
+
+def _settings(tasks: tuple[str, ...]) -> AssemblySettings:
+    return AssemblySettings(tasks, (), 0.5, 0.7, IDS, "tiny", 64)
 
 
 def _scene_batch(scenes: list[Scene]) -> dict[str, np.ndarray]:
-    return {"scene_key": np.array([scene_key(s.collection, s.id) for s in scenes]),
-            "scene": np.array([s.model_dump_json() for s in scenes])}
+    return source_batch(scenes)
 
 
 def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def _geo(scene: Scene) -> SceneGeo:
-    return SceneGeo(crs=scene.crs, transform=scene.transform, height=scene.height, width=scene.width)
+def _assemble(collector: SceneCollector, batch: dict[str, np.ndarray], tasks: tuple[str, ...]) -> list:
+    return [assemble_scene(rows, _settings(tasks)) for _, rows in collector.add(batch)]
 
 
 def test_read_stage_emits_every_planned_tile_once(world_scenes):
@@ -64,7 +71,7 @@ def test_read_stage_turns_an_unopenable_scene_into_one_failed_row(world_scenes, 
     gone = scene.bands[ref].model_copy(update={"href": (tmp_path / "missing.tif").as_uri()})
     broken = scene.model_copy(update={"bands": {**scene.bands, ref: gone}})
     out = _concat(list(ReadStage(64, 0, 0.5)(_scene_batch([broken]))))
-    assert list(out["status"]) == ["scene_failed"]
+    assert list(out["status"]) == ["scene_failed"] and json.loads(out["meta"][0])["id"] == scene.id
     assert out["n_planned"][0] == len(plan_tiles(scene.height, scene.width, 64, 0))
     assert out["error_type"][0] == "AssetNotFound" and out["error_stage"][0] == "open"
 
@@ -111,6 +118,9 @@ def _answered(scene: Scene, tiles: list[tuple[int, int]], answers: list[str], si
         "image_w": np.full(n, size), "answer_detect": obj(answers), "logprob_detect": np.full(n, -0.1),
         "answer_caption": obj(["a harbour"] * n), "logprob_caption": np.full(n, -0.5), "vqa_json": obj(["[]"] * n),
         "embedding": obj([np.arange(4, dtype=np.float32).tobytes()] * n),
+        "meta": obj([json.dumps(scene_meta(scene))] + [""] * (n - 1)), "crs": obj([scene.crs] * n),
+        "transform_json": obj([json.dumps(list(scene.transform))] * n), "scene_h": np.full(n, scene.height),
+        "scene_w": np.full(n, scene.width),
         **{c: obj([""] * n) for c in ("error_stage", "error_type", "error_message", "error_asset", "error_href")},
     }
 
@@ -119,7 +129,7 @@ def test_parse_stage_georeferences_boxes(world_scenes):
     scene = world_scenes[0]
     answer = format_answer("detect", [("ship", 10, 20, 26, 30)], (64, 64))
     batch = _answered(scene, [(128, 64)], [answer])
-    out = ParseStage(["caption", "detect"], {batch["scene_key"][0]: _geo(scene)})(batch)
+    out = ParseStage(["caption", "detect"])(batch)
     assert out["caption"][0] == "a harbour" and out["boxes_parsed"][0] == 1 and out["boxes_malformed"][0] == 0
     (det,) = json.loads(out["boxes_json"][0])
     np.testing.assert_allclose(det["tile"], [10, 20, 26, 30], atol=0.33)
@@ -140,10 +150,8 @@ def test_assembler_dedups_across_overlapping_tiles_and_builds_rows(world_scenes)
     whole = format_answer("detect", [("ship", 60 - 32, 100 - 64, 76 - 32, 110 - 64)], (64, 64))
     cut = format_answer("detect", [("ship", 0, 100 - 64, 12, 110 - 64)], (64, 64))
     batch = _answered(scene, [(64, 32), (64, 64)], [whole, cut])
-    key = batch["scene_key"][0]
-    parsed = ParseStage(["caption", "detect"], {key: _geo(scene)})(batch)
-    assembler = SceneAssembler({key: scene}, ["caption", "detect"], [], 0.5, 0.7, IDS, "tiny", 64)
-    (result,) = assembler.add(parsed)
+    parsed = ParseStage(["caption", "detect"])(batch)
+    (result,) = _assemble(SceneCollector(), parsed, ("caption", "detect"))
     assert result.committed and result.tiles_written == 2 and result.tiles_planned == 2
     assert len(result.detection_rows) == 1
     rec, geom = result.detection_rows[0]
@@ -160,14 +168,14 @@ def test_assembler_waits_for_all_tiles_and_fails_scene_with_a_failed_tile(world_
     scene = world_scenes[0]
     batch = _answered(scene, [(0, 0), (0, 64), (64, 0)], ["There are no objects."] * 3)
     key = batch["scene_key"][0]
-    parsed = ParseStage(["detect"], {key: _geo(scene)})(batch)
+    parsed = ParseStage(["detect"])(batch)
     parsed["status"][2] = "failed"
     parsed["error_stage"][2], parsed["error_type"][2], parsed["error_message"][2] = "read", "CorruptRaster", "bad"
-    assembler = SceneAssembler({key: scene}, ["detect"], [], 0.5, 0.7, IDS, "tiny", 64)
+    collector = SceneCollector()
     first = {k: v[:2] for k, v in parsed.items()}
     rest = {k: v[2:] for k, v in parsed.items()}
-    assert assembler.add(first) == [] and assembler.pending == [key]
-    (result,) = assembler.add(rest)
+    assert _assemble(collector, first, ("detect",)) == [] and collector.pending == [key]
+    (result,) = _assemble(collector, rest, ("detect",))
     assert not result.committed and result.tiles_failed == 3 and result.tile_rows == []
     (err, _), = result.error_rows
     assert err["tile_id"] == "t2" and err["error_type"] == "CorruptRaster" and err["stage"] == "read"
@@ -179,12 +187,41 @@ def test_assembler_counts_an_unopenable_scene_as_all_tiles_failed(world_scenes):
     batch["status"][0] = "scene_failed"
     batch["n_planned"][0] = 49
     batch["error_type"][0] = "AssetNotFound"
-    key = batch["scene_key"][0]
-    (result,) = SceneAssembler({key: scene}, ["detect"], [], 0.5, 0.7, IDS, "tiny", 64).add(batch)
+    (result,) = _assemble(SceneCollector(), batch, ("detect",))
     assert not result.committed and result.tiles_planned == 49 and result.tiles_failed == 49
     assert result.error_rows[0][0]["tile_id"] is None and result.error_rows[0][1] is not None
 
 
-def test_scene_geo_is_hashable_value():
-    geo = SceneGeo("EPSG:32632", (10, 0, 0, 0, -10, 0), 64, 64)
-    assert replace(geo, height=65) != geo
+def test_collector_counts_a_repeated_tile_row_once(world_scenes):
+    scene = world_scenes[0]
+    batch = _answered(scene, [(0, 0), (0, 64)], ["There are no objects."] * 2)
+    parsed = ParseStage(["detect"])(batch)
+    collector = SceneCollector()
+    first = {k: v[:1] for k, v in parsed.items()}
+    assert _assemble(collector, first, ("detect",)) == []
+    assert _assemble(collector, first, ("detect",)) == []  # the same tile again (a retried task) is not a new one
+    (result,) = _assemble(collector, {k: v[1:] for k, v in parsed.items()}, ("detect",))
+    assert result.tiles_written == 2 and len(result.tile_rows) == 2
+
+
+def test_parse_stage_scores_each_box_by_its_own_tokens(world_scenes):
+    scene = world_scenes[0]
+    answer = format_answer("detect", [("ship", 10, 10, 20, 20), ("ship", 40, 40, 50, 50)], (64, 64))
+    batch = _answered(scene, [(0, 0)], [answer])
+    # hand-made tokens: one per character; the second box's characters are far less likely
+    second = answer.index(";") + 1
+    ends = list(range(1, len(answer) + 1))
+    logprobs = [-0.01 if k < second else -2.0 for k in range(len(answer))]
+    batch["tokens_detect"] = np.array([json.dumps([ends, logprobs])], dtype=object)
+    (first_box, second_box) = json.loads(ParseStage(["detect"])(batch)["boxes_json"][0])
+    assert first_box["confidence"] == pytest.approx(math.exp(-0.01))
+    assert second_box["confidence"] == pytest.approx(math.exp(-2.0), rel=0.05)
+
+
+def test_a_missing_column_is_named_with_its_stage(world_scenes):
+    batch = _answered(world_scenes[0], [(0, 0)], ["There are no objects."])
+    del batch["transform_json"]
+    with pytest.raises(MissingColumns, match="ParseStage needs columns \\['transform_json'\\]"):
+        ParseStage(["detect"])(batch)
+    with pytest.raises(MissingColumns, match="ParseStage needs columns"):
+        check_chain(["scene_key", "status"], [ParseStage(["detect"])])

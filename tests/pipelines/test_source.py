@@ -1,0 +1,129 @@
+"""The run's source without a server: windows split time exactly once, items stream lazily into scene rows,
+committed scenes are skipped with a reason, and any item that cannot become a scene is a row with its error."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from catalogs.hrefs import HrefPolicy
+from pipelines.infer import RunSummary
+from pipelines.ledger import CommittedScene
+from pipelines.source import Window, scene_rows
+
+T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
+
+
+def _stream(items: list[dict], n: int, pulled: list[int]) -> Iterator[dict]:
+    """``n`` distinct items cycling over ``items``, counting how many were pulled."""
+    for k in range(n):
+        item = copy.deepcopy(items[k % len(items)])
+        item["id"] = f"{item['id']}-{k}"
+        pulled[0] += 1
+        yield item
+
+
+def _rows(blocks) -> list[dict]:
+    return [r for b in blocks for r in b.to_pylist()]
+
+
+@pytest.fixture()
+def policy(world):
+    return HrefPolicy.for_roots((world.root / "cogs").as_uri())
+
+
+def test_scene_rows_pull_the_search_lazily(world_items, policy):
+    pulled = [0]
+    blocks = scene_rows(_stream(world_items, 100_000, pulled), Window(), {}, policy, {}, block_scenes=4)
+    first = next(blocks)
+    assert first.num_rows == 4 and all(first["scene"].to_pylist())
+    assert pulled[0] == 4  # one block in memory, not the archive
+    next(blocks)
+    assert pulled[0] == 8
+
+
+def test_committed_scenes_are_skipped_with_a_reason(world_items, policy):
+    when = datetime(2024, 9, 1, tzinfo=timezone.utc)
+    index = {(i["collection"], i["id"]): CommittedScene(i["collection"], i["id"], "d", when, "u0")
+             for i in world_items[:2]}
+    counts: dict = {}
+    rows = _rows(scene_rows(iter(world_items), Window(), index, policy, counts))
+    assert [r["scene_key"] for r in rows] == [f"{world_items[2]['collection']}/{world_items[2]['id']}"]
+    assert counts["matched"] == 3 and counts["skipped"] == 2 and counts["planned"] == 1
+    assert counts["skip_reasons"] == {"already committed": 2}
+
+
+def test_an_updated_item_carries_the_version_it_supersedes(world_items, policy):
+    item = copy.deepcopy(world_items[0])
+    item["properties"]["updated"] = "2030-01-01T00:00:00Z"
+    index = {(item["collection"], item["id"]): CommittedScene(item["collection"], item["id"], "2024-05-01",
+                                                             T0, "u7")}
+    (row,) = _rows(scene_rows(iter([item]), Window(), index, policy, {}))
+    meta = json.loads(row["meta"])
+    assert meta["prev_date"] == "2024-05-01" and meta["prev_unit"] == "u7" and row["scene"]
+
+
+def test_items_that_cannot_become_scenes_are_error_rows_not_crashes(world_items, policy):
+    missing_asset = copy.deepcopy(world_items[0])
+    del missing_asset["assets"]["green"]
+    outside = copy.deepcopy(world_items[1])
+    for asset in outside["assets"].values():
+        asset["href"] = "s3://someone-else/secret.tif"
+    bad_date = copy.deepcopy(world_items[2])
+    bad_date["id"] = "bad-date"
+    bad_date["properties"]["datetime"] = "not-a-date"
+    no_range = copy.deepcopy(world_items[2])
+    no_range["id"] = "no-range"
+    no_range["properties"]["datetime"] = None
+    no_id = copy.deepcopy(world_items[2])
+    del no_id["id"]
+    counts: dict = {}
+    items = [missing_asset, outside, bad_date, no_range, no_id, world_items[2]]
+    rows = _rows(scene_rows(iter(items), Window(), {}, policy, counts))
+    assert [r["error_type"] for r in rows] == ["MissingAsset", "HrefNotAllowed", "InvalidItem", "InvalidItem",
+                                               "InvalidItem", ""]
+    assert "not-a-date" in rows[2]["error_message"]
+    assert json.loads(rows[2]["meta"])["id"] == "bad-date" and rows[-1]["scene"]
+    assert counts["failed_items"] == 5 and counts["planned"] == 1
+
+
+def test_duplicate_items_in_a_search_are_kept_once(world_items, policy):
+    counts: dict = {}
+    rows = _rows(scene_rows(iter(world_items + world_items[:1]), Window(), {}, policy, counts))
+    assert len(rows) == 3 and counts["matched"] == 3
+
+
+def test_adjacent_windows_keep_a_boundary_item_exactly_once(world_items, policy):
+    cut = T0 + timedelta(days=1)
+    items = []
+    for k, t in enumerate([T0, cut - timedelta(microseconds=1), cut, cut + timedelta(hours=1)]):
+        item = copy.deepcopy(world_items[0])
+        item["id"] = f"t{k}"
+        item["properties"]["datetime"] = t.isoformat().replace("+00:00", "Z")
+        items.append(item)
+    # each window's API answer is inclusive, so both see the boundary item; only one keeps it
+    left = _rows(scene_rows(iter(items), Window(end=cut), {}, policy, {}))
+    right = _rows(scene_rows(iter(items), Window(start=cut), {}, policy, {}))
+    assert [json.loads(r["meta"])["id"] for r in left] == ["t0", "t1"]
+    assert [json.loads(r["meta"])["id"] for r in right] == ["t2", "t3"]
+
+
+def test_window_datetime_param_intersects_the_users_interval():
+    window = Window(start=T0, end=T0 + timedelta(days=10))
+    assert window.datetime_param(None) == "2024-05-01T00:00:00.000000Z/2024-05-11T00:00:00.000000Z"
+    assert window.datetime_param("2024-05-05/..") == "2024-05-05T00:00:00.000000Z/2024-05-11T00:00:00.000000Z"
+    assert Window().datetime_param(None) is None
+
+
+def test_summary_reconciles_and_reads_well():
+    summary = RunSummary("r", "/out", status="ok", tiles_planned=10, tiles_written=7, tiles_skipped=2,
+                         tiles_failed=1, wall_s=2.0)
+    assert summary.reconciles and summary.tiles_per_s == 3.5
+    text = "\n".join(summary.lines())
+    assert "planned 10 = written 7 + skipped 2 + failed 1" in text and "DOES NOT ADD UP" not in text
+    summary.tiles_failed = 0
+    assert not summary.reconciles and "DOES NOT ADD UP" in "\n".join(summary.lines())
