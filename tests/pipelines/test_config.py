@@ -69,7 +69,9 @@ def test_minimal_config_defaults():
         ({"actors__min_actors": 3, "actors__max_actors": 2}, "actors.min_actors"),
         ({"actors__batch_size": 0}, "actors.batch_size"),
         ({"output__root": "gs://bucket/x"}, "output.root"),
-        ({"output__wave_size": 0}, "output.wave_size"),
+        ({"output__wave_size": 8}, "output.wave_size"),
+        ({"output__commit_tiles": 0}, "output.commit_tiles"),
+        ({"catalog__items_per_task": 0}, "catalog.items_per_task"),
     ],
 )
 def test_invalid_config_names_the_field(changes, field):
@@ -89,8 +91,35 @@ def test_output_key_changes_with_what_changes_results():
     assert parse_config(_with(tasks=["caption"])).output_key() != base
     assert parse_config(_with(tiling__overlap=0)).output_key() != base
     assert parse_config(_with(model__name_or_path="small")).output_key() != base
-    # the actor pool and output root do not change a tile's results
-    assert parse_config(_with(actors__batch_size=64, output__wave_size=3)).output_key() == base
+    # the actor pool, commit units and output root do not change a tile's results
+    assert parse_config(_with(actors__batch_size=64, output__commit_tiles=3)).output_key() == base
+
+
+def _weights(folder: Path, payload: bytes) -> Path:
+    """A save_pretrained-shaped folder: a config and one safetensors file (8-byte header length, JSON, data)."""
+    import json as _json
+    import struct
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "earthgpt"}')
+    header = _json.dumps({"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + payload)
+    return folder
+
+
+def test_output_key_depends_on_weights_content_not_path_or_mtime(tmp_path):
+    import os
+    import shutil
+
+    a = _weights(tmp_path / "a" / "model", b"x" * 300_000)
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(a, copy)
+    os.utime(copy / "model.safetensors", (1, 1))  # a copy has another mtime
+    other = _weights(tmp_path / "b" / "model", b"x" * 299_999 + b"y")
+    key = parse_config(_with(model__name_or_path=str(a))).output_key()
+    assert parse_config(_with(model__name_or_path=str(copy))).output_key() == key
+    assert parse_config(_with(model__name_or_path=str(other))).output_key() != key
+    assert (a / ".earthgpt-digest.json").is_file()  # cached beside the weights for the next run
 
 
 def test_load_config_applies_overrides_and_reports_bad_yaml(tmp_path):

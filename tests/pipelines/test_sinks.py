@@ -15,6 +15,8 @@ import xarray as xr
 from pyproj import CRS
 
 from pipelines.sinks import (
+    embeddings_group,
+    ensure_parent_groups,
     SCHEMAS,
     OutputStore,
     SceneGrid,
@@ -100,7 +102,7 @@ def _grid(rows=3, cols=4, d=8, crs="EPSG:32633") -> SceneGrid:
         transform=(10.0, 0.0, 500_000.0, 0.0, -10.0, 5_000_000.0),
         rows=np.arange(rows) * 48, cols=np.arange(cols) * 48, tile_size=64,
         embedding=rng.normal(size=(rows, cols, d)).astype(np.float32),
-        valid_fraction=np.ones((rows, cols), np.float32), attrs={"run_id": "r1"},
+        valid_fraction=np.ones((rows, cols), np.float32), attrs={"run_id": "r1"}, output_key="key1",
     )
 
 
@@ -119,12 +121,26 @@ def _check_grid(ds: xr.Dataset, grid: SceneGrid) -> None:
 def test_zarr_scene_grid_opens_with_xarray_in_scene_crs(tmp_path):
     store = OutputStore(str(tmp_path))
     grid = _grid()
-    group = write_scene_grid(store, grid)
-    assert group == "toy-opt/scene-1"
+    files = write_scene_grid(store, grid)
+    group = embeddings_group("key1", "toy-opt", "scene-1")
+    assert group == "key1/toy-opt/scene-1"
+    assert all(f.startswith(f"embeddings.zarr/{group}/") for f in files)
+    ensure_parent_groups(store, group)
     ds = xr.open_zarr(str(tmp_path / "embeddings.zarr"), group=group)
     _check_grid(ds, grid)
+    _check_grid(xr.open_zarr(str(tmp_path / "embeddings.zarr" / group)), grid)
     # whole-chunk writes: one chunk per array per scene
     assert ds["embedding"].encoding["chunks"] == grid.embedding.shape
+    # the group consolidates its own metadata; nothing above it is rewritten per scene
+    root_meta = json.loads((tmp_path / "embeddings.zarr" / "zarr.json").read_text())
+    assert "consolidated_metadata" not in root_meta or not root_meta["consolidated_metadata"]
+
+
+def test_zarr_scene_grid_stages_under_a_folder(tmp_path):
+    store = OutputStore(str(tmp_path))
+    files = write_scene_grid(store, _grid(), under="_staging/u1")
+    assert files and all((tmp_path / "_staging/u1" / f).is_file() for f in files)
+    assert not (tmp_path / "embeddings.zarr").exists()
 
 
 def test_zarr_scene_grid_rewrite_replaces_group(tmp_path):
@@ -132,7 +148,8 @@ def test_zarr_scene_grid_rewrite_replaces_group(tmp_path):
     write_scene_grid(store, _grid(rows=5, cols=5))
     smaller = _grid(rows=2, cols=3)
     write_scene_grid(store, smaller)
-    _check_grid(open_scene_grid(store, "toy-opt", "scene-1"), smaller)
+    ensure_parent_groups(store, embeddings_group("key1", "toy-opt", "scene-1"))
+    _check_grid(open_scene_grid(store, "key1", "toy-opt", "scene-1"), smaller)
 
 
 @pytest.mark.integration
@@ -151,8 +168,10 @@ def test_tables_and_zarr_on_s3(s3):
     assert json.loads(pq.read_metadata(io.BytesIO(raw)).metadata[b"geo"])["version"] == "1.1.0"
 
     grid = _grid()
-    group = write_scene_grid(store, grid)
-    _check_grid(open_scene_grid(store, "toy-opt", "scene-1"), grid)
+    write_scene_grid(store, grid)
+    group = embeddings_group("key1", "toy-opt", "scene-1")
+    ensure_parent_groups(store, group)
+    _check_grid(open_scene_grid(store, "key1", "toy-opt", "scene-1"), grid)
     ds = xr.open_zarr("s3://sinks-test/out/embeddings.zarr", group=group,
                       storage_options={"endpoint_url": s3.endpoint_url})
     _check_grid(ds, grid)
