@@ -12,6 +12,16 @@ from catalogs.scene import Scene
 from catalogs.toyworld import ToyWorld, generate_toyworld, load_items
 
 
+def upload_world(tmp: Path, bucket: str, prefix: str, scenes: int, seed: int, s3: Any) -> ToyWorld:
+    """A toy world whose COGs are uploaded to ``s3://bucket/prefix/cogs/`` (item hrefs point there)."""
+    world = generate_toyworld(tmp, scenes=scenes, seed=seed, chips_per_scene=1, href_base=f"s3://{bucket}/{prefix}")
+    s3.make_bucket(bucket)
+    fs = s3.filesystem()
+    for path in sorted((tmp / "cogs").iterdir()):
+        fs.put_file(str(path), f"{bucket}/{prefix}/cogs/{path.name}")
+    return world
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> ToyWorld:
     """Three toy scenes (optical, SAR, thermal; 384-512 px), asset hrefs as ``file://`` URLs."""

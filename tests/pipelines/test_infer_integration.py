@@ -20,6 +20,7 @@ from pipelines.config import parse_config
 from pipelines.infer import run
 from pipelines.query import connect
 from pipelines.sinks import OutputStore, read_table
+from tests.pipelines.conftest import upload_world
 from tests.pipelines.oracle import oracle_stage
 
 pytestmark = pytest.mark.integration
@@ -28,13 +29,7 @@ TILE = 64
 DATA_TABLES = ("scenes", "tiles", "detections", "errors")
 
 
-def _world(tmp: Path, bucket: str, prefix: str, scenes: int, seed: int, s3: Any) -> ToyWorld:
-    world = generate_toyworld(tmp, scenes=scenes, seed=seed, chips_per_scene=1, href_base=f"s3://{bucket}/{prefix}")
-    s3.make_bucket(bucket)
-    fs = s3.filesystem()
-    for path in sorted((tmp / "cogs").iterdir()):
-        fs.put_file(str(path), f"{bucket}/{prefix}/cogs/{path.name}")
-    return world
+_world = upload_world
 
 
 def _config(pgstac_url: str, seed: int, bucket: str, prefix: str, root: str, **extra: Any) -> Any:

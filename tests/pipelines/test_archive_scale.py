@@ -1,0 +1,246 @@
+"""The archive job at archive scale, against real servers (toy COGs and outputs on moto S3, the catalog in
+stac-fastapi-pgstac, local Ray, the real model stage with the tiny preset):
+
+- one streaming execution commits several units, loads the model once per actor, and writes exactly the rows of
+  the same run as one unit;
+- the driver killed (SIGKILL, with everything it started) mid-run, then the command rerun: the same tables as an
+  uninterrupted run, no duplicates, a Zarr group for every committed scene and none for others;
+- two models on one root: both runs' rows and arrays coexist, each reads back its own;
+- a 10,000-item catalog, all committed: a nightly run after 5 items were added or updated processes exactly those 5
+  and asks the STAC API for a handful of pages (counted at a proxy), against a full scan's hundred.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import yaml
+
+from catalogs.toyworld import load_items
+from pipelines.config import parse_config
+from pipelines.infer import run
+from pipelines.ledger import Ledger, UnitRecord
+from pipelines.sinks import OutputStore, read_table
+from tests.catalogs.proxy import CountingProxy
+from tests.pipelines.conftest import upload_world
+
+pytestmark = pytest.mark.integration
+
+TILE = 128  # 9-16 tiles per toy scene: enough units, little model time
+SEED = 31
+COLLECTIONS = ["toyworld-optical", "toyworld-sar", "toyworld-thermal"]
+VOLATILE = {"run_id", "unit_id", "processed_at", "occurred_at", "bbox"}
+
+
+def _data(pgstac_url: str, root: str, *, id_like: str, **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "catalog": {
+            "url": pgstac_url, "collections": COLLECTIONS,
+            "filter": {"op": "like", "args": [{"property": "id"}, id_like]},
+            "asset_prefixes": [f"s3://archive/w{SEED}/cogs/"],
+        },
+        "tasks": ["caption", "detect"],
+        "tiling": {"size": TILE, "overlap": 0, "min_valid_fraction": 0.5},
+        "model": {"name_or_path": "tiny", "max_new_tokens": 6},
+        "actors": {"min_actors": 1, "max_actors": 1, "batch_size": 32, "read_num_cpus": 0.5},
+        "output": {"root": root, "commit_tiles": 40, "commit_seconds": None},
+    }
+    for key, value in extra.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    return data
+
+
+def table_set(store: OutputStore, table: str) -> set[tuple]:
+    """A table's rows as a set, without the columns that differ between runs (ids, timestamps)."""
+    frame = read_table(store, table)
+    frame = pd.DataFrame(frame.drop(columns=[c for c in frame.columns if c in VOLATILE]))
+    if "geometry" in frame:
+        frame["geometry"] = [None if g is None else g.wkb_hex for g in frame["geometry"]]
+    rows = {tuple(json.dumps(v, default=str) if isinstance(v, (list, np.ndarray)) else
+                  (None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)) for v in row)
+            for row in frame.astype(object).itertuples(index=False)}
+    assert len(rows) == len(frame), f"{table}: duplicate rows"
+    return rows
+
+
+def zarr_groups(store: OutputStore) -> set[str]:
+    """Scene groups present in the Zarr store (folders holding an ``embedding`` array)."""
+    return {p.rsplit("/embedding/zarr.json", 1)[0].removeprefix("embeddings.zarr/")
+            for p in store.glob("embeddings.zarr/**/embedding/zarr.json")}
+
+
+@pytest.fixture(scope="module")
+def archive(s3, pgstac, tmp_path_factory):
+    """Twelve toy scenes on S3, all in pgstac."""
+    world = upload_world(tmp_path_factory.mktemp(f"world{SEED}"), "archive", f"w{SEED}", scenes=12, seed=SEED, s3=s3)
+    items = load_items(world.items_path)
+    pgstac.load_collections([json.loads(p.read_text()) for p in world.collection_paths.values()])
+    pgstac.load_items(items)
+    s3.make_bucket("scale")
+    return world, items
+
+
+@pytest.fixture(scope="module")
+def reference(archive, pgstac, ray_local):
+    """The whole archive as ONE unit (the old one-unit-per-run setting): the tables every other run must equal."""
+    config = parse_config(_data(pgstac.url, "s3://scale/one-unit", id_like=f"%-s{SEED}",
+                                output__commit_tiles=None))
+    summary = run(config)
+    assert summary.units_committed == 1 and summary.scenes_processed == 12
+    return OutputStore(config.output.root), summary
+
+
+def test_one_streaming_run_commits_units_and_loads_the_model_once(archive, reference, pgstac, ray_local):
+    ref_store, ref = reference
+    config = parse_config(_data(pgstac.url, "s3://scale/units", id_like=f"%-s{SEED}"))
+    summary = run(config)
+    assert summary.status == "ok" and summary.scenes_processed == 12 and summary.reconciles
+    assert summary.units_committed >= 3, summary.units_committed
+    assert summary.model_actors == 1 and summary.model_loads == 1  # the pool lives for the whole run
+    store = OutputStore(config.output.root)
+    runs = read_table(store, "runs")
+    assert runs.iloc[0]["model_loads"] == runs.iloc[0]["model_actors"] == 1
+    assert runs.iloc[0]["units_committed"] == summary.units_committed
+    for table in ("scenes", "tiles", "detections", "errors"):
+        assert table_set(store, table) == table_set(ref_store, table), table
+    assert zarr_groups(store) == set(read_table(store, "scenes")["embeddings_group"])
+    # every unit's rows carry its own unit id, and each unit is one ledger record
+    units = set(read_table(store, "tiles")["unit_id"])
+    assert len(units) == summary.units_committed == len(store.glob("_ledger/*.parquet"))
+
+
+def test_killed_driver_then_rerun_equals_an_uninterrupted_run(archive, reference, pgstac, s3, tmp_path):
+    ref_store, _ = reference
+    root = "s3://scale/killed"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_data(pgstac.url, root, id_like=f"%-s{SEED}", output__commit_tiles=30,
+                                         ray__num_cpus=2, ray__object_store_mb=256)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the driver in its own session: killing the group is a machine dying (Ray's processes die with it)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.infer", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "committed unit" in line:  # one unit committed, the next in flight
+                break
+        else:
+            pytest.fail("the run ended before committing a unit:\n" + "".join(lines[-30:]))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    store = OutputStore(root)
+    partial = read_table(store, "scenes")
+    assert 0 < len(partial) < 12, len(partial)
+    assert zarr_groups(store) == set(partial["embeddings_group"])  # no arrays of the lost unit are visible
+
+    rerun = subprocess.run([sys.executable, "-m", "pipelines.infer", str(path)], capture_output=True, text=True,
+                           env=env, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "recovered a crashed run" in rerun.stdout or not store.glob("_staging/*")
+    for table in ("scenes", "tiles", "detections", "errors"):
+        assert table_set(store, table) == table_set(ref_store, table), table
+    assert zarr_groups(store) == set(read_table(store, "scenes")["embeddings_group"])
+    assert not store.glob("_staging/**")
+
+
+def test_two_models_on_one_root_keep_their_own_rows_and_arrays(archive, pgstac, ray_local, s3):
+    root = "s3://scale/two-models"
+    configs = [parse_config(_data(pgstac.url, root, id_like=f"toy-optical-00%-s{SEED}",
+                                  model__seed=seed)) for seed in (0, 1)]
+    keys = [c.output_key() for c in configs]
+    assert keys[0] != keys[1]
+    for config in configs:
+        assert run(config).scenes_processed == 2
+    store = OutputStore(root)
+    scenes = read_table(store, "scenes")
+    assert sorted(scenes["output_key"]) == sorted(keys * 2)
+    groups = zarr_groups(store)
+    assert groups == set(scenes["embeddings_group"]) and len(groups) == 4
+    opts = {"endpoint_url": s3.endpoint_url}
+    for key in keys:
+        mine = scenes[scenes["output_key"] == key]
+        assert all(g.startswith(f"{key}/") for g in mine["embeddings_group"])
+        ds = xr.open_zarr(f"{root}/embeddings.zarr/{mine.iloc[0]['embeddings_group']}", storage_options=opts)
+        assert ds.attrs["output_key"] == key
+    # the two random-weight models embed the same tile differently: each group holds its own model's arrays
+    one, two = (xr.open_zarr(f"{root}/embeddings.zarr/{g}", storage_options=opts)
+                for g in sorted(scenes[scenes["scene_id"] == scenes.iloc[0]["scene_id"]]["embeddings_group"]))
+    assert not np.allclose(one.embedding.values, two.embedding.values, equal_nan=True)
+
+
+N_BULK = 10_000
+
+
+def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, ray_local, s3):
+    _, items = archive
+    base = datetime(2023, 1, 1, tzinfo=timezone.utc)
+    bulk = []
+    for k in range(N_BULK):  # items sharing the toy COGs; times and `updated` spread over a year
+        item = copy.deepcopy(items[k % len(items)])
+        item["id"] = f"bulk-{k:05d}"
+        t = base + timedelta(minutes=50 * k)
+        item["properties"]["datetime"] = t.strftime("%Y-%m-%dT%H:%M:%SZ")
+        item["properties"]["updated"] = (t + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        bulk.append(item)
+    pgstac.load_items(bulk)
+    pgstac.execute("INSERT INTO pgstac.pgstac_settings (name, value) VALUES ('context', 'on') "
+                   "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")
+    proxy = CountingProxy(pgstac.url)
+    root = "s3://scale/nightly"
+    config = parse_config(_data(proxy.url, root, id_like="bulk-%", catalog__items_per_task=2000))
+    # every bulk item already committed (as if earlier runs had processed them)
+    store = OutputStore(root)
+    Ledger(store).commit(UnitRecord(
+        unit_id="seed", run_id="seed", output_key=config.output_key(),
+        scenes=[(i["collection"], i["id"], i["properties"]["datetime"][:10],
+                 datetime.fromisoformat(i["properties"]["updated"].replace("Z", "+00:00"))) for i in bulk],
+    ))
+    try:
+        # a reconcile lists everything (split into read tasks), skips all, and leaves a watermark
+        proxy.requests.clear()
+        full = run(config, full_scan=True)
+        full_requests = len(proxy.requests)
+        assert full.scenes_matched == N_BULK and full.scenes_skipped == N_BULK and full.scenes_processed == 0
+        assert full.read_tasks == 5 and full.watermark is not None
+
+        # 3 items updated, 2 new ones
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        changed = [copy.deepcopy(bulk[k]) for k in (17, 4242, 9998)]
+        for k, item in enumerate(copy.deepcopy(bulk[:2])):
+            item["id"] = f"bulk-new-{k}"
+            changed.append(item)
+        for item in changed:
+            item["properties"]["updated"] = now
+        pgstac.load_items(changed)
+
+        proxy.requests.clear()
+        nightly = run(config)
+        nightly_requests = len(proxy.requests)
+    finally:
+        proxy.stop()
+    assert not nightly.full_scan and nightly.updated_since == full.watermark
+    assert nightly.scenes_matched == 5 and nightly.scenes_processed == 5 and nightly.scenes_skipped == 0
+    processed = set(read_table(store, "scenes")["scene_id"])
+    assert processed == {i["id"] for i in changed}
+    pages = [r for r in proxy.requests if r[0] == "POST" or "/search" in r[1]]
+    print(f"\nfull scan: {full.wall_s:.1f} s, {full_requests} requests; nightly (5 changed): {nightly.wall_s:.1f} s, "
+          f"{nightly_requests} requests ({len(pages)} searches)")
+    assert len(pages) <= 3, proxy.requests  # the count, and one page of the 5 changed items
+    assert nightly_requests * 10 < full_requests
