@@ -241,10 +241,9 @@ def _client_kwargs(spec: SearchSpec) -> dict[str, Any]:
 
 
 def _edge_time(client: Any, kwargs: dict[str, Any], direction: str) -> datetime | None:
-    from pystac_client.conformance import ConformanceClasses
-
-    if not client.conforms_to(ConformanceClasses.SORT):
-        raise RuntimeError("the API does not conform to the sort extension")
+    # asked even where the landing page does not announce the sort extension (stac-fastapi-pgstac sorts without
+    # saying so): an API that ignores sortby only makes the windows uneven, never wrong, since the first and last
+    # windows are unbounded
     search = client.search(**kwargs, limit=1, max_items=1,
                            sortby=[{"field": "properties.datetime", "direction": direction}])
     for item in search.items_as_dicts():
