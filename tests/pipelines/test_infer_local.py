@@ -18,7 +18,7 @@ from tests.pipelines.oracle import oracle_stage
 pytestmark = pytest.mark.integration
 
 
-def _config(world, items_path: Path, root: Path, wave_size: int):
+def _config(world, items_path: Path, root: Path, commit_tiles: int):
     return parse_config({
         "catalog": {"embedded": {"collections": [str(p) for p in world.collection_paths.values()],
                                  "items": str(items_path)},
@@ -26,7 +26,7 @@ def _config(world, items_path: Path, root: Path, wave_size: int):
                     "asset_prefixes": [(world.root / "cogs").as_uri()]},
         "tiling": {"size": 64, "overlap": 24, "min_valid_fraction": 0.5},
         "actors": {"read_num_cpus": 0.5},
-        "output": {"root": str(root), "wave_size": wave_size},
+        "output": {"root": str(root), "commit_tiles": commit_tiles, "commit_seconds": None},
     })
 
 
@@ -49,19 +49,17 @@ class _Crash(KeyboardInterrupt):
 
 def test_crash_loses_at_most_the_unit_in_flight(world, oracle, ray_local, tmp_path):
     root = tmp_path / "out"
-    config = _config(world, world.items_path, root, wave_size=1)
-    lines: list[str] = []
+    config = _config(world, world.items_path, root, commit_tiles=1)  # every scene is a unit of its own
 
-    def die_in_second_wave(line: str) -> None:
-        lines.append(line)
-        if "[1/1]" in line and sum("[1/1]" in x for x in lines) == 2:  # second wave's scene finished, not committed
+    def die_after_the_first_commit(line: str) -> None:
+        if line.startswith("committed unit"):
             raise _Crash("killed")
 
     with pytest.raises(_Crash):
-        run(config, say=die_in_second_wave, model_stage=oracle)
+        run(config, say=die_after_the_first_commit, model_stage=oracle)
     store = OutputStore(str(root))
-    assert len(_keys(store, "scenes")) == 1  # the first unit is committed and visible, the second is not
-    assert [p.rsplit("-", 1)[1] for p in store.glob("_ledger/*.parquet")] == ["w0000.parquet"]
+    assert len(_keys(store, "scenes")) == 1  # the first unit is committed and visible, the others are not
+    assert [p.rsplit("-", 1)[1] for p in store.glob("_ledger/*.parquet")] == ["u00000.parquet"]
     assert read_table(store, "runs").iloc[0]["status"] == "interrupted"
 
     again = run(config, model_stage=oracle)
@@ -78,14 +76,14 @@ def test_updated_item_is_reprocessed_and_replaces_its_rows(world, oracle, ray_lo
     items = [json.loads(line) for line in world.items_path.read_text().splitlines()]
     path = tmp_path / "items.ndjson"
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
-    first = run(_config(world, path, root, wave_size=2), model_stage=oracle)
+    first = run(_config(world, path, root, commit_tiles=100), model_stage=oracle)
     assert first.scenes_processed == 3
     store = OutputStore(str(root))
     before = {t: _keys(store, t) for t in ("scenes", "tiles", "detections")}
 
     items[1]["properties"]["updated"] = "2030-01-01T00:00:00Z"  # the provider reprocessed this scene
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
-    second = run(_config(world, path, root, wave_size=2), model_stage=oracle)
+    second = run(_config(world, path, root, commit_tiles=100), model_stage=oracle)
     assert second.scenes_processed == 1 and second.scenes_skipped == 2
     after = {t: _keys(store, t) for t in ("scenes", "tiles", "detections")}
     assert after == before  # same rows, each once: the old version's rows were rewritten out
@@ -93,5 +91,6 @@ def test_updated_item_is_reprocessed_and_replaces_its_rows(world, oracle, ray_lo
     updated = scenes.set_index("scene_id").loc[items[1]["id"]]
     assert str(updated["updated"]).startswith("2030-01-01") and updated["run_id"] == second.run_id
 
-    third = run(_config(world, path, root, wave_size=2), model_stage=oracle)
-    assert third.scenes_processed == 0 and third.scenes_skipped == 3
+    third = run(_config(world, path, root, commit_tiles=100), model_stage=oracle)
+    # incremental: only items updated since the second run's watermark are listed, and they are committed
+    assert not third.full_scan and third.scenes_processed == 0 and third.scenes_skipped == third.scenes_matched == 1
