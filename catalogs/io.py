@@ -4,10 +4,14 @@ A :class:`SceneReader` opens each band dataset of one scene once (read the heade
 once from an overview, then reads windows of the reference grid: bands of the same grid are read directly (a
 block-aligned window is one range request per band on S3), coarser bands are resampled onto the reference window.
 Local paths and ``s3://`` hrefs (read through GDAL ``/vsis3/``) go through the same code, so both give the same bits.
+Each band's href is resolved by :func:`catalogs.access.resolve_access` when the reader opens (Planetary Computer SAS
+signing, per-store S3 endpoint, credentials and requester-pays); store options are set only around that band's
+opens and reads, thread-locally.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,6 +27,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window, from_bounds
 from rasterio.windows import bounds as window_bounds
 
+from catalogs.access import AssetAccess, resolve_access
 from catalogs.errors import (
     AllNodata,
     AssetAccessDenied,
@@ -32,6 +37,7 @@ from catalogs.errors import (
     NoGeoreference,
     SceneError,
     UnsupportedDataType,
+    UnsupportedGeoreference,
 )
 from catalogs.recipes import RecipeOutput, Stretch
 
@@ -203,6 +209,7 @@ class _Band:
     offset: float
     nodata: float | None
     same_grid: bool
+    access: AssetAccess | None = None
 
 
 class SceneReader:
@@ -265,8 +272,10 @@ class SceneReader:
         ref_ds: DatasetReader | None = None
         for name in names:
             asset = scene.bands[name]
-            ds = open_raster(asset.gdal_path, item_id=scene.id, asset=asset.key)
-            self._bands[name] = _Band(name, ds, asset.scale, asset.offset, asset.nodata, True)
+            access = resolve_access(asset.href, item_id=scene.id, asset=asset.key)
+            with access.env():
+                ds = open_raster(access.path, item_id=scene.id, asset=asset.key)
+            self._bands[name] = _Band(name, ds, asset.scale, asset.offset, asset.nodata, True, access)
             dtype = ds.dtypes[0]
             if dtype not in SUPPORTED_DTYPES:
                 raise UnsupportedDataType(
@@ -314,6 +323,12 @@ class SceneReader:
         elif scene.crs and scene.transform:
             self.crs, self.transform = scene.crs, Affine(*scene.transform)
             log.info("%s: raster header has no georeference; using the item's proj:* fields", scene.id)
+        elif ds.gcps[0]:
+            raise UnsupportedGeoreference(
+                f"item {scene.id!r}: the raster is georeferenced only by ground control points (radar geometry); "
+                "it is not read. Use a terrain-corrected collection (e.g. 'sentinel-1-rtc') instead",
+                item_id=scene.id, asset=asset.key, href=asset.href,
+            )
         else:
             raise NoGeoreference(
                 "neither the raster header nor the item (proj:*) gives a CRS and geotransform",
@@ -356,13 +371,16 @@ class SceneReader:
     ) -> np.ndarray:
         """Read one band over a reference-grid window lying inside the scene, as stored."""
         ds = band.ds
+        env = band.access.env() if band.access is not None else contextlib.nullcontext()
         try:
-            if band.same_grid:
-                data = ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
-            else:
-                bounds = window_bounds(window, self.transform)
-                src = from_bounds(*bounds, transform=ds.transform)
-                data = ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling, boundless=False)
+            with env:
+                if band.same_grid:
+                    data = ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
+                else:
+                    bounds = window_bounds(window, self.transform)
+                    src = from_bounds(*bounds, transform=ds.transform)
+                    data = ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling,
+                                   boundless=False)
         except RasterioError as exc:
             asset = self.scene.bands[band.name]
             raise classify_raster_error(
