@@ -127,6 +127,7 @@ class RasterHeader:
     scale: float = 1.0
     offset: float = 0.0
     tiff_datetime: str | None = None
+    has_gcps: bool = False
 
 
 def _header_of(ds: DatasetReader) -> RasterHeader:
@@ -143,6 +144,7 @@ def _header_of(ds: DatasetReader) -> RasterHeader:
         scale=float(ds.scales[0]),
         offset=float(ds.offsets[0]),
         tiff_datetime=ds.tags().get("TIFFTAG_DATETIME"),
+        has_gcps=bool(ds.gcps[0]),
     )
 
 

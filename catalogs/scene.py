@@ -184,7 +184,18 @@ class Scene(BaseModel):
         if (crs is None or shape is None or transform is None) and read_header:
             from catalogs.io import read_header as _read_header
 
-            header = _read_header(ref.gdal_path, item_id=item.id, asset=ref.key)
+            from catalogs.access import resolve_access
+
+            access = resolve_access(ref.href, item_id=item.id, asset=ref.key)
+            with access.env():
+                header = _read_header(access.path, item_id=item.id, asset=ref.key)
+            if header.transform is None and header.has_gcps:
+                raise UnsupportedGeoreference(
+                    f"item {item.id!r}: asset {ref.key!r} is georeferenced only by ground control points (radar "
+                    "geometry) and the item has no proj:* grid; it is not read. Use a terrain-corrected collection "
+                    "(e.g. 'sentinel-1-rtc') instead",
+                    asset=ref.key, href=ref.href,
+                )
             crs = crs or header.crs
             shape = shape or header.shape
             transform = transform or header.transform
