@@ -416,6 +416,24 @@ class SceneReader:
         shape = (int(win.height), int(win.width))
         return {name: self._read_band(b, win, shape, Resampling.nearest) for name, b in self._bands.items()}
 
+    @property
+    def band_nodata(self) -> dict[str, float | None]:
+        """The nodata value in effect for each open band (item, else raster header, else recipe)."""
+        return {name: band.nodata for name, band in self._bands.items()}
+
+    def read_physical(self, window: Window) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Physical values (reflectance, dB, K... as the recipe's units say) of each band over a window in the scene.
+
+        Args:
+            window: A window lying inside the scene.
+
+        Returns:
+            ``(values, valid)``: band name → float32 array on the reference grid, and the combined validity mask.
+        """
+        self._require_open()
+        win = self._clip(window)
+        return self._read_decoded(win, out_shape=(int(win.height), int(win.width)))
+
     def read(self, window: Window, *, allow_empty: bool = False) -> TileImage:
         """Read one window through the recipe.
 

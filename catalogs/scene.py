@@ -182,9 +182,8 @@ class Scene(BaseModel):
         crs = _crs(ref_fields) or _crs(props)
         shape, transform = ref.shape, ref.transform
         if (crs is None or shape is None or transform is None) and read_header:
-            from catalogs.io import read_header as _read_header
-
             from catalogs.access import resolve_access
+            from catalogs.io import read_header as _read_header
 
             access = resolve_access(ref.href, item_id=item.id, asset=ref.key)
             with access.env():

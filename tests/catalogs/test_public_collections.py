@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from catalogs.io import SceneReader
 from catalogs.scene import Scene
 from tests.catalogs.blobserver import RangeServer, TokenServer
 from tests.catalogs.cogs import NODATA_COLUMNS, write_cog
-from tests.catalogs.conftest import fixture_item
-from tests.harness.servers import S3Server, env_vars, start_s3
+from tests.catalogs.conftest import Servers, fixture_item
+from tests.harness.servers import env_vars
 
 REMOTE = HrefPolicy(allowed_schemes=frozenset({"https", "s3"}))
 UTM33_10M = (10.0, 0.0, 300000.0, 0.0, -10.0, 5100000.0)
@@ -205,39 +204,6 @@ def test_gcp_only_raster_is_refused_on_header_read(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ reading through each access path
-
-
-@dataclass
-class Servers:
-    tokens: TokenServer
-    blob: RangeServer  # Azure-blob-like: refuses requests without a live SAS token
-    plain: RangeServer  # plain HTTP(S) COGs
-    s3: S3Server  # the deployment's default S3 (moto)
-    cdse: S3Server  # CDSE's own S3 endpoint (a second moto)
-
-
-@pytest.fixture(scope="module")
-def servers(s3: S3Server) -> Iterator[Servers]:  # noqa: F811
-    import planetary_computer.sas
-    from planetary_computer.settings import Settings
-
-    tokens = TokenServer(ttl_s=3600)
-    blob, plain, cdse = RangeServer(tokens=tokens), RangeServer(), start_s3()
-    settings = Settings.get()
-    saved_url, saved_cache = settings.sas_url, dict(planetary_computer.sas.TOKEN_CACHE)
-    settings.sas_url = tokens.url
-    planetary_computer.sas.TOKEN_CACHE.clear()
-    env = {"EARTHGPT_AZURE_BLOB_ENDPOINT": blob.url, "CDSE_S3_ENDPOINT": cdse.endpoint_url,
-           "CDSE_S3_ACCESS_KEY_ID": "cdse-key", "CDSE_S3_SECRET_ACCESS_KEY": "cdse-secret"}
-    try:
-        with env_vars(env):
-            yield Servers(tokens, blob, plain, s3, cdse)
-    finally:
-        settings.sas_url = saved_url
-        planetary_computer.sas.TOKEN_CACHE.clear()
-        planetary_computer.sas.TOKEN_CACHE.update(saved_cache)
-        for server in (tokens, blob, plain, cdse):
-            server.stop()
 
 
 def _split(url: str) -> tuple[str, str]:

@@ -59,7 +59,9 @@ def test_planetary_computer_landsat_c2_l2() -> None:
     assert scene.sensor == "thermal"
     assert scene.crs == "EPSG:32612"
     assert scene.shape == (7821, 7701)
-    assert set(scene.bands) == {"lwir11"}
+    # lwir11 feeds the channels; the item's surface-reflectance `red` is kept as an optional band with its own scale
+    assert set(scene.bands) == {"lwir11", "red"}
+    assert (scene.bands["red"].scale, scene.bands["red"].offset) == (0.0000275, -0.2)
     lwir = scene.bands["lwir11"]
     assert lwir.href.endswith("_ST_B10.TIF")
     assert (lwir.scale, lwir.offset, lwir.nodata) == (0.00341802, 149.0, 0.0)
