@@ -10,13 +10,16 @@ has no ranges), records every request, and can require a valid SAS signature (40
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import re
 import secrets
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
@@ -30,10 +33,41 @@ class Request:
     status: int
 
 
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """Write a certificate + key for 127.0.0.1 (valid one day) and return their paths; the certificate is its own CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "loopback.crt", folder / "loopback.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 class _Server:
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(self, handler: type[BaseHTTPRequestHandler], tls: tuple[Path, Path] | None = None) -> None:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
@@ -96,9 +130,11 @@ class RangeServer(_Server):
     Args:
         files: URL path (``/host/key``) -> bytes; more can be added to ``self.files`` later.
         tokens: When given, a request must carry a SAS signature this token server issued for its container.
+        tls: ``(certificate, key)`` paths to serve HTTPS instead of HTTP.
     """
 
-    def __init__(self, files: dict[str, bytes] | None = None, tokens: TokenServer | None = None) -> None:
+    def __init__(self, files: dict[str, bytes] | None = None, tokens: TokenServer | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.files: dict[str, bytes] = dict(files or {})
         self.requests: list[Request] = []
         self.tokens = tokens
@@ -149,4 +185,4 @@ class RangeServer(_Server):
             def do_HEAD(self) -> None:  # noqa: N802
                 self._answer(head=True)
 
-        super().__init__(Handler)
+        super().__init__(Handler, tls)

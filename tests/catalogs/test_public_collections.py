@@ -292,6 +292,38 @@ def test_one_window_reads_through_the_access_path(name: str, servers: Servers, t
     assert keys
 
 
+@pytest.mark.integration
+def test_https_cog_with_a_verified_certificate(tmp_path: Path) -> None:
+    """Plain HTTPS COGs (Earth Search's hrefs) read through /vsicurl/ over TLS, the certificate checked against the
+    CA bundle GDAL is given (``GDAL_CURL_CA_BUNDLE``), by ranged GETs."""
+    from tests.catalogs.blobserver import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    server = RangeServer(tls=(cert, key))
+    try:
+        name = "earth-search-sentinel-2-l2a"
+        case = CASES[name]
+        item = copy.deepcopy(fixture_item(name))
+        scene = Scene.from_item(item, href_policy=REMOTE, read_header_if_missing=False)
+        for asset in item["assets"].values():
+            host, path = _split(asset["href"])
+            asset["href"] = f"{server.url}/{host}/{path}"
+        for band in scene.recipe.used_bands:
+            host, path = _split(scene.bands[band].href)
+            server.files[f"/{host}/{path}"] = write_cog(
+                tmp_path / f"{band}.tif", case.known[band][0], dtype="uint16", nodata=0, crs=str(scene.crs),
+                transform=scene.transform or ())
+        scene = Scene.from_item(item, href_policy=HrefPolicy.for_roots(server.url))
+        assert scene.bands["red"].gdal_path.startswith("/vsicurl/https://127.0.0.1:")
+        # rasterio sets CURL_CA_BUNDLE to its own bundle when it starts GDAL; GDAL_CURL_CA_BUNDLE takes precedence
+        with env_vars({"GDAL_CURL_CA_BUNDLE": str(cert)}), SceneReader(scene) as reader:
+            values, valid = reader.read_physical(Window(0, 0, 256, 256))
+        assert float(values["red"][10, 100]) == pytest.approx(0.05, abs=1e-4) and not valid[:, :NODATA_COLUMNS].any()
+        assert {r.status for r in server.requests if r.range} == {206}
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------------------------------ Planetary Computer SAS
 
 
