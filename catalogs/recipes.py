@@ -244,6 +244,8 @@ class Recipe(BaseModel):
         prefer_alternates: Alternate asset hrefs (``alternate.<name>.href``) to read instead of ``href``, first
             present wins (e.g. ``s3`` for USGS, whose main hrefs need a browser login).
         refuse: Set for collections whose items the job must not read (see :class:`Refusal`).
+        composites: Other standard composites of the same bands (e.g. SWIR false colour), by name; choose one with
+            :meth:`with_composite`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -260,6 +262,7 @@ class Recipe(BaseModel):
     radiometry_rules: tuple[RadiometryRule, ...] = ()
     prefer_alternates: tuple[str, ...] = ()
     refuse: Refusal | None = None
+    composites: dict[str, tuple[ChannelSpec, ChannelSpec, ChannelSpec]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_names(self) -> Recipe:
@@ -271,11 +274,39 @@ class Recipe(BaseModel):
                     raise ValueError(f"channel uses unknown band {name!r}")
             if self.stretch.method == "fixed" and ch.range is None:
                 raise ValueError("stretch method 'fixed' needs a range on every channel")
+        for name, channels in self.composites.items():
+            for ch in channels:
+                for band in (ch.band, ch.minus):
+                    if band is not None and band not in self.bands:
+                        raise ValueError(f"composite {name!r} uses unknown band {band!r}")
+                if self.stretch.method == "fixed" and ch.range is None:
+                    raise ValueError(f"composite {name!r}: stretch method 'fixed' needs a range on every channel")
         for rule in self.radiometry_rules:
             unknown = [b for b in rule.bands if b not in self.bands]
             if unknown:
                 raise ValueError(f"radiometry rule names unknown bands {unknown}")
         return self
+
+    def with_composite(self, name: str) -> Recipe:
+        """The same recipe rendering another of its composites (its bands become required).
+
+        Args:
+            name: A key of :attr:`composites`.
+
+        Returns:
+            A recipe whose channels are that composite's.
+
+        Raises:
+            KeyError: If the recipe has no such composite.
+        """
+        if name not in self.composites:
+            raise KeyError(f"recipe for {list(self.collections)} has no composite {name!r} (has {list(self.composites)})")
+        channels = self.composites[name]
+        used = {b for ch in channels for b in (ch.band, ch.minus) if b}
+        bands = {n: (b.model_copy(update={"required": True}) if n in used else b) for n, b in self.bands.items()}
+        reference = self.reference_band if self.reference_band in used else channels[0].band
+        return self.model_copy(update={"channels": channels, "composite": name, "bands": bands,
+                                       "reference_band": reference})
 
     @property
     def used_bands(self) -> tuple[str, ...]:

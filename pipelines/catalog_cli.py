@@ -68,7 +68,7 @@ def _collections(ns: argparse.Namespace) -> int:
     if ns.json:
         import json
 
-        rows = [{"collection": cid, "sensor": r.sensor, "composite": r.composite,
+        rows = [{"collection": cid, "sensor": r.sensor, "composite": r.composite, "composites": list(r.composites),
                  "bands": {n: b.units for n, b in r.bands.items()},
                  "refused": r.refuse.model_dump() if r.refuse else None,
                  "sources": [s.model_dump() for s in r.sources if s.collection == cid]}
@@ -83,6 +83,8 @@ def _collections(ns: argparse.Namespace) -> int:
         for name, band in recipe.bands.items():
             by_unit.setdefault(band.units or "DN", []).append(name)
         print(f"{cid}  [{recipe.sensor}]  {composite}")
+        if recipe.composites and recipe.refuse is None:
+            print(f"    also:    {'; '.join(recipe.composites)}")
         bands = "; ".join(", ".join(names) + f" ({unit})" for unit, names in by_unit.items())
         print(f"    bands:   {bands}")
         sources = [f"{s.name} <{s.stac_url}> via {s.access}" for s in recipe.sources if s.collection == cid]

@@ -423,3 +423,29 @@ def test_store_credentials_never_enter_the_process_environment(monkeypatch: pyte
     assert resolve_access("s3://sentinel-cogs/a.tif").options["AWS_NO_SIGN_REQUEST"] == "YES"
     plain = resolve_access("https://example.com/a.tif")
     assert plain.path == "/vsicurl/https://example.com/a.tif" and not plain.needs_env
+
+
+def test_swir_false_colour_composite_reads_20m_bands_onto_the_10m_grid(tmp_path: Path) -> None:
+    """Sentinel-2's other standard composite: B12, B8A (20 m) resampled onto B04's 10 m grid, physical values kept."""
+    from catalogs.recipes import recipe_for
+
+    recipe = recipe_for("sentinel-2-l2a").with_composite("swir false colour (B12, B8A, B04)")
+    assert [c.band for c in recipe.channels] == ["swir22", "nir08", "red"] and recipe.bands["swir22"].required
+    item = fixture_item("earth-search-sentinel-2-l2a")
+    dns = {"red": (1500, 10.0, 512), "nir08": (3100, 20.0, 256), "swir22": (2600, 20.0, 256)}
+    for band, (dn, res, size) in dns.items():
+        path = tmp_path / f"{band}.tif"
+        write_cog(path, dn, dtype="uint16", nodata=0, crs="EPSG:32633",
+                  transform=(res, 0.0, 300000.0, 0.0, -res, 5100000.0), size=size, block=128)
+        item["assets"][band]["href"] = str(path)
+    for key, asset in item["assets"].items():  # the other assets are listed but never opened
+        if key not in dns:
+            asset["href"] = str(tmp_path / f"{key}.tif")
+    scene = Scene.from_item(item, href_policy=HrefPolicy.for_roots(tmp_path), recipes={"sentinel-2-l2a": recipe})
+    with SceneReader(scene) as reader:
+        assert reader.shape == (512, 512)
+        values, valid = reader.read_physical(Window(128, 128, 256, 256))
+        tile = reader.read(Window(128, 128, 256, 256))
+    assert valid.all() and tile.valid_fraction == 1.0
+    for band, expected in (("swir22", 0.16), ("nir08", 0.21), ("red", 0.05)):
+        np.testing.assert_allclose(values[band], expected, atol=1e-4)
