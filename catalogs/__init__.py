@@ -13,6 +13,10 @@ The path of a tile, module by module:
    ``read(window)`` returns a ``TileImage`` (local paths and ``s3://`` via ``/vsis3/`` alike).
 6. :mod:`catalogs.errors` — typed ``SceneError`` subclasses a job records as ``errors`` rows.
 
+How each asset href is reached (Planetary Computer SAS signing, requester-pays and per-store S3 endpoints and
+credentials) is :mod:`catalogs.access`, driven by ``catalogs/stores.yaml``; :mod:`catalogs.check` reads one window of a
+few items (``earthgpt catalog check``). The supported public collections and their set-up: ``docs/catalogs.md``.
+
 Also: :mod:`catalogs.ingest` (STAC items for COG folders / S3 prefixes, pgstac loading) and :mod:`catalogs.toyworld`
 (the seeded multi-sensor demo archive with ground truth and training chips).
 """

@@ -108,6 +108,16 @@ class NoGeoreference(SceneError):
     default_stage = "open"
 
 
+class UnsupportedGeoreference(NoGeoreference):
+    """The item is georeferenced only by ground control points (e.g. Sentinel-1 GRD in radar geometry).
+
+    The job refuses such items rather than warping uncalibrated slant/ground-range data: the message names the
+    item and the terrain-corrected collection to use instead.
+    """
+
+    default_stage = "scene"
+
+
 class BandShapeMismatch(SceneError):
     """The bands of one scene do not cover the same grid (different CRS or extent)."""
 

@@ -4,10 +4,14 @@ A :class:`SceneReader` opens each band dataset of one scene once (read the heade
 once from an overview, then reads windows of the reference grid: bands of the same grid are read directly (a
 block-aligned window is one range request per band on S3), coarser bands are resampled onto the reference window.
 Local paths and ``s3://`` hrefs (read through GDAL ``/vsis3/``) go through the same code, so both give the same bits.
+Each band's href is resolved by :func:`catalogs.access.resolve_access` when the reader opens (Planetary Computer SAS
+signing, per-store S3 endpoint, credentials and requester-pays); store options are set only around that band's
+opens and reads, thread-locally.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,6 +27,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window, from_bounds
 from rasterio.windows import bounds as window_bounds
 
+from catalogs.access import AssetAccess, resolve_access
 from catalogs.errors import (
     AllNodata,
     AssetAccessDenied,
@@ -32,6 +37,7 @@ from catalogs.errors import (
     NoGeoreference,
     SceneError,
     UnsupportedDataType,
+    UnsupportedGeoreference,
 )
 from catalogs.recipes import RecipeOutput, Stretch
 
@@ -121,6 +127,7 @@ class RasterHeader:
     scale: float = 1.0
     offset: float = 0.0
     tiff_datetime: str | None = None
+    has_gcps: bool = False
 
 
 def _header_of(ds: DatasetReader) -> RasterHeader:
@@ -137,6 +144,7 @@ def _header_of(ds: DatasetReader) -> RasterHeader:
         scale=float(ds.scales[0]),
         offset=float(ds.offsets[0]),
         tiff_datetime=ds.tags().get("TIFFTAG_DATETIME"),
+        has_gcps=bool(ds.gcps[0]),
     )
 
 
@@ -203,6 +211,7 @@ class _Band:
     offset: float
     nodata: float | None
     same_grid: bool
+    access: AssetAccess | None = None
 
 
 class SceneReader:
@@ -265,8 +274,10 @@ class SceneReader:
         ref_ds: DatasetReader | None = None
         for name in names:
             asset = scene.bands[name]
-            ds = open_raster(asset.gdal_path, item_id=scene.id, asset=asset.key)
-            self._bands[name] = _Band(name, ds, asset.scale, asset.offset, asset.nodata, True)
+            access = resolve_access(asset.href, item_id=scene.id, asset=asset.key)
+            with access.env():
+                ds = open_raster(access.path, item_id=scene.id, asset=asset.key)
+            self._bands[name] = _Band(name, ds, asset.scale, asset.offset, asset.nodata, True, access)
             dtype = ds.dtypes[0]
             if dtype not in SUPPORTED_DTYPES:
                 raise UnsupportedDataType(
@@ -314,6 +325,12 @@ class SceneReader:
         elif scene.crs and scene.transform:
             self.crs, self.transform = scene.crs, Affine(*scene.transform)
             log.info("%s: raster header has no georeference; using the item's proj:* fields", scene.id)
+        elif ds.gcps[0]:
+            raise UnsupportedGeoreference(
+                f"item {scene.id!r}: the raster is georeferenced only by ground control points (radar geometry); "
+                "it is not read. Use a terrain-corrected collection (e.g. 'sentinel-1-rtc') instead",
+                item_id=scene.id, asset=asset.key, href=asset.href,
+            )
         else:
             raise NoGeoreference(
                 "neither the raster header nor the item (proj:*) gives a CRS and geotransform",
@@ -356,13 +373,16 @@ class SceneReader:
     ) -> np.ndarray:
         """Read one band over a reference-grid window lying inside the scene, as stored."""
         ds = band.ds
+        env = band.access.env() if band.access is not None else contextlib.nullcontext()
         try:
-            if band.same_grid:
-                data = ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
-            else:
-                bounds = window_bounds(window, self.transform)
-                src = from_bounds(*bounds, transform=ds.transform)
-                data = ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling, boundless=False)
+            with env:
+                if band.same_grid:
+                    data = ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
+                else:
+                    bounds = window_bounds(window, self.transform)
+                    src = from_bounds(*bounds, transform=ds.transform)
+                    data = ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling,
+                                   boundless=False)
         except RasterioError as exc:
             asset = self.scene.bands[band.name]
             raise classify_raster_error(
@@ -395,6 +415,24 @@ class SceneReader:
         win = self._clip(window)
         shape = (int(win.height), int(win.width))
         return {name: self._read_band(b, win, shape, Resampling.nearest) for name, b in self._bands.items()}
+
+    @property
+    def band_nodata(self) -> dict[str, float | None]:
+        """The nodata value in effect for each open band (item, else raster header, else recipe)."""
+        return {name: band.nodata for name, band in self._bands.items()}
+
+    def read_physical(self, window: Window) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Physical values (reflectance, dB, K... as the recipe's units say) of each band over a window in the scene.
+
+        Args:
+            window: A window lying inside the scene.
+
+        Returns:
+            ``(values, valid)``: band name → float32 array on the reference grid, and the combined validity mask.
+        """
+        self._require_open()
+        win = self._clip(window)
+        return self._read_decoded(win, out_shape=(int(win.height), int(win.width)))
 
     def read(self, window: Window, *, allow_empty: bool = False) -> TileImage:
         """Read one window through the recipe.

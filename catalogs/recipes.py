@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -48,6 +49,8 @@ class BandSpec(BaseModel):
 
     Attributes:
         assets: Asset keys that may hold the band, first match wins (catalogs name them differently).
+        names: Band names (``eo:bands[].name``/``common_name``, STAC 1.1 ``bands[].name``/``eo:common_name``) that
+            identify the band's asset when no key matches; among several single-band assets the finest wins.
         transform: ``linear`` (``DN * scale + offset``) or ``db`` (``10 log10(linear)``, for SAR power).
         scale: Default scale when the item's ``raster:bands`` gives none.
         offset: Default offset when the item's ``raster:bands`` gives none.
@@ -55,17 +58,26 @@ class BandSpec(BaseModel):
         required: Whether a scene without this band is an error (``MissingAsset``); optional bands are read only
             when a channel uses them.
         db_floor: Smallest linear value before the dB conversion (zero power would be -inf dB).
+        units: Physical unit of the decoded values (``reflectance``, ``dB``, ``K``...).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    assets: tuple[str, ...]
+    assets: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
     transform: Literal["linear", "db"] = "linear"
     scale: float = 1.0
     offset: float = 0.0
     nodata: float | None = None
     required: bool = True
     db_floor: float = 1e-6
+    units: str | None = None
+
+    @model_validator(mode="after")
+    def _check_lookup(self) -> BandSpec:
+        if not self.assets and not self.names:
+            raise ValueError("a band needs asset keys ('assets') or band names ('names') to find its asset")
+        return self
 
 
 class ChannelSpec(BaseModel):
@@ -105,6 +117,101 @@ class StretchSpec(BaseModel):
     min_span: float = 0.0
 
 
+class RadiometryRule(BaseModel):
+    """A documented per-collection radiometry rule for catalogs that omit scale/offset.
+
+    The rule applies to the listed bands of an item whose version property (the first of ``properties`` present)
+    is at least ``version_at_least``, and only where the item itself gives no value: the catalog always wins.
+    Versions are ``NN.NN`` strings; a product id holding ``_NNNNN_`` after ``N`` (``..._N0509_...``) is read too.
+
+    Attributes:
+        description: Why the rule exists, with its source.
+        properties: Item properties that carry the version, first present wins.
+        version_at_least: Lowest version the rule applies to.
+        bands: Band names the rule sets.
+        scale: Scale to set, if any.
+        offset: Offset to set, if any.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    description: str = ""
+    properties: tuple[str, ...]
+    version_at_least: str
+    bands: tuple[str, ...]
+    scale: float | None = None
+    offset: float | None = None
+
+    def applies(self, properties: Mapping[str, Any]) -> bool:
+        """Whether an item with these properties falls under the rule."""
+        version = item_version(properties, self.properties)
+        return version is not None and version >= _version_key(self.version_at_least)
+
+
+_PRODUCT_BASELINE = re.compile(r"_N(\d{2})(\d{2})(?:_|$|\.)")
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def item_version(properties: Mapping[str, Any], keys: Iterable[str]) -> tuple[int, ...] | None:
+    """The first version found in ``properties[keys...]`` as a tuple (``"05.09"`` → ``(5, 9)``), or None.
+
+    Args:
+        properties: Item properties.
+        keys: Property names to look at, in order.
+
+    Returns:
+        The version tuple, or None when no listed property holds one.
+    """
+    for key in keys:
+        value = properties.get(key)
+        if value is None:
+            continue
+        text = str(value)
+        m = _PRODUCT_BASELINE.search(text)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+        if re.fullmatch(r"\d+(\.\d+)*", text):
+            return _version_key(text)
+    return None
+
+
+class Source(BaseModel):
+    """A public (or user) catalog that publishes a collection this recipe serves.
+
+    Attributes:
+        name: The service (``Earth Search v1``, ``Microsoft Planetary Computer``...).
+        stac_url: The STAC API root.
+        collection: The collection id there.
+        access: How its assets are read (``https``, ``s3``, ``s3 requester-pays``, ``signed https``...).
+        notes: Anything a user must know (credentials, catalog quirks the recipe handles).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    stac_url: str
+    collection: str
+    access: str = "https"
+    notes: str = ""
+
+
+class Refusal(BaseModel):
+    """Items of a collection the job refuses with a typed error instead of reading wrongly.
+
+    Attributes:
+        reason: Why the items cannot be read correctly.
+        suggest: Collections to use instead.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reason: str
+    suggest: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class RecipeOutput:
     """A window rendered by a recipe.
@@ -131,6 +238,14 @@ class Recipe(BaseModel):
         bands: Logical bands by name.
         channels: Exactly three output channels.
         stretch: How channels without a fixed range are stretched.
+        composite: Name of the composite the channels make (``true colour``, ``VV, VH, VV/VH (dB)``...).
+        sources: The catalogs that publish the collections, for ``earthgpt catalog collections`` and the docs.
+        radiometry_rules: Documented scale/offset rules for catalogs that omit them.
+        prefer_alternates: Alternate asset hrefs (``alternate.<name>.href``) to read instead of ``href``, first
+            present wins (e.g. ``s3`` for USGS, whose main hrefs need a browser login).
+        refuse: Set for collections whose items the job must not read (see :class:`Refusal`).
+        composites: Other standard composites of the same bands (e.g. SWIR false colour), by name; choose one with
+            :meth:`with_composite`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -142,6 +257,12 @@ class Recipe(BaseModel):
     bands: dict[str, BandSpec]
     channels: tuple[ChannelSpec, ChannelSpec, ChannelSpec]
     stretch: StretchSpec = Field(default_factory=StretchSpec)
+    composite: str = ""
+    sources: tuple[Source, ...] = ()
+    radiometry_rules: tuple[RadiometryRule, ...] = ()
+    prefer_alternates: tuple[str, ...] = ()
+    refuse: Refusal | None = None
+    composites: dict[str, tuple[ChannelSpec, ChannelSpec, ChannelSpec]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_names(self) -> Recipe:
@@ -153,7 +274,39 @@ class Recipe(BaseModel):
                     raise ValueError(f"channel uses unknown band {name!r}")
             if self.stretch.method == "fixed" and ch.range is None:
                 raise ValueError("stretch method 'fixed' needs a range on every channel")
+        for name, channels in self.composites.items():
+            for ch in channels:
+                for band in (ch.band, ch.minus):
+                    if band is not None and band not in self.bands:
+                        raise ValueError(f"composite {name!r} uses unknown band {band!r}")
+                if self.stretch.method == "fixed" and ch.range is None:
+                    raise ValueError(f"composite {name!r}: stretch method 'fixed' needs a range on every channel")
+        for rule in self.radiometry_rules:
+            unknown = [b for b in rule.bands if b not in self.bands]
+            if unknown:
+                raise ValueError(f"radiometry rule names unknown bands {unknown}")
         return self
+
+    def with_composite(self, name: str) -> Recipe:
+        """The same recipe rendering another of its composites (its bands become required).
+
+        Args:
+            name: A key of :attr:`composites`.
+
+        Returns:
+            A recipe whose channels are that composite's.
+
+        Raises:
+            KeyError: If the recipe has no such composite.
+        """
+        if name not in self.composites:
+            raise KeyError(f"recipe for {list(self.collections)} has no composite {name!r} (has {list(self.composites)})")
+        channels = self.composites[name]
+        used = {b for ch in channels for b in (ch.band, ch.minus) if b}
+        bands = {n: (b.model_copy(update={"required": True}) if n in used else b) for n, b in self.bands.items()}
+        reference = self.reference_band if self.reference_band in used else channels[0].band
+        return self.model_copy(update={"channels": channels, "composite": name, "bands": bands,
+                                       "reference_band": reference})
 
     @property
     def used_bands(self) -> tuple[str, ...]:

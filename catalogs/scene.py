@@ -4,6 +4,12 @@
 (``proj:code`` or the older ``proj:epsg``, ``proj:wkt2``, ``proj:projjson``; ``proj:shape``, ``proj:transform``),
 per-asset ``raster:bands`` (STAC 1.0) or ``bands`` with ``raster:*`` fields (STAC 1.1) for scale, offset, nodata,
 data type. Items without ``proj:*`` fields fall back to reading the reference asset's header.
+
+Assets are found by key first (``red``, ``B04``), then by band name (``eo:bands[].name``/``common_name`` or STAC 1.1
+``bands[].name``/``eo:common_name``; the finest single-band asset wins, e.g. CDSE's ``B04_10m`` over ``B04_20m``).
+Radiometry is resolved per field, most specific first: the matching ``bands[]`` entry, the asset's own ``raster:*``
+fields (STAC 1.1 inheritance), STAC 1.0 ``raster:bands``, the collection's documented rule (e.g. Sentinel-2
+processing baseline >= 04.00: offset -0.1), then the recipe default.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import pystac
 from pydantic import BaseModel, ConfigDict
 from pyproj import CRS
 
-from catalogs.errors import MissingAsset, NoGeoreference, SceneError
+from catalogs.errors import MissingAsset, NoGeoreference, SceneError, UnsupportedGeoreference
 from catalogs.hrefs import HrefPolicy, to_gdal_path
 from catalogs.recipes import Recipe, SensorKind, recipe_for
 
@@ -33,6 +39,7 @@ class BandAsset(BaseModel):
         data_type: Data type from the item, if given.
         shape: ``proj:shape`` of the asset, if given.
         transform: ``proj:transform`` of the asset (6 terms), if given.
+        unit: Physical unit of the decoded values (from the recipe), e.g. ``reflectance``, ``dB``, ``K``.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -45,6 +52,7 @@ class BandAsset(BaseModel):
     data_type: str | None = None
     shape: tuple[int, int] | None = None
     transform: tuple[float, float, float, float, float, float] | None = None
+    unit: str | None = None
 
     @property
     def gdal_path(self) -> str:
@@ -128,43 +136,65 @@ class Scene(BaseModel):
     ) -> Scene:
         recipe = recipe_for(item.collection_id, recipes)
         props = item.properties
+        if recipe.refuse is not None:
+            instead = f"; use {' or '.join(repr(c) for c in recipe.refuse.suggest)} instead" if recipe.refuse.suggest else ""
+            raise UnsupportedGeoreference(
+                f"item {item.id!r} of collection {item.collection_id!r} is refused: {recipe.refuse.reason}{instead}",
+                item_id=item.id,
+            )
+        rules = [r for r in recipe.radiometry_rules if r.applies(props)]
         bands: dict[str, BandAsset] = {}
         used = set(recipe.used_bands)
         for name, spec in recipe.bands.items():
-            key = next((k for k in spec.assets if k in item.assets), None)
+            key = _find_asset(item, spec.assets, spec.names)
             if key is None:
                 if spec.required or name in used:
                     raise MissingAsset(
-                        f"item has no asset for band {name!r} (looked for {list(spec.assets)}; "
-                        f"has {sorted(item.assets)})",
-                        asset=spec.assets[0],
+                        f"item has no asset for band {name!r} (looked for keys {list(spec.assets)} and band names "
+                        f"{list(spec.names)}; has {sorted(item.assets)})",
+                        asset=(spec.assets or spec.names)[0],
                     )
                 continue
             asset = item.assets[key]
-            href = policy.check(_absolute_href(asset), item_id=item.id, asset=key)
+            href = policy.check(_chosen_href(asset, recipe.prefer_alternates), item_id=item.id, asset=key)
             fields = asset.extra_fields
-            rb = _raster_band(fields)
-            scale = rb.get("scale", rb.get("raster:scale"))
-            offset = rb.get("offset", rb.get("raster:offset"))
-            nodata = rb.get("nodata", fields.get("nodata"))
+            radio = _radiometry(fields, spec.names)
+            scale, offset = radio.get("scale"), radio.get("offset")
+            for rule in rules:
+                if name in rule.bands:
+                    scale = rule.scale if scale is None and rule.scale is not None else scale
+                    offset = rule.offset if offset is None and rule.offset is not None else offset
             bands[name] = BandAsset(
                 key=key,
                 href=href,
                 scale=float(scale) if scale is not None else spec.scale,
                 offset=float(offset) if offset is not None else spec.offset,
-                nodata=_nodata(nodata),
-                data_type=rb.get("data_type", fields.get("data_type")),
+                nodata=_nodata(radio.get("nodata")),
+                data_type=radio.get("data_type"),
                 shape=_shape(fields.get("proj:shape", props.get("proj:shape"))),
-                transform=_transform(fields.get("proj:transform", props.get("proj:transform"))),
+                transform=_transform(fields.get("proj:transform", props.get("proj:transform")))
+                or _transform_from_bbox(fields.get("proj:bbox", props.get("proj:bbox")),
+                                        fields.get("proj:shape", props.get("proj:shape"))),
+                unit=spec.units,
             )
         ref = bands[recipe.reference_band]
         ref_fields = item.assets[ref.key].extra_fields
         crs = _crs(ref_fields) or _crs(props)
         shape, transform = ref.shape, ref.transform
         if (crs is None or shape is None or transform is None) and read_header:
+            from catalogs.access import resolve_access
             from catalogs.io import read_header as _read_header
 
-            header = _read_header(ref.gdal_path, item_id=item.id, asset=ref.key)
+            access = resolve_access(ref.href, item_id=item.id, asset=ref.key)
+            with access.env():
+                header = _read_header(access.path, item_id=item.id, asset=ref.key)
+            if header.transform is None and header.has_gcps:
+                raise UnsupportedGeoreference(
+                    f"item {item.id!r}: asset {ref.key!r} is georeferenced only by ground control points (radar "
+                    "geometry) and the item has no proj:* grid; it is not read. Use a terrain-corrected collection "
+                    "(e.g. 'sentinel-1-rtc') instead",
+                    asset=ref.key, href=ref.href,
+                )
             crs = crs or header.crs
             shape = shape or header.shape
             transform = transform or header.transform
@@ -216,12 +246,101 @@ def _absolute_href(asset: pystac.Asset) -> str:
     return asset.get_absolute_href() or raw
 
 
-def _raster_band(fields: Mapping[str, Any]) -> dict[str, Any]:
-    for key in ("raster:bands", "bands"):
+def _asset_bands(fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Band objects of an asset: STAC 1.1 ``bands``, else STAC 1.0 ``eo:bands`` (names only)."""
+    for key in ("bands", "eo:bands"):
         value = fields.get(key)
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            return dict(value[0])
-    return {k: v for k, v in fields.items() if k.startswith("raster:")}
+        if isinstance(value, list):
+            return [dict(b) for b in value if isinstance(b, dict)]
+    return []
+
+
+def _band_names(band: Mapping[str, Any]) -> set[str]:
+    return {str(band[k]) for k in ("name", "common_name", "eo:common_name") if band.get(k)}
+
+
+def _find_asset(item: pystac.Item, keys: tuple[str, ...], names: tuple[str, ...]) -> str | None:
+    """The asset holding a band: the first listed key present, else the finest single-band asset named so."""
+    for key in keys:
+        if key in item.assets:
+            return key
+    if not names:
+        return None
+    wanted = set(names)
+    candidates = []
+    for order, (key, asset) in enumerate(item.assets.items()):
+        fields = asset.extra_fields
+        roles = set(asset.roles or ())
+        if roles and not roles & {"data", "reflectance", "temperature", "backscatter", "gamma0", "sigma0"}:
+            continue
+        own = _asset_bands(fields)
+        if len(own) == 1 and _band_names(own[0]) & wanted:
+            candidates.append((_resolution(fields), order, key))
+    return min(candidates)[2] if candidates else None
+
+
+def _resolution(fields: Mapping[str, Any]) -> float:
+    gsd = fields.get("gsd")
+    if gsd:
+        return float(gsd)
+    transform = fields.get("proj:transform")
+    if transform:
+        return abs(float(transform[0]))
+    return float("inf")
+
+
+def _radiometry(fields: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Scale, offset, nodata and data type of an asset's band, each from the most specific place that has it.
+
+    Order: the matching STAC 1.1 ``bands[]`` entry (``raster:scale``...), the asset's own fields (STAC 1.1 puts
+    values shared by all bands there), then STAC 1.0 ``raster:bands`` (the entry at the matching ``eo:bands`` index).
+    """
+    out: dict[str, Any] = {}
+    layers: list[Mapping[str, Any]] = []
+    bands = fields.get("bands")
+    if isinstance(bands, list) and bands and isinstance(bands[0], dict):
+        layers.append(bands[_band_index(bands, names)])
+    layers.append(fields)
+    rbands = fields.get("raster:bands")
+    if isinstance(rbands, list) and rbands and isinstance(rbands[0], dict):
+        eo = fields.get("eo:bands")
+        index = _band_index(eo, names) if isinstance(eo, list) and len(eo) == len(rbands) else 0
+        layers.append(rbands[index])
+    for out_key, keys in (("scale", ("raster:scale", "scale")), ("offset", ("raster:offset", "offset")),
+                          ("nodata", ("nodata", "raster:nodata")), ("data_type", ("data_type", "raster:data_type"))):
+        for layer in layers:
+            value = next((layer[k] for k in keys if layer.get(k) is not None), None)
+            if value is not None:
+                out[out_key] = value
+                break
+    return out
+
+
+def _band_index(bands: list[Any], names: tuple[str, ...]) -> int:
+    wanted = set(names)
+    for i, band in enumerate(bands):
+        if isinstance(band, dict) and _band_names(band) & wanted:
+            return i
+    return 0
+
+
+def _chosen_href(asset: pystac.Asset, prefer: tuple[str, ...]) -> str:
+    alternates = asset.extra_fields.get("alternate")
+    if isinstance(alternates, dict):
+        for name in prefer:
+            alt = alternates.get(name)
+            if isinstance(alt, dict) and alt.get("href"):
+                return str(alt["href"])
+    return _absolute_href(asset)
+
+
+def _transform_from_bbox(bbox: Any, shape: Any) -> tuple[float, float, float, float, float, float] | None:
+    """``proj:transform`` from ``proj:bbox`` (in the item's CRS) and ``proj:shape`` for items that give only those."""
+    if not bbox or not shape or len(bbox) != 4:
+        return None
+    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    rows, cols = int(shape[0]), int(shape[1])
+    return (xmax - xmin) / cols, 0.0, xmin, 0.0, -(ymax - ymin) / rows, ymax
 
 
 def _crs(fields: Mapping[str, Any]) -> str | None:

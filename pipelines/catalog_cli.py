@@ -4,6 +4,10 @@
   archive (COGs, STAC items, ground truth, chips + ``annotations.jsonl``) and the MMRS-1M instruction JSONs for it.
 - ``earthgpt catalog ingest SOURCE --collection ID --out DIR [--pgstac-dsn DSN]`` builds STAC items for a folder or
   ``s3://`` prefix of COGs and writes NDJSON + collection JSON (and loads them into pgstac).
+- ``earthgpt catalog collections [--recipes DIR]`` lists the supported collections: sensor, bands (with units),
+  composite and the catalogs that publish them.
+- ``earthgpt catalog check URL --collection C [--bbox W S E N] [--datetime I] [--limit N]`` fetches a few items,
+  builds scenes, reads one window from each and prints what it saw (run it before a nightly job).
 
 The MMRS-1M instruction JSONs are written by :mod:`pipelines.mmrs`, not by ``catalogs`` (which may not import the
 model package): the same :mod:`earthgpt.tasks` templates format training targets and parse inference answers.
@@ -53,6 +57,78 @@ def _ingest(ns: argparse.Namespace) -> int:
     return 0 if result.count or not result.errors else 1
 
 
+def _recipes(dirs: list[str] | None):  # type: ignore[no-untyped-def]
+    from catalogs.recipes import builtin_recipes, load_recipes
+
+    return load_recipes(*dirs) if dirs else builtin_recipes()
+
+
+def _collections(ns: argparse.Namespace) -> int:
+    table = _recipes(ns.recipes)
+    if ns.json:
+        import json
+
+        rows = [{"collection": cid, "sensor": r.sensor, "composite": r.composite, "composites": list(r.composites),
+                 "bands": {n: b.units for n, b in r.bands.items()},
+                 "refused": r.refuse.model_dump() if r.refuse else None,
+                 "sources": [s.model_dump() for s in r.sources if s.collection == cid]}
+                for cid, r in sorted(table.items())]
+        print(json.dumps(rows, indent=2))
+        return 0
+    for cid, recipe in sorted(table.items()):
+        composite = recipe.composite or recipe.description
+        if recipe.refuse is not None:
+            composite = f"REFUSED ({recipe.refuse.reason.split(',')[0]}); use {', '.join(recipe.refuse.suggest)}"
+        by_unit: dict[str, list[str]] = {}
+        for name, band in recipe.bands.items():
+            by_unit.setdefault(band.units or "DN", []).append(name)
+        print(f"{cid}  [{recipe.sensor}]  {composite}")
+        if recipe.composites and recipe.refuse is None:
+            print(f"    also:    {'; '.join(recipe.composites)}")
+        bands = "; ".join(", ".join(names) + f" ({unit})" for unit, names in by_unit.items())
+        print(f"    bands:   {bands}")
+        sources = [f"{s.name} <{s.stac_url}> via {s.access}" for s in recipe.sources if s.collection == cid]
+        for i, source in enumerate(sources or ["local (no public source)"]):
+            print(f"    {'source:' if i == 0 else '':<8} {source}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _check(ns: argparse.Namespace) -> int:
+    from catalogs.check import check_items
+    from catalogs.hrefs import HrefPolicy
+    from catalogs.search import search_items
+
+    schemes = {"s3", "https", *ns.allow_scheme}
+    policy = HrefPolicy(allowed_schemes=frozenset(schemes), allowed_prefixes=tuple(ns.allow_prefix))
+    items = list(search_items(ns.url, collections=[ns.collection], bbox=ns.bbox, datetime=ns.datetime,
+                              max_items=ns.limit))
+    if not items:
+        print(f"check: no items in {ns.collection!r} at {ns.url} for this search", file=sys.stderr)
+        return 1
+    results = check_items(items, href_policy=policy, recipes=_recipes(ns.recipes), window_size=ns.window)
+    for r in results:
+        if not r.ok:
+            err = r.error or {}
+            print(f"{r.item_id}: FAILED {err.get('error_type')} at {err.get('stage')}: {err.get('message')}")
+            continue
+        shape = r.shape or (0, 0)
+        print(f"{r.item_id}: {r.crs} grid {shape[0]}x{shape[1]} @ {_fmt(r.resolution)} m; window {r.window} "
+              f"valid {100 * (r.valid_fraction or 0):.1f} %")
+        for note in r.notes:
+            print(f"  note: {note}")
+        for b in r.bands:
+            print(f"  {b.name:<7} asset {b.key:<9} via {b.via}{' (' + b.store + ')' if b.store else ''}: "
+                  f"DN*{b.scale:g}{b.offset:+g}, nodata {b.nodata}; p2/median/p98 {_fmt(b.p2)} / {_fmt(b.median)} / "
+                  f"{_fmt(b.p98)} {b.unit or ''}")
+    failed = sum(not r.ok for r in results)
+    print(f"check: {len(results) - failed} of {len(results)} items read")
+    return 0 if failed == 0 else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     from catalogs.ingest import DEFAULT_PATTERN
 
@@ -79,6 +155,23 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--datetime", default=None, help="acquisition time for files without one (ISO 8601)")
     ing.add_argument("--pgstac-dsn", default=None, help="also upsert into this pgstac database")
     ing.set_defaults(run=_ingest)
+
+    col = sub.add_parser("collections", help="list the supported collections (sensor, bands, composite, source)")
+    col.add_argument("--recipes", action="append", default=None, help="folder of extra recipe YAMLs (repeatable)")
+    col.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    col.set_defaults(run=_collections)
+
+    chk = sub.add_parser("check", help="read one window from a few items of a collection; print what was seen")
+    chk.add_argument("url", help="STAC API root")
+    chk.add_argument("--collection", required=True)
+    chk.add_argument("--bbox", type=float, nargs=4, metavar=("WEST", "SOUTH", "EAST", "NORTH"), default=None)
+    chk.add_argument("--datetime", default=None, help="RFC 3339 instant or interval")
+    chk.add_argument("--limit", type=int, default=3, help="items to check")
+    chk.add_argument("--window", type=int, default=256, help="side of the window read from each scene (pixels)")
+    chk.add_argument("--recipes", action="append", default=None, help="folder of extra recipe YAMLs (repeatable)")
+    chk.add_argument("--allow-scheme", action="append", default=[], help="also allow this href scheme (e.g. http)")
+    chk.add_argument("--allow-prefix", action="append", default=[], help="only read hrefs under these prefixes")
+    chk.set_defaults(run=_check)
     return parser
 
 

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipelines.infer", "run the archive inference job from a YAML config"),
     "train": ("pipelines.train", "instruction-tune EarthGPT on Ray Train from a YAML config"),
     "eval": ("pipelines.evaluate", "evaluate a checkpoint on MMRS-1M-format data"),
-    "catalog": ("pipelines.catalog_cli", "STAC catalog tools: ingest COGs, generate the toy world"),
+    "catalog": ("pipelines.catalog_cli", "STAC catalog tools: supported collections, check a catalog, ingest COGs, toy world"),
     "query": ("pipelines.query", "SQL over the output tables (DuckDB)"),
     "submit": ("pipelines.submit", "submit the archive or training job to a Ray cluster (Ray Jobs API)"),
 }

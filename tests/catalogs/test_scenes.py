@@ -28,7 +28,7 @@ def test_earth_search_sentinel2_l2a() -> None:
     assert scene.datetime == dt.datetime(2023, 7, 4, 10, 4, 19, 254000, tzinfo=dt.timezone.utc)
     assert scene.updated == dt.datetime(2023, 7, 4, 15, 36, 27, 802000, tzinfo=dt.timezone.utc)
     assert scene.cloud_cover == pytest.approx(12.478953)
-    assert set(scene.bands) == {"red", "green", "blue", "nir"}
+    assert set(scene.bands) == {"red", "green", "blue", "nir", "nir08", "swir22"}
     red = scene.bands["red"]
     assert red.key == "red" and red.href.endswith("/B04.tif")
     # the item's raster:bands (processing baseline 05.09: offset -0.1) win over the recipe default
@@ -59,7 +59,9 @@ def test_planetary_computer_landsat_c2_l2() -> None:
     assert scene.sensor == "thermal"
     assert scene.crs == "EPSG:32612"
     assert scene.shape == (7821, 7701)
-    assert set(scene.bands) == {"lwir11"}
+    # lwir11 feeds the channels; the item's surface-reflectance `red` is kept as an optional band with its own scale
+    assert set(scene.bands) == {"lwir11", "red"}
+    assert (scene.bands["red"].scale, scene.bands["red"].offset) == (0.0000275, -0.2)
     lwir = scene.bands["lwir11"]
     assert lwir.href.endswith("_ST_B10.TIF")
     assert (lwir.scale, lwir.offset, lwir.nodata) == (0.00341802, 149.0, 0.0)
@@ -95,6 +97,8 @@ def test_planetary_computer_asset_keys_for_s2() -> None:
     item = fixture_item("earth-search-sentinel-2-l2a")
     item["assets"] = {pc: item["assets"][es] for es, pc in (("red", "B04"), ("green", "B03"), ("blue", "B02"),
                                                           ("nir", "B08"))}
+    for asset in item["assets"].values():  # no band names either: the keys alone must match
+        asset.pop("eo:bands", None)
     scene = Scene.from_item(item, href_policy=REMOTE)
     assert {b: a.key for b, a in scene.bands.items()} == {"red": "B04", "green": "B03", "blue": "B02", "nir": "B08"}
 

@@ -71,6 +71,8 @@ class S3Server:
 
     endpoint_url: str
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    # per request: the access key id it was signed with ("" if unsigned) and its x-amz-request-payer header
+    request_auth: list[tuple[str, str | None]] = field(default_factory=list)
     _server: Any = None
     _thread: threading.Thread | None = None
 
@@ -144,6 +146,7 @@ class S3Server:
 
     def clear_requests(self) -> None:
         self.requests.clear()
+        self.request_auth.clear()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -171,6 +174,9 @@ def start_s3() -> S3Server:
         if environ.get("QUERY_STRING"):
             path += "?" + environ["QUERY_STRING"]
         server.requests.append((environ["REQUEST_METHOD"], path, environ.get("HTTP_RANGE")))
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        key = auth.split("Credential=", 1)[1].split("/", 1)[0] if "Credential=" in auth else ""
+        server.request_auth.append((key, environ.get("HTTP_X_AMZ_REQUEST_PAYER")))
         return moto_app(environ, start_response)
 
     httpd = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
@@ -178,7 +184,7 @@ def start_s3() -> S3Server:
     thread.start()
     server._server, server._thread = httpd, thread
     wait_for_http(server.endpoint_url + "/", timeout=15, what="moto S3 server")
-    server.requests.clear()
+    server.clear_requests()
     return server
 
 
