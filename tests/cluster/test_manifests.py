@@ -13,7 +13,8 @@ from pipelines.config import ConfigError
 from pipelines.config import load_config as load_infer_config
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFESTS = sorted((ROOT / "cluster").rglob("*.yaml"))
+# Kubernetes manifests (cluster/launcher holds Ray cluster-launcher configs, cluster/schemas vendored schemas)
+MANIFESTS = sorted(p for folder in ("kuberay", "schedule") for p in (ROOT / "cluster" / folder).glob("*.yaml"))
 
 
 def _docs(path: Path) -> list[dict]:
