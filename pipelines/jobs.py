@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -87,7 +88,11 @@ def _list(jobs: Any, args: argparse.Namespace) -> int:
 def _status(jobs: Any, args: argparse.Namespace) -> int:
     info = jobs.get_job_info(args.job_id)
     state = str(info.status).split(".")[-1]
-    print(f"{args.job_id}: {state}" + (f" ({info.message})" if info.message else ""))
+    if args.json:
+        data = info.model_dump() if hasattr(info, "model_dump") else info.dict()
+        print(json.dumps(data, default=str))
+    else:
+        print(f"{args.job_id}: {state}" + (f" ({info.message})" if info.message else ""))
     return exit_code(state)
 
 
@@ -123,6 +128,7 @@ def cli(argv: list[str] | None = None) -> int:
                    help="only jobs in this state (repeatable)")
     p = sub.add_parser("status", parents=[common], help="a job's state; the exit code mirrors it")
     p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print everything the cluster knows of the job, as JSON")
     p = sub.add_parser("logs", parents=[common], help="a job's logs so far, or --follow them until it ends")
     p.add_argument("job_id")
     p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends; exit code mirrors it")
