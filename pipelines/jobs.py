@@ -24,6 +24,14 @@ NOT_FINISHED = 3
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
+def cluster_errors() -> tuple[type[BaseException], ...]:
+    """What the Jobs API client raises for a cluster-side problem, reported as one line rather than a traceback:
+    no cluster at the address, a missing or wrong token, an unknown job id."""
+    from ray.exceptions import AuthenticationError
+
+    return (ConnectionError, RuntimeError, AuthenticationError)
+
+
 def client(address: str) -> Any:
     """A ``JobSubmissionClient`` for the cluster whose dashboard is at ``address``."""
     from ray.job_submission import JobSubmissionClient
@@ -138,10 +146,10 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--no-wait", dest="wait", action="store_false", help="return once the stop is requested")
     p.add_argument("--timeout", type=float, help="seconds to wait for the job to end (default 60)")
     args = parser.parse_args(argv)
-    jobs = client(args.address)
     try:
+        jobs = client(args.address)
         return {"list": _list, "status": _status, "logs": _logs, "stop": _stop}[args.command](jobs, args)
-    except RuntimeError as exc:  # the Jobs API answers an unknown id with a RuntimeError naming it
+    except cluster_errors() as exc:
         print(f"earthgpt jobs {args.command}: {exc}", file=sys.stderr)
         return 2
 

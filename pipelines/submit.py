@@ -226,7 +226,11 @@ def cli(argv: list[str] | None = None) -> int:
     pip = [*(project_requirements() if args.pip_deps else []), *(args.pip or [])]
     spec = job_spec(args.kind, config, job_args=job_args, forward_credentials=args.forward_credentials,
                     pip=pip or None, env=env, runtime_env=base)
-    job_id, state = submit(args.address, spec, wait=args.wait, timeout=args.timeout)
+    try:
+        job_id, state = submit(args.address, spec, wait=args.wait, timeout=args.timeout)
+    except job_control.cluster_errors() as exc:
+        print(f"earthgpt submit: {exc}", file=sys.stderr)
+        return 2
     print(f"earthgpt submit: job {job_id} {state}")
     if not args.wait:
         return 0

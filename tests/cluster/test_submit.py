@@ -74,3 +74,13 @@ def test_ship_code_uploads_this_checkouts_packages(monkeypatch):
     assert "torch" in names and "rasterio" in names and "ray" not in names  # the image brings Ray
     assert "pytest" not in names  # no extras
     assert env["pip"][-1] == "extra-pkg==1"
+
+
+def test_no_cluster_at_the_address_is_one_clear_line(capsys):
+    from pipelines import jobs
+
+    assert jobs.cli(["status", "raysubmit_x", "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("earthgpt jobs status:") and "127.0.0.1:9" in err and "Traceback" not in err
+    code = submit.cli(["run", str(ROOT / "configs/infer/s3-pgstac.yaml"), "--address", "http://127.0.0.1:9"])
+    assert code == 2 and "127.0.0.1:9" in capsys.readouterr().err
