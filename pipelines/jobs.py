@@ -4,8 +4,9 @@
 dashboard port (``--address``, default ``RAY_API_SERVER_ADDRESS`` or ``http://127.0.0.1:8265``). Token
 authentication is handled by Ray's client (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``).
 
-Exit codes: ``status`` and ``logs --follow`` and ``stop --wait`` mirror the job's state (0 SUCCEEDED, 1 FAILED or
-STOPPED, 3 still PENDING/RUNNING); 2 for a usage error or an unknown job.
+Exit codes: ``status`` and ``logs --follow`` mirror the job's state (0 SUCCEEDED, 1 FAILED or STOPPED, 3 still
+PENDING/RUNNING); ``stop`` exits 0 once the job is STOPPED; 2 for no cluster at the address, a missing token or an
+unknown job.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _stop(jobs: Any, args: argparse.Namespace) -> int:
         return 0
     state = wait_until_finished(jobs, args.job_id, timeout=args.timeout or 60.0)
     print(f"{args.job_id}: {state}")
-    return exit_code(state)
+    return 0 if state == "STOPPED" else exit_code(state)  # stopped as asked; else it ended (or not) on its own
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-from referencing import Registry, Resource  # noqa: E402
+from referencing import Registry, Resource
 
 ROOT = Path(__file__).resolve().parents[2]
 # Kubernetes manifests (cluster/launcher holds Ray cluster-launcher configs, cluster/schemas vendored schemas)
