@@ -80,7 +80,7 @@ def schema_errors(doc: dict[str, Any]) -> list[str]:
     try:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
-        return [f"{exc.path}: {exc.message}" if hasattr(exc, "path") else str(exc)]
+        return [f"$.{'.'.join(map(str, exc.path))}: {exc.message}"]
     return []
 
 
