@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint image image-push manifests lock
 
 setup:
 	@./scripts/setup.sh
@@ -18,3 +18,31 @@ test: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+
+# -- Cluster images (cluster/image/, cluster/README.md). IMAGE is the one parameter: the CPU image is $(IMAGE), the
+# GPU image $(IMAGE)-cuda, and `make manifests` writes the manifests of cluster/ with both put in.
+IMAGE ?= ghcr.io/earthgpt/earthgpt-archive:0.1.0
+SHIPPED_IMAGE := ghcr.io/earthgpt/earthgpt-archive:0.1.0
+
+image:
+	docker build -f cluster/image/Dockerfile -t $(IMAGE) .
+	docker build -f cluster/image/Dockerfile.cuda -t $(IMAGE)-cuda .
+
+image-push: image
+	docker push $(IMAGE)
+	docker push $(IMAGE)-cuda
+
+manifests:
+	@mkdir -p build/manifests
+	@for f in cluster/kuberay/*.yaml cluster/schedule/*.yaml; do \
+	  sed 's#$(SHIPPED_IMAGE)#$(IMAGE)#g' $$f > build/manifests/$$(basename $$f); done
+	@echo "manifests with image $(IMAGE) in build/manifests/"
+
+# The images' locked dependencies, resolved for Linux x86_64 / Python 3.11 (needs uv: pip install uv).
+lock:
+	@mkdir -p build
+	printf 'torch==2.13.0\nray==2.60.0\n' > build/lock-constraints.txt
+	uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  -c build/lock-constraints.txt --no-header --annotation-style line -o build/requirements.lock
+	{ sed -n '1,2p' cluster/image/requirements.lock; cat build/requirements.lock; } > cluster/image/requirements.lock.new
+	mv cluster/image/requirements.lock.new cluster/image/requirements.lock

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "catalog": ("pipelines.catalog_cli", "STAC catalog tools: supported collections, check a catalog, ingest COGs, toy world"),
     "query": ("pipelines.query", "SQL over the output tables (DuckDB)"),
     "submit": ("pipelines.submit", "submit the archive or training job to a Ray cluster (Ray Jobs API)"),
+    "jobs": ("pipelines.jobs", "list, watch, and stop jobs on a Ray cluster (Ray Jobs API)"),
 }
 
 

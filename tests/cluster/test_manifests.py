@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shlex
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from pipelines.config import ConfigError
 from pipelines.config import load_config as load_infer_config
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFESTS = sorted((ROOT / "cluster").rglob("*.yaml"))
+# Kubernetes manifests (cluster/launcher holds Ray cluster-launcher configs, cluster/schemas vendored schemas)
+MANIFESTS = sorted(p for folder in ("kuberay", "schedule") for p in (ROOT / "cluster" / folder).glob("*.yaml"))
 
 
 def _docs(path: Path) -> list[dict]:
@@ -78,3 +80,39 @@ def test_crontab_submits_a_shipped_config():
     for line in lines:
         config = shlex.split(line.split("earthgpt submit run", 1)[1])[0]
         load_infer_config(ROOT / config)
+
+
+def _shipped_infer_configs() -> list[tuple[str, dict]]:
+    found = [(str(p.relative_to(ROOT)), yaml.safe_load(p.read_text())) for p in sorted((ROOT / "configs/infer").glob("*.yaml"))]
+    for path in MANIFESTS:
+        for doc in _docs(path):
+            if doc["kind"] == "ConfigMap" and "infer.yaml" in doc.get("data", {}):
+                found.append((f"{path.name}:{doc['metadata']['name']}", yaml.safe_load(doc["data"]["infer.yaml"])))
+    return found
+
+
+def test_no_shipped_config_turns_kernel_injection_on():
+    # DeepSpeed 0.19.8 kernel injection fails with transformers 5 (benchmarks/results/gpu_generate_h200.txt)
+    configs = _shipped_infer_configs()
+    assert any(c.get("model", {}).get("engine") == "deepspeed" for _, c in configs)
+    assert [name for name, c in configs if c.get("model", {}).get("kernel_inject")] == []
+    from pipelines.config import ModelConfig
+
+    assert ModelConfig.model_fields["kernel_inject"].default is False
+
+
+def _images(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k in ("image", "head_image", "worker_image") and isinstance(v, str)] + [
+            i for v in node.values() for i in _images(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in _images(v)]
+    return []
+
+
+def test_every_manifest_names_the_images_through_the_one_makefile_parameter():
+    shipped = re.search(r"^SHIPPED_IMAGE := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    images = {i for p in MANIFESTS for d in _docs(p) for i in _images(d)}
+    assert images == {shipped, f"{shipped}-cuda"}
+    launcher = {i for p in (ROOT / "cluster/launcher").glob("*.yaml") for i in _images(yaml.safe_load(p.read_text()))}
+    assert launcher <= {shipped, f"{shipped}-cuda"}
