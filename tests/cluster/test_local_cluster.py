@@ -88,7 +88,7 @@ def _archive_config(tmp_path: Path, scenes: int) -> Path:
         "tiling": {"size": 64, "overlap": 0, "min_valid_fraction": 0.5},
         "model": {"name_or_path": "tiny", "max_new_tokens": 8},
         "actors": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 16, "read_num_cpus": 0.5},
-        "output": {"root": str(tmp_path / "out"), "wave_size": 2},
+        "output": {"root": str(tmp_path / "out"), "commit_tiles": 40},
     }
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(config))
