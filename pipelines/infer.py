@@ -62,6 +62,7 @@ from pipelines.source import (
     Window,
     parse_time,
     plan_windows,
+    small_search_counts,
     window_datasource,
 )
 from pipelines.stages import (
@@ -498,6 +499,14 @@ class _ModelColumns:
                      "tokens_detect", "actor_id", "model_loads")
 
 
+def _finish_quiet(summary: RunSummary, counts: Mapping[str, Any]) -> None:
+    summary.scenes_matched = int(counts["matched"])
+    summary.scenes_skipped = int(counts["skipped"])
+    summary.skip_reasons.update(counts["skip_reasons"])
+    summary.read_tasks = 0
+    summary.status = "ok"
+
+
 def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:
     finished = datetime.now(timezone.utc)
     record = {
@@ -573,7 +582,10 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 f"{committed.num_rows} scenes already committed under {store.url()}")
 
             # 2. plan the source: disjoint windows of the search (+ the scenes to retry), no listing here
-            plan = plan_windows(spec, cat.items_per_task, cat.max_read_tasks)
+            from catalogs.search import open_client
+
+            client = open_client(url)  # the driver's few requests share one client (the read tasks open their own)
+            plan = plan_windows(spec, cat.items_per_task, cat.max_read_tasks, client=client)
             windows = list(plan.windows) + (_retry_windows(retry) if watermark is not None else [])
             summary.read_tasks = len(windows)
             listing = ("full listing" if watermark is None
@@ -582,6 +594,20 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 f"{len(plan.windows)} read tasks" + (f", {len(windows) - len(plan.windows)} retry tasks for "
                                                      f"{len(retry)} failed scenes" if len(windows) > len(plan.windows)
                                                      else "") + "".join(f"; {n}" for n in plan.notes))
+
+            # a quiet night: a page at most, all committed -> no Ray, no model, just the bookkeeping
+            if (plan.matched is not None and plan.matched <= cat.page_size and len(windows) == len(plan.windows)
+                    and cat.max_items is None):
+                quick = small_search_counts(spec, committed, policy, client=client)
+                if quick["rows"] == 0:
+                    say(f"nothing to do: {quick['matched']} items listed, all committed")
+                    _finish_quiet(summary, quick)
+                    new_mark = max((t for t in (watermark, quick["max_updated"]) if t is not None), default=None)
+                    summary.watermark = new_mark
+                    if cat.incremental:
+                        ledger.write_state(state_name, {"watermark": new_mark, "retry": [], "run_id": summary.run_id,
+                                                        "output_key": output_key, "search": spec.fingerprint()})
+                    return summary
 
             # 3. one streaming execution: read → tiles → model actors → parse → collect → assemble → commit
             started_ray = _start_ray(config)

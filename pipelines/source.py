@@ -323,6 +323,7 @@ def scene_rows(
     *,
     retry_after: datetime | None = None,
     block_scenes: int = _BLOCK_SCENES,
+    build_scenes: bool = True,
 ) -> Iterator[pa.Table]:
     """Items → blocks of scene rows: keep the window's own items, drop repeats and committed scenes, turn the rest
     into scenes. An item that cannot become one (no asset, a refused href, no id, a timestamp that does not parse,
@@ -337,6 +338,7 @@ def scene_rows(
             ``skip_reasons``, ``seen_retry``.
         retry_after: For a retry window: items updated at or after this are left to the incremental windows.
         block_scenes: Rows per block.
+        build_scenes: Build each item's scene (``False``: only decide which items need work).
 
     Yields:
         Arrow tables of :data:`SCENE_COLUMNS`.
@@ -385,8 +387,8 @@ def scene_rows(
                 raise InvalidItem("item has no id")
             if time_error is not None:
                 raise InvalidItem(f"item {item_id}: unreadable datetime ({time_error})")
-            scene = Scene.from_item(dict(item), href_policy=href_policy)
-            row["scene"] = scene.model_dump_json()
+            if build_scenes:
+                row["scene"] = Scene.from_item(dict(item), href_policy=href_policy).model_dump_json()
             counts["planned"] += 1
         except SceneError as exc:
             row.update(error_stage=exc.stage or "scene", error_type=exc.error_type, error_message=exc.message,
@@ -403,6 +405,33 @@ def scene_rows(
             rows = []
     if rows:
         yield pa.Table.from_pylist(rows, schema=scene_rows_schema())
+
+
+def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_policy: HrefPolicy,
+                        client: Any = None) -> dict[str, Any]:
+    """List a search known to fit in one page here, and count what a run would do with it (nothing is built).
+
+    The nightly run of a quiet catalog matches a handful of items, usually all committed already (the search is
+    inclusive at the watermark): answering that from one page in the driver spares starting Ray and loading the
+    model for nothing. Only the ledger entries of the listed ids are looked up.
+
+    Returns:
+        The counters :func:`scene_rows` fills, plus ``rows``: how many scenes (or failed items) a run would emit.
+    """
+    import pyarrow.compute as pc
+
+    from catalogs.search import search_items
+
+    items = list(search_items(spec.url, client=client, **spec.search_kwargs()))
+    index: Mapping[tuple[str, str], Any] = {}
+    if committed is not None and committed.num_rows and items:
+        ids = pa.array(sorted({str(i.get("id") or "") for i in items}))
+        index = _window_index(committed.filter(pc.is_in(committed["scene_id"], value_set=ids)), Window(ids=("*",)))
+    counts: dict[str, Any] = {}
+    # scenes are not built here (no header reads): only whether any item needs work
+    rows = sum(b.num_rows for b in scene_rows(items, Window(), index, href_policy, counts, build_scenes=False))
+    counts["rows"] = rows
+    return counts
 
 
 def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str, str], Any]:

@@ -234,8 +234,15 @@ def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, r
         proxy.requests.clear()
         nightly = run(config)
         nightly_requests = len(proxy.requests)
+
+        # the next night nothing changed: answered from one page, without Ray or the model
+        proxy.requests.clear()
+        quiet = run(config)
+        quiet_requests = len(proxy.requests)
     finally:
         proxy.stop()
+    assert quiet.scenes_processed == 0 and quiet.read_tasks == 0 and quiet.model_loads == 0
+    assert quiet.scenes_matched == quiet.scenes_skipped <= 5 and quiet_requests <= 4, proxy.requests
     assert not nightly.full_scan and nightly.updated_since == full.watermark
     # exactly the 5 changed items are processed; the search is inclusive at the watermark, so the newest item of
     # the last run (updated == watermark) is listed again and skipped
@@ -245,6 +252,6 @@ def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, r
     assert processed == {i["id"] for i in changed}
     pages = [r for r in proxy.requests if r[0] == "POST" or "/search" in r[1]]
     print(f"\nfull scan: {full.wall_s:.1f} s, {full_requests} requests; nightly (5 changed): {nightly.wall_s:.1f} s, "
-          f"{nightly_requests} requests ({len(pages)} searches)")
+          f"{nightly_requests} requests ({len(pages)} searches); no-op: {quiet.wall_s:.2f} s, {quiet_requests} requests")
     assert len(pages) <= 3, proxy.requests  # the count, and one page of the 5 changed items
     assert nightly_requests * 10 < full_requests
