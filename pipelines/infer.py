@@ -106,6 +106,7 @@ class RunSummary:
     updated_since: datetime | None = None
     watermark: datetime | None = None
     read_tasks: int = 0
+    first_tile_s: float | None = None
     model_actors: int = 0
     model_loads: int = 0
     detections_by_label: Counter[str] = field(default_factory=Counter)
@@ -520,6 +521,7 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
         "detections": summary.detections, "errors": summary.errors, "units_committed": summary.units_committed,
         "wall_s": summary.wall_s, "tiles_per_s": summary.tiles_per_s, "full_scan": summary.full_scan,
         "updated_since": summary.updated_since, "watermark": summary.watermark, "read_tasks": summary.read_tasks,
+        "first_tile_s": summary.first_tile_s,
         "model_actors": summary.model_actors, "model_loads": summary.model_loads,
     }
     aoi = None
@@ -628,6 +630,8 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             t_exec = t_said = time.perf_counter()
             tiles_seen = 0
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if summary.first_tile_s is None:  # start-up: planning, read tasks, actors loading the model
+                    summary.first_tile_s = time.perf_counter() - t0
                 tiles_seen += len(batch["scene_key"])
                 for actor, loads in zip(batch.get("actor_id", ()), batch.get("model_loads", ()), strict=False):
                     if str(actor):
