@@ -23,6 +23,7 @@ Prints a table, then one JSON line. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -242,10 +243,8 @@ def _peak_rss(cmd: list[str]) -> tuple[float, float, int]:
             total = 0
             try:
                 for p in [ps, *ps.children(recursive=True)]:
-                    try:
+                    with contextlib.suppress(psutil.Error):
                         total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
             except psutil.Error:
                 pass
             peak = max(peak, total / 2**20)
