@@ -239,7 +239,8 @@ class _FileReader:
     def _read_columns(self) -> list[str]:
         if self.columns is None:
             return [n for n in self.schema.names if n != "bbox"]
-        return list(dict.fromkeys([*self.columns, "geometry"]))
+        partitions = [f.name for f in self._partition_schema]
+        return list(dict.fromkeys([*self.columns, "geometry", *partitions]))
 
     def _frame(self, arrow: pa.Table) -> gpd.GeoDataFrame:
         frame = gpd.GeoDataFrame.from_arrow(arrow.replace_schema_metadata(self.schema.metadata))
@@ -381,7 +382,8 @@ class Outputs:
 
         Args:
             table: ``scenes``, ``tiles``, ``detections``, ``errors`` or ``runs``.
-            columns: Columns to read (``geometry`` is always included); default all but the ``bbox`` covering.
+            columns: Columns to read (``geometry`` and the partition columns always come along); default all but
+                the ``bbox`` covering column.
             **filters: Keyword filters.
 
         Returns:
