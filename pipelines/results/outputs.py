@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeAlias, Union
 
 import geopandas as gpd
 import pandas as pd
@@ -39,8 +39,8 @@ _TIME_COLUMN = {"scenes": "datetime", "tiles": "datetime", "detections": "dateti
                 "runs": "started_at"}
 _LABEL_COLUMN = {"tiles": "class_label", "detections": "label"}
 
-BBox = Sequence[float]
-Area = shapely.Geometry | Mapping[str, Any] | str | BBox
+BBox: TypeAlias = Sequence[float]
+Area: TypeAlias = Union[shapely.Geometry, Mapping[str, Any], str, Sequence[float]]  # noqa: UP007
 
 
 # ---------------------------------------------------------------------------------------------------------- filters
@@ -513,8 +513,14 @@ class Outputs:
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            return xr.open_zarr(self.store.url(EMBEDDINGS_STORE), group=group, zarr_format=3, consolidated=True,
-                                storage_options=None if self.store.local else self.store.storage_options)
+            # open the group's own folder as the store: the store root's consolidated metadata lists every scene
+            # (reading it costs O(archive) per scene) and misses groups added by another writer since
+            url = self.store.url(f"{EMBEDDINGS_STORE}/{group.strip('/')}")
+            options = None if self.store.local else self.store.storage_options
+            try:
+                return xr.open_zarr(url, zarr_format=3, consolidated=True, storage_options=options)
+            except (ValueError, KeyError):  # no consolidated metadata at the group itself
+                return xr.open_zarr(url, zarr_format=3, consolidated=False, storage_options=options)
 
 
 def open_outputs(root: str, storage_options: Mapping[str, Any] | None = None) -> Outputs:

@@ -6,6 +6,7 @@ descriptors 3 and 4), so no port is opened and no extra package is needed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import select
@@ -68,17 +69,17 @@ class _Pipe:
         for i, event in enumerate(self.events):
             if event.get("method") == method:
                 return self.events.pop(i)
-        return self._until(lambda m: m.get("method") == method, timeout, keep=False)
+        return self._until(lambda m: m.get("method") == method, timeout)
 
-    def _until(self, want: Any, timeout: float, keep: bool = True) -> dict[str, Any]:
+    def _until(self, want: Any, timeout: float) -> dict[str, Any]:
+        """The first message ``want`` accepts; events seen on the way are kept in ``events``."""
         deadline = time.monotonic() + timeout
         while True:
             while b"\0" in self.buffer:
                 raw, self.buffer = self.buffer.split(b"\0", 1)
                 message = json.loads(raw)
                 if want(message):
-                    if keep is False or "id" in message:
-                        return message
+                    return message
                 if "method" in message:
                     self.events.append(message)
             left = deadline - time.monotonic()
@@ -156,10 +157,8 @@ def load_page(url: str, *, width: int = 1280, timeout: float = 90.0) -> PageLoad
                 result.log_errors.append(str(params["entry"].get("text")))
             elif method == "Network.requestWillBeSent":
                 result.requests.append(str(params.get("request", {}).get("url")))
-        try:
+        with contextlib.suppress(RuntimeError, TimeoutError):
             pipe.send("Browser.close", timeout=10)
-        except (RuntimeError, TimeoutError):
-            pass
     finally:
         os.close(to_browser_w)
         os.close(from_browser_r)

@@ -3,6 +3,7 @@ written against toy-world outputs placed where the page says (``demo-out/outputs
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -60,7 +61,11 @@ def test_each_answer_runs_as_written(workdir, index):
     assert done.returncode == 0, f"{title}\n{done.stdout}\n{done.stderr}"
     produced = [p for p in ("report.html", "ships.geojson", "confident.geojson", "tile.png") if p in code]
     if produced:
-        assert (workdir / produced[0]).stat().st_size > 0, title
+        path = workdir / produced[0]
+        assert path.stat().st_size > 0, title
+        if path.suffix == ".geojson":
+            features = json.loads(path.read_text())["features"]
+            assert features, f"{title}: no features"
     else:
         rows = [line for line in done.stdout.splitlines() if line.strip()]
         assert len(rows) >= 3, f"{title}: too little output\n{done.stdout}"
