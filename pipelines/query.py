@@ -3,7 +3,8 @@
 Each table (``scenes``, ``tiles``, ``detections``, ``errors``, ``runs``) is a view over its committed GeoParquet
 files (those of units with a ledger record, as :class:`pipelines.results.Outputs` lists them; never ``_staging/``)
 with Hive partitions (``collection``, ``date``) as columns, so ``WHERE collection = ... AND date >= ...`` prunes
-files before any is opened (on S3 too: ``EXPLAIN ANALYZE`` shows "Scanning Files: k/n").
+files before any is opened (on S3 too: ``EXPLAIN ANALYZE`` shows "Scanning Files: k/n"). Schemas are unioned by
+name only when a table's oldest and newest files differ (``union_by_name`` reads every file's footer).
 DuckDB's ``spatial`` extension is loaded from its PyPI wheel (no download), so ``geometry`` is a ``GEOMETRY`` and
 ``ST_*`` functions work; for ``s3://`` roots ``httpfs`` is loaded the same way and an S3 secret is made from the usual
 ``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` for S3-compatible stores).
@@ -93,7 +94,7 @@ def connect(root: str, env: Mapping[str, str] | None = None) -> duckdb.DuckDBPyC
         if files:
             con.execute(
                 f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list([outputs.store.url(f) for f in files])}, "
-                f"hive_partitioning = true, union_by_name = true)"
+                f"hive_partitioning = true{'' if outputs.schema_is_uniform(table) else ', union_by_name = true'})"
             )
         else:
             empty = SCHEMAS[table].empty_table()

@@ -275,6 +275,7 @@ class Outputs:
         self.root = self.store.url()
         self._files: dict[str, list[str]] = {}
         self._schemas: dict[str, pa.Schema] = {}
+        self._uniform: dict[str, bool] = {}
 
     def refresh(self) -> None:
         """Forget the listings, so the next read sees units committed since."""
@@ -310,16 +311,31 @@ class Outputs:
                 self._files[table] = [p for p in found if unit_of(p) in committed]
         return self._files[table]
 
+    def _oldest_and_newest(self, table: str) -> list[str]:
+        """The table's files written first and last (unit and run ids start with their run's start time)."""
+        files = self.files(table)
+        if not files:
+            return []
+        by_age = sorted(files, key=lambda p: (unit_of(p) or posixpath.basename(p), p))
+        return list(dict.fromkeys([by_age[0], by_age[-1]]))
+
+    def schema_is_uniform(self, table: str) -> bool:
+        """Whether the table's oldest and newest files have the same columns (columns are only ever added, so
+        then all files do, and a reader need not union schemas file by file)."""
+        self._schema(table)
+        return self._uniform[table]
+
     def _schema(self, table: str) -> pa.Schema:
         """The table's schema: the documented columns, plus any its newest file adds, plus partition columns."""
         if table not in self._schemas:
-            files = self.files(table)
+            files = self._oldest_and_newest(table)
             known = SCHEMAS[table]
+            self._uniform[table] = True
             if files:
                 import pyarrow.parquet as pq
 
-                physical = [pq.read_schema(self.store.full(files[i]), filesystem=self.store.fs)
-                            for i in sorted({0, len(files) - 1})]
+                physical = [pq.read_schema(self.store.full(f), filesystem=self.store.fs) for f in files]
+                self._uniform[table] = physical[0].remove_metadata().equals(physical[-1].remove_metadata())
                 merged = pa.unify_schemas([*physical, known], promote_options="permissive")
                 meta = physical[-1].metadata
             else:

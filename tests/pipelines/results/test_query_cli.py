@@ -20,6 +20,10 @@ SQL = ("SELECT scene_id, detection_id, label, confidence, geometry FROM detectio
        "WHERE label = 'ship' ORDER BY scene_id, detection_id")
 
 
+def _geoms(frame: gpd.GeoDataFrame) -> gpd.GeoSeries:
+    return frame.geometry.reset_index(drop=True)
+
+
 def test_views_hold_committed_rows_only(any_root, toy_outputs):
     con = connect(any_root)
     for table in ("scenes", "tiles", "detections", "errors"):
@@ -40,7 +44,7 @@ def test_every_output_format_round_trips(any_root, tmp_path, fmt, capsys):
     if fmt == "csv":
         got = pd.read_csv(out)
         assert list(got["detection_id"]) == list(want["detection_id"])
-        assert gpd.GeoSeries.from_wkt(got["geometry"]).geom_equals_exact(want.geometry.values, 1e-6).all()
+        assert gpd.GeoSeries.from_wkt(got["geometry"]).geom_equals_exact(_geoms(want), 1e-6).all()
     elif fmt == "json":
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["detection_id"] for r in rows] == list(want["detection_id"])
@@ -48,11 +52,11 @@ def test_every_output_format_round_trips(any_root, tmp_path, fmt, capsys):
     elif fmt == "parquet":
         got = gpd.read_parquet(out)
         assert got.crs.to_epsg() == 4326 and len(got) == len(want)
-        assert got.geometry.geom_equals_exact(want.geometry.values, 1e-9).all()
+        assert got.geometry.reset_index(drop=True).geom_equals_exact(_geoms(want), 1e-9).all()
     elif fmt == "geojson":
         got = gpd.read_file(out)
         assert len(got) == len(want) and set(got["label"]) == {"ship"}
-        assert got.geometry.geom_equals_exact(want.geometry.values, 1e-6).all()
+        assert got.geometry.reset_index(drop=True).geom_equals_exact(_geoms(want), 1e-6).all()
     else:
         text = out.read_text()
         assert "POLYGON" in text and text.count("ship") == min(40, len(want))
@@ -93,7 +97,11 @@ def test_an_s3_query_reads_only_the_partitions_it_needs(s3_root, s3, toy_outputs
     text = profile[0][1]
     assert f"Scanning Files: {len(sar_files)}/{len(all_files)}" in text, text
     assert f"Total Files Read: {len(sar_files)}" in text, text
+    files_read = {path for method, path, _ in s3.requests
+                  if method == "GET" and path.startswith("/results14/toy/detections/")}
+    assert all("collection=toyworld-sar" in p for p in files_read), files_read
     touched = {path for _, path, _ in s3.requests if path.startswith("/results14/toy/detections/")}
-    assert touched and all("collection=toyworld-sar" in p for p in touched), touched
+    others = {p for p in touched if "collection=toyworld-sar" not in p}
+    assert len(others) <= 1, others  # at most a metadata check (HEAD) of the file DuckDB binds the view's schema to
     (n,) = con.sql("SELECT count(*) FROM detections WHERE collection = 'toyworld-sar'").fetchone()
     assert n == len(out.detections(collection="toyworld-sar"))

@@ -35,7 +35,10 @@ def _brute_force(out, tile: str, k: int, collections=None):
                 keys.append((row.scene_id, int(r), int(c)))
     vectors = np.array(vectors)
     qkey = (scene_id, int(q["row_off"]), int(q["col_off"]))
-    query = vectors[keys.index(qkey)]
+    qds = out.embeddings(scene_id)
+    i = int(np.flatnonzero(qds.row_off.values == qkey[1])[0])
+    j = int(np.flatnonzero(qds.col_off.values == qkey[2])[0])
+    query = qds.embedding.values[i, j]
     norms = np.linalg.norm(vectors, axis=1)
     scores = vectors @ query / (norms * np.linalg.norm(query))
     ranked = [(s, key) for s, key in zip(scores, keys, strict=True) if np.isfinite(s) and key != qkey]
