@@ -5,7 +5,10 @@
   next to the share of all tiles that hold a ship (what a random ranking would score);
 - bounded memory: the same search on copies of the outputs with N× the scenes (scene ids, commit units, ledger
   records and Zarr groups replicated under new names, embeddings unchanged), each in a fresh process (peak RSS only
-  grows), with the peak RSS of a process that only opens the outputs as the baseline;
+  grows), minus the peak RSS of a process that only opens the outputs and reads the scenes columns the search reads
+  (what is left is the search's own memory: embeddings streamed, dask, the hits' tile rows); also with ``MALLOC_ARENA_MAX=2``, which shows how much of the rest is glibc's per-thread arenas (the
+  scoring threads) keeping freed memory;
+- whether memory keeps growing: the largest root searched four times in one process, peak RSS after each pass;
 - cost: wall seconds per million tiles scored and per scene, and bytes of embeddings read.
 
 Usage::
@@ -32,7 +35,18 @@ def _child(args: argparse.Namespace) -> None:
     from pipelines.results.similar import SearchStats, find_similar
 
     out = open_outputs(args.root)
-    out.scenes(columns=["scene_id"])
+    # what the search itself reads of the scenes table (its candidates): the baseline holds it too
+    out.scenes(columns=["scene_id", "embeddings_group", "output_key", "datetime"])
+    import dask  # noqa: F401  (imports are not part of the search's time: a notebook has them loaded)
+    import zarr  # noqa: F401
+
+    if args.passes:  # the same search again and again: does memory keep growing with scenes processed?
+        peaks = []
+        for _ in range(args.passes):
+            find_similar(out, args.tile, k=10)
+            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(json.dumps({"peaks_mb": peaks}))
+        return
     if args.baseline:
         stats = SearchStats()
     else:
@@ -46,11 +60,16 @@ def _child(args: argparse.Namespace) -> None:
                       "bytes": stats.bytes_read, "peak_mb": peak}))
 
 
-def _run_child(root: Path, baseline: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--root", str(root), "--tile", QUERY]
+def _run_child(root: Path, baseline: bool = False, arenas: int | None = None, passes: int = 0) -> dict:
+    import os
+
+    cmd = [sys.executable, __file__, "--child", "--root", str(root), "--tile", QUERY, "--passes", str(passes)]
     if baseline:
         cmd.append("--baseline")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if arenas:
+        env["MALLOC_ARENA_MAX"] = str(arenas)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -158,6 +177,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="where the replicated roots go (default: a temp folder)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--passes", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--tile", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,16 +200,23 @@ def main() -> None:
         built = time.perf_counter() - t0
         base = _run_child(root, baseline=True)
         res = _run_child(root)
-        res.update(scale=n, baseline_mb=base["peak_mb"], build_s=built,
+        base2 = _run_child(root, baseline=True, arenas=2)
+        res2 = _run_child(root, arenas=2)
+        res.update(scale=n, baseline_mb=base["peak_mb"], build_s=built, search_mb=res["peak_mb"] - base["peak_mb"],
+                   search_mb_arena2=res2["peak_mb"] - base2["peak_mb"],
                    s_per_mtile=res["wall_s"] / res["tiles"] * 1e6, ms_per_scene=res["wall_s"] / res["scenes"] * 1e3,
                    gb_per_mtile=res["bytes"] / res["tiles"] * 1e6 / 1e9)
         rows.append(res)
     print(f"{'scale':>5} {'scenes':>7} {'tiles':>8} {'wall s':>7} {'s/Mtile':>8} {'ms/scene':>9} {'GB/Mtile':>9} "
-          f"{'peak MB':>8} {'open-only MB':>12}")
+          f"{'peak MB':>8} {'open-only MB':>12} {'search MB':>10} {'search MB, 2 arenas':>20}")
     for r in rows:
         print(f"{r['scale']:>5} {r['scenes']:>7} {r['tiles']:>8} {r['wall_s']:>7.2f} {r['s_per_mtile']:>8.0f} "
-              f"{r['ms_per_scene']:>9.1f} {r['gb_per_mtile']:>9.2f} {r['peak_mb']:>8.0f} {r['baseline_mb']:>12.0f}")
-    print(json.dumps({"precision": p, "scales": rows}))
+              f"{r['ms_per_scene']:>9.1f} {r['gb_per_mtile']:>9.2f} {r['peak_mb']:>8.0f} {r['baseline_mb']:>12.0f} "
+              f"{r['search_mb']:>10.0f} {r['search_mb_arena2']:>20.0f}")
+    repeat = _run_child(work / f"x{args.scales[-1]}", passes=4)["peaks_mb"]
+    print(f"peak RSS after 1-4 passes over the {args.scales[-1]}x root ({rows[-1]['scenes']} scenes each): "
+          + ", ".join(f"{p:.0f}" for p in repeat) + " MB")
+    print(json.dumps({"precision": p, "scales": rows, "repeat_peaks_mb": repeat}))
 
 
 if __name__ == "__main__":

@@ -521,6 +521,21 @@ class Outputs:
             group = str(scene["embeddings_group"])
         return self.open_group(group)
 
+    def zarr_group(self, group: str) -> Any:
+        """One group of the embeddings store (a ``scenes.embeddings_group`` value) as a read-only ``zarr.Group``,
+        opened at its own folder (see :meth:`open_group`)."""
+        import zarr
+        import zarr.storage
+
+        path = self.store.full(f"{EMBEDDINGS_STORE}/{group.strip('/')}")
+        if self.store.local:
+            zstore: Any = zarr.storage.LocalStore(path, read_only=True)
+        else:  # zarr's FsspecStore needs an asynchronous twin of the store's filesystem
+            options = {k: v for k, v in self.store.storage_options.items() if k != "asynchronous"}
+            zstore = zarr.storage.FsspecStore(fs=type(self.store.fs)(asynchronous=True, **options), path=path,
+                                              read_only=True)
+        return zarr.open_group(zstore, mode="r", zarr_format=3)
+
     def open_group(self, group: str) -> Any:
         """Open one group of the embeddings store (a ``scenes.embeddings_group`` value) lazily."""
         import warnings

@@ -1,7 +1,7 @@
 """``earthgpt similar SCENE_ID/TILE_ID -k 10``: the tiles whose embeddings are nearest (cosine) to one tile's.
 
 The search streams the archive scene by scene: each scene's tile-grid ``embedding`` array (one Zarr chunk, found
-through ``scenes.embeddings_group``) is read by a dask task that scores its tiles and keeps only its own top k; a
+through ``scenes.embeddings_group``, read with zarr directly) is read by a dask task that scores its tiles and keeps only its own top k; a
 bounded number of scenes (``batch``) is in flight at a time and a running top k is merged on the driver. Memory is
 therefore ``batch`` scene grids plus the ``scenes`` ids, whatever the archive's size; all embeddings are never
 loaded together.
@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,31 +63,48 @@ def split_tile_ref(ref: str, scene: str | None = None) -> tuple[str, str]:
     return scene_id, tile_id
 
 
-def _grid_index(ds: Any, row_off: int, col_off: int) -> tuple[int, int]:
-    rows = np.asarray(ds["row_off"].values)
-    cols = np.asarray(ds["col_off"].values)
+def _grid_index(rows: np.ndarray, cols: np.ndarray, row_off: int, col_off: int) -> tuple[int, int]:
     i, j = np.flatnonzero(rows == row_off), np.flatnonzero(cols == col_off)
     if not len(i) or not len(j):
         raise KeyError(f"tile at row_off {row_off}, col_off {col_off} is not on the scene's embedding grid")
     return int(i[0]), int(j[0])
 
 
-def _centres(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Tile-centre coordinates in the scene CRS, as ``(ny, nx)`` arrays."""
-    if "xc" in ds.coords:
-        return np.asarray(ds["xc"].values), np.asarray(ds["yc"].values)
-    return np.meshgrid(np.asarray(ds["x"].values), np.asarray(ds["y"].values))
+@dataclass
+class SceneGrid:
+    """The arrays of one scene's group that the search reads (read with zarr directly: no xarray decoding)."""
+
+    embedding: np.ndarray
+    row_off: np.ndarray
+    col_off: np.ndarray
+    group: Any
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tile-centre coordinates in the scene CRS, as ``(ny, nx)`` arrays."""
+        names = set(self.group.array_keys())
+        if "xc" in names:
+            return np.asarray(self.group["xc"]), np.asarray(self.group["yc"])
+        return np.meshgrid(np.asarray(self.group["x"]), np.asarray(self.group["y"]))
+
+    def crs_wkt(self) -> str:
+        return str(self.group["spatial_ref"].attrs["crs_wkt"])
 
 
-def _area_mask(ds: Any, area: Any) -> np.ndarray:
+def read_grid(outputs: Outputs, group: str) -> SceneGrid:
+    """Read one scene group's embedding grid and offsets (one chunk each)."""
+    zgroup = outputs.zarr_group(group)
+    return SceneGrid(np.asarray(zgroup["embedding"], dtype=np.float32), np.asarray(zgroup["row_off"]),
+                     np.asarray(zgroup["col_off"]), zgroup)
+
+
+def _area_mask(grid: SceneGrid, area: Any) -> np.ndarray:
     """Which tiles have their centre inside a WGS84 area (transformed into the scene CRS)."""
     import shapely
     from pyproj import CRS, Transformer
 
-    crs = CRS.from_wkt(ds["spatial_ref"].attrs["crs_wkt"])
-    to_scene = Transformer.from_crs(4326, crs, always_xy=True)
+    to_scene = Transformer.from_crs(4326, CRS.from_wkt(grid.crs_wkt()), always_xy=True)
     local = shapely.ops.transform(to_scene.transform, shapely.segmentize(area, 0.01))
-    xs, ys = _centres(ds)
+    xs, ys = grid.centres()
     return np.asarray(shapely.contains_xy(local, xs, ys), dtype=bool)
 
 
@@ -108,8 +125,8 @@ def score_scene(outputs: Outputs, collection: str, scene_id: str, group: str, qu
     Returns:
         The scene's best hits, the number of tiles scored, and the bytes of embeddings read.
     """
-    ds = outputs.open_group(group)
-    emb = np.asarray(ds["embedding"].values, dtype=np.float32)
+    grid = read_grid(outputs, group)
+    emb = grid.embedding
     ny, nx, dim = emb.shape
     if dim != query.shape[0]:
         return [], 0, emb.nbytes  # another model's embeddings: not comparable
@@ -117,9 +134,9 @@ def score_scene(outputs: Outputs, collection: str, scene_id: str, group: str, qu
     norms = np.linalg.norm(flat, axis=1)
     ok = np.isfinite(norms) & (norms > 0)
     if area is not None:
-        ok &= _area_mask(ds, area).reshape(-1)
-    rows = np.repeat(np.asarray(ds["row_off"].values), nx)
-    cols = np.tile(np.asarray(ds["col_off"].values), ny)
+        ok &= _area_mask(grid, area).reshape(-1)
+    rows = np.repeat(grid.row_off, nx)
+    cols = np.tile(grid.col_off, ny)
     if exclude is not None:
         ok &= ~((rows == exclude[0]) & (cols == exclude[1]))
     idx = np.flatnonzero(ok)
@@ -177,15 +194,16 @@ def find_similar(
     scene_id, tile_id = split_tile_ref(tile, scene)
     qrow = outputs.scene_row(scene_id, collection=query_collection, output_key=output_key)
     key, qcollection = str(qrow["output_key"]), str(qrow["collection"])
+    when = pd.Timestamp(qrow["datetime"])  # the scene's date partition: read only that one
     qtiles = outputs.tiles(columns=["tile_id", "row_off", "col_off", "status"], scene=scene_id,
-                           collection=qcollection, output_key=key)
+                           collection=qcollection, output_key=key, start=when, end=when)
     qtile = qtiles[qtiles["tile_id"] == tile_id]
     if qtile.empty:
         raise KeyError(f"tile: {scene_id} has no tile {tile_id!r} (tile ids look like r0002_c0004)")
     row_off, col_off = int(qtile.iloc[0]["row_off"]), int(qtile.iloc[0]["col_off"])
-    qds = outputs.open_group(str(qrow["embeddings_group"]))
-    i, j = _grid_index(qds, row_off, col_off)
-    query = np.asarray(qds["embedding"].isel(y=i, x=j).values, dtype=np.float32)
+    qgrid = read_grid(outputs, str(qrow["embeddings_group"]))
+    i, j = _grid_index(qgrid.row_off, qgrid.col_off, row_off, col_off)
+    query = qgrid.embedding[i, j].astype(np.float32)
     norm = float(np.linalg.norm(query))
     if not math.isfinite(norm) or norm == 0:
         raise ValueError(f"tile: {scene_id}/{tile_id} has no embedding (status {qtile.iloc[0]['status']!r})")
@@ -194,8 +212,10 @@ def find_similar(
     area_arg = filters.pop("bbox", None)
     area_arg = filters.pop("geometry", None) if area_arg is None else area_arg
     area = to_area(area_arg)
-    candidates = outputs.scenes(columns=["scene_id", "embeddings_group", "output_key"], output_key=key,
-                                geometry=area, **filters)
+    candidates = outputs.scenes(columns=["scene_id", "embeddings_group", "output_key", "datetime"],
+                                output_key=key, geometry=area, **filters)
+    when_of = dict(zip(zip(candidates["collection"], candidates["scene_id"], strict=True), candidates["datetime"],
+                       strict=True))
     best: list[tuple[float, int, Hit]] = []  # min-heap of the running top k
     order = 0
     rows = list(candidates[["collection", "scene_id", "embeddings_group"]].itertuples(index=False, name=None))
@@ -218,16 +238,17 @@ def find_similar(
                     heapq.heapreplace(best, item)
     ranked = [h for _, _, h in sorted(best, key=lambda t: (-t[0], -t[1]))]
     stats.seconds = time.perf_counter() - t0
-    return _attach_tiles(outputs, ranked, key) if ranked else gpd.GeoDataFrame(
+    return _attach_tiles(outputs, ranked, key, when_of) if ranked else gpd.GeoDataFrame(
         pd.DataFrame(columns=RESULT_COLUMNS), geometry=gpd.GeoSeries([], crs=4326))
 
 
-def _attach_tiles(outputs: Outputs, hits: Sequence[Hit], key: str) -> Any:
-    """The hits with their ``tiles`` rows (ids, caption, footprint), in rank order."""
-    tiles = outputs.tiles(
-        columns=["scene_id", "tile_id", "row_off", "col_off", "caption", "class_label", "detections", "datetime"],
-        scene=sorted({h.scene_id for h in hits}), collection=sorted({h.collection for h in hits}), output_key=key,
-    )
+def _attach_tiles(outputs: Outputs, hits: Sequence[Hit], key: str, when_of: Mapping[tuple[str, str], Any]) -> Any:
+    """The hits with their ``tiles`` rows (ids, caption, footprint), in rank order; each hit scene's rows are read
+    from its own date partition only."""
+    columns = ["scene_id", "tile_id", "row_off", "col_off", "caption", "class_label", "detections", "datetime"]
+    parts = [outputs.tiles(columns=columns, scene=s, collection=c, output_key=key, start=when_of[(c, s)],
+                           end=when_of[(c, s)]) for c, s in dict.fromkeys((h.collection, h.scene_id) for h in hits)]
+    tiles = pd.concat(parts, ignore_index=True)
     ranks = pd.DataFrame([
         {"rank": r + 1, "score": h.score, "collection": h.collection, "scene_id": h.scene_id,
          "row_off": h.row_off, "col_off": h.col_off} for r, h in enumerate(hits)
