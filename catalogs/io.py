@@ -474,6 +474,29 @@ class SceneReader:
             transform=rasterio.windows.transform(window, self.transform),
         )
 
+    def read_overview(self, max_side: int) -> TileImage:
+        """The whole scene through the recipe, decimated so that its longer side is at most ``max_side`` pixels.
+
+        A decimated read is served from the COG's overviews, so this costs about ``max_side``² pixels per band
+        however large the scene is (for pictures of whole scenes).
+
+        Args:
+            max_side: Longest side of the result in pixels.
+
+        Returns:
+            The image (``window`` is the whole scene; ``transform`` maps the decimated pixels to the scene CRS).
+        """
+        self._require_open()
+        h, w = self.shape
+        factor = max(1.0, max(h, w) / max(1, int(max_side)))
+        out_shape = (max(1, round(h / factor)), max(1, round(w / factor)))
+        window = Window(0, 0, w, h)
+        values, valid = self._read_decoded(window, out_shape=out_shape, resampling=Resampling.nearest)
+        out = self.recipe.render(values, valid, self.stretch if valid.any() else self._fallback_stretch())
+        scale = Affine.scale(w / out_shape[1], h / out_shape[0])
+        return TileImage(image=out.image, valid=out.valid, valid_fraction=out.valid_fraction, window=window,
+                         transform=self.transform * scale)
+
     def _fallback_stretch(self) -> Stretch:
         return self._stretch or tuple((0.0, 1.0) for _ in self.recipe.channels)
 

@@ -17,7 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "instruction-tune EarthGPT on Ray Train from a YAML config"),
     "eval": ("pipelines.evaluate", "evaluate a checkpoint on MMRS-1M-format data"),
     "catalog": ("pipelines.catalog_cli", "STAC catalog tools: supported collections, check a catalog, ingest COGs, toy world"),
-    "query": ("pipelines.query", "SQL over the output tables (DuckDB)"),
+    "query": ("pipelines.query", "SQL over the output tables (DuckDB); table, CSV, JSON, GeoParquet, GeoJSON"),
+    "similar": ("pipelines.results.similar", "the tiles most similar to one tile (embedding cosine similarity)"),
+    "render": ("pipelines.results.render", "a PNG of a tile or scene with its detections and captions"),
+    "report": ("pipelines.results.report", "one self-contained HTML report of a run"),
     "submit": ("pipelines.submit", "submit the archive or training job to a Ray cluster (Ray Jobs API)"),
     "jobs": ("pipelines.jobs", "list, watch, and stop jobs on a Ray cluster (Ray Jobs API)"),
 }

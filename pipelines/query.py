@@ -1,7 +1,10 @@
 """SQL over the job's output tables with DuckDB: ``earthgpt query "SELECT ..." --root OUT``.
 
-Each table (``scenes``, ``tiles``, ``detections``, ``errors``, ``runs``) is a view over its GeoParquet files with
-Hive partitions (``collection``, ``date``) as columns, so ``WHERE collection = ... AND date >= ...`` prunes files.
+Each table (``scenes``, ``tiles``, ``detections``, ``errors``, ``runs``) is a view over its committed GeoParquet
+files (those of units with a ledger record, as :class:`pipelines.results.Outputs` lists them; never ``_staging/``)
+with Hive partitions (``collection``, ``date``) as columns, so ``WHERE collection = ... AND date >= ...`` prunes
+files before any is opened (on S3 too: ``EXPLAIN ANALYZE`` shows "Scanning Files: k/n"). Schemas are unioned by
+name only when a table's oldest and newest files differ (``union_by_name`` reads every file's footer).
 DuckDB's ``spatial`` extension is loaded from its PyPI wheel (no download), so ``geometry`` is a ``GEOMETRY`` and
 ``ST_*`` functions work; for ``s3://`` roots ``httpfs`` is loaded the same way and an S3 secret is made from the usual
 ``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` for S3-compatible stores).
@@ -9,6 +12,7 @@ DuckDB's ``spatial`` extension is loaded from its PyPI wheel (no download), so `
 Example::
 
     earthgpt query "SELECT label, count(*) FROM detections GROUP BY label" --root demo-out/outputs
+    earthgpt query "SELECT * FROM detections WHERE label = 'ship'" --format geojson --out ships.geojson
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import duckdb
 
-from pipelines.sinks import SCHEMAS, TABLES, OutputStore
+from pipelines.sinks import SCHEMAS, TABLES
+
+FORMATS = ("table", "csv", "json", "parquet", "geojson")
 
 
 def _extension_path(name: str) -> str:
@@ -58,16 +65,22 @@ def _s3_secret(con: duckdb.DuckDBPyConnection, env: Mapping[str, str]) -> None:
     con.execute(f"CREATE OR REPLACE SECRET earthgpt_s3 ({body})")
 
 
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
 def connect(root: str, env: Mapping[str, str] | None = None) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with one view per output table under ``root``.
+    """A DuckDB connection with one view per output table under ``root``, over committed files only.
 
     Args:
         root: The job's output root (local folder or ``s3://bucket/prefix``).
         env: Environment for S3 credentials and endpoint (default ``os.environ``).
 
     Returns:
-        The connection; tables not written yet are empty views with their documented columns.
+        The connection; tables with no committed file yet are empty views with their documented columns.
     """
+    from pipelines.results.outputs import Outputs
+
     env = os.environ if env is None else env
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     con.execute(f"LOAD '{_extension_path('spatial')}'")
@@ -75,13 +88,13 @@ def connect(root: str, env: Mapping[str, str] | None = None) -> duckdb.DuckDBPyC
     if remote:
         con.execute(f"LOAD '{_extension_path('httpfs')}'")
         _s3_secret(con, env)
-    store = OutputStore(root)
+    outputs = Outputs(root)
     for table in TABLES:
-        if store.glob(f"{table}/**/*.parquet"):
-            pattern = store.url(f"{table}/**/*.parquet").replace("'", "''")
+        files = outputs.files(table)
+        if files:
             con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
-                f"union_by_name = true)"
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list([outputs.store.url(f) for f in files])}, "
+                f"hive_partitioning = true{'' if outputs.schema_is_uniform(table) else ', union_by_name = true'})"
             )
         else:
             empty = SCHEMAS[table].empty_table()
@@ -104,17 +117,81 @@ def query(root: str, sql: str) -> duckdb.DuckDBPyRelation:
     return connect(root).sql(sql)
 
 
+def to_frame(rel: duckdb.DuckDBPyRelation) -> Any:
+    """A query result as a GeoDataFrame when it has a geometry column (WGS84), else a DataFrame."""
+    import geopandas as gpd
+
+    arrow = rel.to_arrow_table()
+    geometry = [f.name for f in arrow.schema if (f.metadata or {}).get(b"ARROW:extension:name") == b"geoarrow.wkb"]
+    return gpd.GeoDataFrame.from_arrow(arrow) if geometry else arrow.to_pandas()
+
+
+def write_result(rel: duckdb.DuckDBPyRelation, fmt: str, out: str | None, max_rows: int = 40) -> None:
+    """Write a query result as a table, CSV, JSON lines, (Geo)Parquet or GeoJSON, to ``out`` or standard output.
+
+    Raises:
+        ValueError: As :func:`write_frame`.
+    """
+    if fmt == "table" and out is None:
+        rel.show(max_rows=max_rows, max_width=200)
+        return
+    write_frame(to_frame(rel), fmt, out, max_rows)
+
+
+def write_frame(frame: Any, fmt: str, out: str | None, max_rows: int = 40) -> None:
+    """Write a (Geo)DataFrame as a table, CSV, JSON lines, (Geo)Parquet or GeoJSON, to ``out`` or standard output.
+
+    Geometry columns become WKT in ``table``, ``csv`` and ``json``; ``parquet`` keeps them as GeoParquet 1.1;
+    ``geojson`` needs one (the active geometry is the features' geometry, in WGS84).
+
+    Raises:
+        ValueError: An unknown format, ``parquet`` without ``out``, or ``geojson`` of a frame without geometry.
+    """
+    import geopandas as gpd
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and out is None:
+        raise ValueError("--format parquet writes a file: give --out FILE")
+    spatial = isinstance(frame, gpd.GeoDataFrame) and frame.geometry.name in frame.columns
+    if fmt == "geojson" and not spatial:
+        raise ValueError("--format geojson: the result has no geometry column (select one, e.g. geometry)")
+    if fmt == "parquet":
+        if spatial:
+            frame.to_parquet(out, index=False, schema_version="1.1.0", write_covering_bbox=True)
+        else:
+            frame.to_parquet(out, index=False)
+        return
+    if fmt == "geojson":
+        text = frame.to_crs(4326).to_json(drop_id=True, default=str)
+    else:
+        flat = frame.to_wkt() if spatial else frame
+        if fmt == "csv":
+            text = flat.to_csv(index=False)
+        elif fmt == "json":
+            text = "".join(json.dumps(r, default=str) + "\n" for r in flat.to_dict(orient="records"))
+        else:
+            text = flat.to_string(index=False, max_rows=max_rows, max_colwidth=60) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        Path(out).write_text(text)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """``earthgpt query SQL --root ROOT``: print the result as a table, CSV or JSON lines."""
+    """``earthgpt query SQL --root ROOT [--format F] [--out FILE]``: run one query, print or write its result."""
     parser = argparse.ArgumentParser(
         prog="earthgpt query",
-        description="SQL (DuckDB, with the spatial extension) over the output tables: scenes, tiles, detections, "
-        "errors, runs. Partition columns: collection, date.",
+        description="SQL (DuckDB, with the spatial extension) over the committed output tables: scenes, tiles, "
+        "detections, errors, runs. Partition columns: collection, date.",
     )
     parser.add_argument("sql", help='e.g. "SELECT label, count(*) FROM detections GROUP BY label"')
     parser.add_argument("--root", default=os.environ.get("EARTHGPT_OUTPUT", "demo-out/outputs"),
                         help="output root (default: $EARTHGPT_OUTPUT or demo-out/outputs)")
-    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table (default), csv, json (one object per line), parquet (GeoParquet when the "
+                        "result has a geometry; needs --out), geojson (needs a geometry column)")
+    parser.add_argument("--out", help="write the result to this file instead of standard output")
     parser.add_argument("--max-rows", type=int, default=40, help="rows shown in table format")
     args = parser.parse_args(argv)
     if "://" not in args.root and not Path(args.root).is_dir():
@@ -122,16 +199,15 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     try:
         rel = query(args.root, args.sql)
+        write_result(rel, args.format, args.out, args.max_rows)
     except duckdb.Error as exc:
         print(f"earthgpt query: {exc}", file=sys.stderr)
         return 1
-    if args.format == "table":
-        rel.show(max_rows=args.max_rows, max_width=200)
-    elif args.format == "csv":
-        rel.df().to_csv(sys.stdout, index=False)
-    else:
-        for record in rel.df().to_dict(orient="records"):
-            print(json.dumps(record, default=str))
+    except ValueError as exc:
+        print(f"earthgpt query: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        print(f"earthgpt query: wrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up: Debian packages (PostgreSQL 15 + PostGIS 3), a virtualenv in .venv with the project and its
-# test/dev extras. A second run only checks that everything is there.
+# Idempotent set-up: Debian packages (PostgreSQL 15 + PostGIS 3; chromium, which opens run reports headless in the
+# tests), a virtualenv in .venv with the project and its test/dev extras. A second run only checks that everything
+# is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,13 +10,14 @@ VENV=${VENV:-.venv}
 need_apt=()
 command -v pg_ctlcluster >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 [ -f /usr/share/postgresql/15/extension/postgis.control ] || need_apt+=(postgresql-15-postgis-3)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
-    echo "setup: Debian packages missing (${need_apt[*]}); integration tests that need PostgreSQL will fail" >&2
+    echo "setup: Debian packages missing (${need_apt[*]}); integration tests that need them will fail or skip" >&2
   fi
 fi
 

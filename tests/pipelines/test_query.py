@@ -8,15 +8,18 @@ from datetime import datetime, timezone
 import pytest
 import shapely
 
+from pipelines.ledger import Ledger, UnitRecord
 from pipelines.query import cli, connect
 from pipelines.sinks import OutputStore, stage_table
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
 
 
-def _publish(store: OutputStore, table: str, rows) -> None:
-    for f in stage_table(store, "_staging/u", table, "u", rows):
-        store.move(f.staged, f.final)
+def _publish(store: OutputStore, table: str, rows, unit: str = "u") -> None:
+    """Stage rows as one unit and commit it through the ledger (readers see committed units only)."""
+    ledger = Ledger(store)
+    staged = stage_table(store, ledger.staging_dir(unit), table, unit, rows)
+    ledger.commit(UnitRecord(unit_id=unit, run_id="r", output_key="k", publish=staged))
 
 
 @pytest.fixture
@@ -27,10 +30,14 @@ def root(tmp_path):
                                    "datetime": T0, "output_key": "k"}, shapely.box(10, 45, 10 + 1e-3, 45 + 1e-3))
         for i, lab in enumerate(["ship", "ship", "building"])
     ])
-    _publish(store, "detections", [
+    _publish(store, "detections", unit="u2", rows=[
         ("toy-sar", "2024-05-08", {"scene_id": "s2", "tile_id": "t1", "detection_id": 0, "label": "ship",
                                    "output_key": "k"}, shapely.box(4, 52, 4.001, 52.001)),
     ])
+    # staged but never committed (the process stopped before the ledger record): never visible
+    stage_table(store, "_staging/u3", "detections", "u3", [
+        ("toy-sar", "2024-05-08", {"scene_id": "s3", "tile_id": "t1", "detection_id": 0, "label": "ship",
+                                   "output_key": "k"}, shapely.box(4, 52, 4.001, 52.001))])
     return str(tmp_path)
 
 
