@@ -132,6 +132,9 @@ class Ledger:
                 "unit_id": unit.unit_id, "run_id": unit.run_id, "committed_at": now,
             }
             for c, s, d, u in unit.scenes
+        ] or [  # a unit of failed scenes only: a marker row keeps its id on record (errors rows are its files)
+            {"collection": None, "scene_id": None, "date": None, "updated": None, "output_key": unit.output_key,
+             "unit_id": unit.unit_id, "run_id": unit.run_id, "committed_at": now}
         ]
         table = pa.Table.from_pylist(rows, schema=_LEDGER_SCHEMA).replace_schema_metadata(
             {
@@ -201,6 +204,7 @@ class Ledger:
         job shares it with its read tasks through the object store once (each task cuts it to its dates).
         """
         table = self._read_records(output_key)
+        table = table.filter(pc_is_valid(table["scene_id"])) if table.num_rows else table
         if table.num_rows == 0:
             return table.select(["collection", "scene_id", "date", "updated", "unit_id"])
         frame = table.sort_by([("committed_at", "ascending")]).to_pandas(types_mapper=pd.ArrowDtype)
@@ -235,6 +239,8 @@ class Ledger:
         table = self._read_records(output_key).sort_by([("committed_at", "ascending")])
         index: dict[tuple[str, str], CommittedScene] = {}
         for row in table.select(["collection", "scene_id", "date", "updated", "unit_id"]).to_pylist():
+            if row["scene_id"] is None:  # a unit's marker row (see compact)
+                continue
             index[(row["collection"], row["scene_id"])] = CommittedScene(
                 row["collection"], row["scene_id"], row["date"], row["updated"], row["unit_id"]
             )
@@ -254,13 +260,26 @@ class Ledger:
             return 0
         table = self._read_records().sort_by([("committed_at", "ascending")])
         frame = table.to_pandas(types_mapper=pd.ArrowDtype)
-        frame = frame.drop_duplicates(["collection", "scene_id", "output_key"], keep="last")
+        scenes = frame[frame["scene_id"].notna()].drop_duplicates(["collection", "scene_id", "output_key"],
+                                                                   keep="last")
+        # every folded unit stays on record (readers show a unit's files only if its id is here): a unit whose
+        # scenes were all superseded, or that committed only errors rows, keeps a marker row without a scene
+        gone = frame[~frame["unit_id"].isin(set(scenes["unit_id"]))].drop_duplicates(["unit_id"], keep="last")
+        gone = gone.assign(collection=None, scene_id=None, date=None, updated=None)
+        frame = pd.concat([scenes, gone], ignore_index=True)
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(frame, schema=_LEDGER_SCHEMA, preserve_index=False), buf)
         self.store.write_bytes(f"{LEDGER_DIR}/compact-{new_run_id()}.parquet", buf.getvalue())
         for f in files:  # a crash here leaves duplicate entries, which committed() folds anyway
             self.store.remove(f)
         return len(files)
+
+
+def pc_is_valid(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Which entries of a column are not null (pyarrow.compute, imported late like the rest of this module)."""
+    import pyarrow.compute as pc
+
+    return pc.is_valid(column)
 
 
 def skip_reason(previous: CommittedScene | None, updated: datetime | None) -> str | None:

@@ -109,3 +109,22 @@ def test_compact_folds_records_keeping_latest(tmp_path):
     assert len(store.glob("_ledger/*.parquet")) == 1
     assert ledger.committed("k") == before
     assert before[("toy", "a")].unit_id == "u4"
+
+
+def test_compaction_keeps_every_unit_on_record(tmp_path):
+    from pipelines.ledger import Ledger, UnitRecord
+    from pipelines.sinks import OutputStore
+
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    ledger.commit(UnitRecord("u1", "r", "k", scenes=[("c", "s1", "2024-05-01", None)]))
+    ledger.commit(UnitRecord("u2", "r", "k", scenes=[]))  # only errors rows
+    ledger.commit(UnitRecord("u3", "r", "k", scenes=[("c", "s1", "2024-05-01", None)]))  # supersedes u1's scene
+    assert ledger.compact(min_files=1) == 3
+    import pyarrow.parquet as pq
+
+    (path,) = store.glob("_ledger/*.parquet")
+    units = set(pq.read_table(store.full(path))["unit_id"].to_pylist())
+    assert units == {"u1", "u2", "u3"}
+    assert set(ledger.committed("k")) == {("c", "s1")} and ledger.committed("k")[("c", "s1")].unit_id == "u3"
+    assert ledger.committed_table("k").num_rows == 1
