@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import shapely
 
 from catalogs.hrefs import HrefPolicy
@@ -106,7 +107,7 @@ class RunSummary:
     updated_since: datetime | None = None
     watermark: datetime | None = None
     read_tasks: int = 0
-    first_tile_s: float | None = None
+    startup_s: float | None = None
     model_actors: int = 0
     model_loads: int = 0
     detections_by_label: Counter[str] = field(default_factory=Counter)
@@ -480,6 +481,9 @@ def _dataset(config: InferConfig, spec: SearchSpec, windows: Sequence[Window], c
     )
     if config.catalog.max_items is not None:
         ds = ds.limit(config.catalog.max_items)
+    # a read task's small scene rows arrive merged into one block; one scene per block makes one read task per
+    # scene (scenes read in parallel, each one's tiles streaming to the model as soon as it is read)
+    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(read, batch_size=1, num_cpus=actors.read_num_cpus, batch_format="numpy")
     ds = ds.map_batches(
         model_stage, fn_constructor_kwargs=model_kwargs,
@@ -497,7 +501,7 @@ class _ModelColumns:
         self.needs = getattr(stage, "needs", ())
         tasks = list(config.tasks)
         self.adds = (*(c for t in tasks for c in (f"answer_{t}", f"logprob_{t}")), "vqa_json", "embedding",
-                     "tokens_detect", "actor_id", "model_loads")
+                     "tokens_detect", "actor_id", "model_loads", "actor_ready_at")
 
 
 def _finish_quiet(summary: RunSummary, counts: Mapping[str, Any]) -> None:
@@ -521,7 +525,7 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
         "detections": summary.detections, "errors": summary.errors, "units_committed": summary.units_committed,
         "wall_s": summary.wall_s, "tiles_per_s": summary.tiles_per_s, "full_scan": summary.full_scan,
         "updated_since": summary.updated_since, "watermark": summary.watermark, "read_tasks": summary.read_tasks,
-        "first_tile_s": summary.first_tile_s,
+        "startup_s": summary.startup_s,
         "model_actors": summary.model_actors, "model_loads": summary.model_loads,
     }
     aoi = None
@@ -630,12 +634,14 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             t_exec = t_said = time.perf_counter()
             tiles_seen = 0
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if summary.first_tile_s is None:  # start-up: planning, read tasks, actors loading the model
-                    summary.first_tile_s = time.perf_counter() - t0
                 tiles_seen += len(batch["scene_key"])
                 for actor, loads in zip(batch.get("actor_id", ()), batch.get("model_loads", ()), strict=False):
                     if str(actor):
                         actors[str(actor)] = max(actors.get(str(actor), 0), int(loads))
+                if "actor_ready_at" in batch and len(batch["actor_ready_at"]):
+                    # start-up: planning, the pool's start, the first model load (once per run)
+                    ready = float(np.min(batch["actor_ready_at"])) - started.timestamp()
+                    summary.startup_s = ready if summary.startup_s is None else min(summary.startup_s, ready)
                 for _key, rows in collector.add(batch):
                     committer.add_scene(rows)
                 committer.poll()

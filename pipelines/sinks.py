@@ -153,7 +153,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("updated_since", _TS),
             ("watermark", _TS),
             ("read_tasks", pa.int64()),
-            ("first_tile_s", pa.float64()),
+            ("startup_s", pa.float64()),
             ("model_actors", pa.int64()),
             ("model_loads", pa.int64()),
         ]

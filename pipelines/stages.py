@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -311,12 +312,13 @@ class ModelStage:
         )
         _MODEL_LOADS += 1
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.ready_at = time.time()  # when this actor could answer its first tile (model built)
 
     @property
     def adds(self) -> tuple[str, ...]:
         """Answer columns per task, the VQA answers, the embedding, the detection tokens and the actor counters."""
         return (*(c for t in self.tasks for c in (f"answer_{t}", f"logprob_{t}")), "vqa_json", "embedding",
-                "tokens_detect", "actor_id", "model_loads")
+                "tokens_detect", "actor_id", "model_loads", "actor_ready_at")
 
     def _prompts(self, sensor: str) -> list[str]:
         from earthgpt.tasks import build_prompt
@@ -376,6 +378,7 @@ class ModelStage:
         out["tokens_detect"] = np.asarray(tokens_detect, dtype=object)
         out["actor_id"] = np.asarray([self.actor_id] * n, dtype=object)
         out["model_loads"] = np.full(n, _MODEL_LOADS, dtype=np.int32)
+        out["actor_ready_at"] = np.full(n, self.ready_at, dtype=np.float64)
         emb_col = np.empty(n, dtype=object)
         emb_col[:] = embeddings
         out["embedding"] = emb_col

@@ -32,6 +32,7 @@ def oracle_stage(truth: list[dict[str, Any]]) -> type:
 
             self.truth = by_scene
             self.actor_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            self.ready_at = __import__("time").time()
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             n = len(batch["scene_key"])
@@ -58,6 +59,7 @@ def oracle_stage(truth: list[dict[str, Any]]) -> type:
             out["tokens_detect"] = np.array([""] * n, dtype=object)
             out["actor_id"] = np.array([self.actor_id] * n, dtype=object)
             out["model_loads"] = np.ones(n, np.int32)
+            out["actor_ready_at"] = np.full(n, self.ready_at, np.float64)
             return out
 
     return OracleStage

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
@@ -15,7 +14,7 @@ import xarray as xr
 from pyproj import CRS
 
 from catalogs.tiling import plan_tiles
-from catalogs.toyworld import ToyWorld, generate_toyworld, load_items
+from catalogs.toyworld import load_items
 from pipelines.config import parse_config
 from pipelines.infer import run
 from pipelines.query import connect

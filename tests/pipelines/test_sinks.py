@@ -15,12 +15,12 @@ import xarray as xr
 from pyproj import CRS
 
 from pipelines.sinks import (
-    embeddings_group,
-    ensure_parent_groups,
     SCHEMAS,
     OutputStore,
     SceneGrid,
     build_frame,
+    embeddings_group,
+    ensure_parent_groups,
     open_scene_grid,
     read_table,
     stage_table,
