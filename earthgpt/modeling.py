@@ -269,6 +269,95 @@ class EarthGPTGenerateOutput:
     n_tokens: torch.Tensor
 
 
+class StaticKVCache:
+    """Pre-allocated keys and values of every decoder layer, one row ("slot") per sequence.
+
+    ``key`` and ``value`` are ``(layers, slots, kv_heads, max_len, head_dim)``, allocated once. A slot holds its
+    sequence from position 0 (no padding in front). Keys past a slot's own length may hold stale values: the chunk
+    mask of :meth:`EarthGPTForConditionalGeneration.forward_cached` lets each query see only positions up to its own,
+    all of which the row itself wrote. The decoder layers call :meth:`update` with each chunk's new keys and values;
+    :meth:`bind` says where they go.
+
+    Args:
+        num_layers: Decoder layers.
+        slots: Sequences held at once (the decode batch).
+        kv_heads: Key/value heads held here (a tensor-parallel rank holds its share).
+        max_len: Positions per slot (longest prompt + generation budget).
+        head_dim: Channels per head.
+        device: Where to allocate.
+        dtype: Dtype of the keys and values (the model's).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (num_layers, slots, kv_heads, max_len, head_dim)
+        self.key = torch.zeros(shape, device=device, dtype=dtype)
+        self.value = torch.zeros(shape, device=device, dtype=dtype)
+        self._all_rows = torch.arange(slots, device=device)
+        self._rows: int | torch.Tensor = 0
+        self._positions = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self._span = 0
+
+    @property
+    def slots(self) -> int:
+        """Sequences held at once."""
+        return int(self.key.shape[1])
+
+    @property
+    def max_len(self) -> int:
+        """Positions per slot."""
+        return int(self.key.shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values."""
+        return 2 * self.key.numel() * self.key.element_size()
+
+    def bind(self, rows: int | torch.Tensor, positions: torch.Tensor, span: int) -> None:
+        """Says where the next chunk's keys and values go.
+
+        Args:
+            rows: ``n`` for slots ``0 .. n-1`` (attended as a view, no copy) or ``(B,)`` slot indices.
+            positions: ``(B, C)`` position of each chunk token (where its key and value are written).
+            span: Keys returned to attention: positions ``0 .. span-1`` (at least ``positions.max() + 1``).
+        """
+        if span > self.max_len:
+            raise ValueError(f"span {span} exceeds the cache's {self.max_len} positions")
+        self._rows, self._positions, self._span = rows, positions, int(span)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes one layer's ``(B, H, C, D)`` chunk keys/values and returns the attended ``(B, H, span, D)``."""
+        key, value = self.key[layer_idx], self.value[layer_idx]
+        rows = self._rows
+        index = self._all_rows[:rows] if isinstance(rows, int) else rows
+        where = (index[:, None], slice(None), self._positions)
+        key[where] = key_states.transpose(1, 2).to(key.dtype)
+        value[where] = value_states.transpose(1, 2).to(value.dtype)
+        if isinstance(rows, int):
+            return key[:rows, :, : self._span], value[:rows, :, : self._span]
+        return key[rows, :, : self._span], value[rows, :, : self._span]
+
+    def copy_rows(self, src: Sequence[int], dst: Sequence[int], length: int) -> None:
+        """Copies the first ``length`` positions of slots ``src`` into slots ``dst`` (every layer)."""
+        if not src:
+            return
+        s = torch.as_tensor(list(src), device=self.key.device)
+        d = torch.as_tensor(list(dst), device=self.key.device)
+        self.key[:, d, :, :length] = self.key[:, s, :, :length]
+        self.value[:, d, :, :length] = self.value[:, s, :, :length]
+
+
 # transformers 5.x renamed the KV-cache argument and output field from ``past_key_values`` to ``cache``
 _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
@@ -821,6 +910,98 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             sequences=sequences, token_logprobs=token_logprobs, mean_logprob=mean, n_tokens=n_tokens
         )
 
+    def new_static_cache(self, slots: int, max_len: int) -> StaticKVCache:
+        """A :class:`StaticKVCache` for this model's decoder (on its device, in its dtype).
+
+        Key/value heads are read from the ``k_proj`` weights, so a tensor-parallel rank gets its own share.
+        """
+        layers = self.language_model.model.layers
+        attn = layers[0].self_attn
+        head_dim = int(attn.head_dim)
+        weight = attn.k_proj.weight
+        return StaticKVCache(
+            len(layers), slots, int(weight.shape[0]) // head_dim, max_len, head_dim,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: StaticKVCache,
+        rows: int | torch.Tensor,
+        start: torch.Tensor,
+        last: torch.Tensor | None,
+        span: int,
+    ) -> torch.Tensor | None:
+        """Runs the decoder on one chunk per row against a static KV cache (prefill and decode alike).
+
+        Row ``b``'s chunk token ``i`` sits at position ``start[b] + i``, its key and value are written there, and it
+        attends to positions ``0 .. start[b] + i`` of its slot. Rows are RIGHT-padded: what padding writes lies past
+        the row's length and is overwritten before anything attends to it.
+
+        Args:
+            inputs_embeds: ``(B, C, D)`` chunk embeddings (``embed_inputs`` output for chunks holding the image).
+            cache: The cache (:meth:`new_static_cache`).
+            rows: ``B`` for slots ``0 .. B-1``, or ``(B,)`` slot indices.
+            start: ``(B,)`` position of each row's first chunk token.
+            last: ``(B,)`` index in the chunk of each row's last real token, or ``None`` for no logits.
+            span: Keys attended: ``max(start) + C`` or more.
+
+        Returns:
+            ``(B, V)`` float32 next-token logits at ``last``, or ``None``.
+        """
+        decoder = self.language_model.model
+        b, c = inputs_embeds.shape[0], inputs_embeds.shape[1]
+        positions = start[:, None] + torch.arange(c, device=start.device)
+        cache.bind(rows, positions, span)
+        keys = torch.arange(span, device=start.device)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, C, span): causal per row
+        cos, sin = decoder.rotary_emb(inputs_embeds, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        hidden = inputs_embeds
+        # the decoder layers' own submodules, called directly: the same arithmetic as LlamaDecoderLayer (whose
+        # wrappers cost more than the arithmetic at small sizes), and still their hooks (stage-3 shift parameters) and
+        # DeepSpeed's tensor-parallel replacements of the linear layers
+        for layer_idx, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            head_dim = attn.head_dim
+            normed = layer.input_layernorm(hidden)
+            q = attn.q_proj(normed).view(b, c, -1, head_dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(b, c, -1, head_dim).transpose(1, 2)
+            v = attn.v_proj(normed).view(b, c, -1, head_dim).transpose(1, 2)
+            q, k = _apply_rotary(q, k, cos, sin)
+            k, v = cache.update(k, v, layer_idx)
+            groups = q.shape[1] // k.shape[1]
+            if groups > 1 and c == 1:  # grouped-query decode: the group's queries attend the shared head together
+                out = F.scaled_dot_product_attention(
+                    q.reshape(b, k.shape[1], groups, head_dim), k, v, attn_mask=mask,
+                    scale=attn.scaling,
+                ).reshape(b, -1, 1, head_dim)
+            else:
+                if groups > 1:
+                    k = k.repeat_interleave(groups, dim=1)
+                    v = v.repeat_interleave(groups, dim=1)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, c, -1))
+            mlp = layer.mlp
+            normed = layer.post_attention_layernorm(hidden)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        if last is None:
+            return None
+        hidden = decoder.norm(hidden[torch.arange(b, device=hidden.device), last])
+        return self.language_model.lm_head(hidden).float()
+
+
+def _apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaMA's rotary embedding (``apply_rotary_pos_emb`` of transformers), ``cos``/``sin`` already ``(B, 1, C, D)``."""
+    half = q.shape[-1] // 2
+    q_rot = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    k_rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return q * cos + q_rot * sin, k * cos + k_rot * sin
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose (shifted) label is not -100, computed in float32.
@@ -890,5 +1071,6 @@ __all__ = [
     "EarthGPTProjector",
     "EarthGPTCNNFusion",
     "ShiftParameters",
+    "StaticKVCache",
     "causal_lm_loss",
 ]
