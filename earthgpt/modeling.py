@@ -306,6 +306,8 @@ class StaticKVCache:
         self._rows: int | torch.Tensor = 0
         self._positions = torch.zeros(0, 0, dtype=torch.long, device=device)
         self._span = 0
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        """``(cos, sin)`` tables ``(max_len, head_dim)`` of the rotary embedding, set by the model."""
 
     @property
     def slots(self) -> int:
@@ -335,15 +337,15 @@ class StaticKVCache:
         self._rows, self._positions, self._span = rows, positions, int(span)
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes one layer's ``(B, H, C, D)`` chunk keys/values and returns the attended ``(B, H, span, D)``."""
+        """Writes one layer's ``(B, C, H, D)`` chunk keys/values and returns the attended ``(B, H, span, D)``."""
         key, value = self.key[layer_idx], self.value[layer_idx]
         rows = self._rows
         index = self._all_rows[:rows] if isinstance(rows, int) else rows
         where = (index[:, None], slice(None), self._positions)
-        key[where] = key_states.transpose(1, 2).to(key.dtype)
-        value[where] = value_states.transpose(1, 2).to(value.dtype)
+        key[where] = key_states.to(key.dtype)
+        value[where] = value_states.to(value.dtype)
         if isinstance(rows, int):
             return key[:rows, :, : self._span], value[:rows, :, : self._span]
         return key[rows, :, : self._span], value[rows, :, : self._span]
@@ -915,14 +917,43 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
 
         Key/value heads are read from the ``k_proj`` weights, so a tensor-parallel rank gets its own share.
         """
-        layers = self.language_model.model.layers
-        attn = layers[0].self_attn
+        decoder = self.language_model.model
+        attn = decoder.layers[0].self_attn
         head_dim = int(attn.head_dim)
         weight = attn.k_proj.weight
-        return StaticKVCache(
-            len(layers), slots, int(weight.shape[0]) // head_dim, max_len, head_dim,
+        cache = StaticKVCache(
+            len(decoder.layers), slots, int(weight.shape[0]) // head_dim, max_len, head_dim,
             device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
+        # one table for every position: the rotary module's own numbers, computed once instead of at every step
+        positions = torch.arange(max_len, device=weight.device)[None]
+        cos, sin = decoder.rotary_emb(torch.empty(0, device=weight.device, dtype=weight.dtype), positions)
+        cache.rope = (cos[0], sin[0])
+        return cache
+
+    @torch.no_grad()
+    def fused_projections(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per decoder layer, the q/k/v weights stacked and the gate/up weights stacked (copies), for
+        :meth:`forward_cached`: two matmuls where there were five, the same numbers.
+
+        Returns:
+            ``[(qkv_weight, gate_up_weight), ...]``, or ``None`` when a projection is not a bias-free ``nn.Linear``
+            without hooks (stage-3 shift parameters, DeepSpeed's tensor-parallel layers): those need their modules.
+        """
+        out = []
+        for layer in self.language_model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+            if any(type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks
+                   for m in linears):  # fmt: skip
+                return None
+            out.append(
+                (
+                    torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                )
+            )
+        return out
 
     @torch.no_grad()
     def forward_cached(
@@ -933,6 +964,7 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         start: torch.Tensor,
         last: torch.Tensor | None,
         span: int,
+        projections: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor | None:
         """Runs the decoder on one chunk per row against a static KV cache (prefill and decode alike).
 
@@ -947,6 +979,8 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             start: ``(B,)`` position of each row's first chunk token.
             last: ``(B,)`` index in the chunk of each row's last real token, or ``None`` for no logits.
             span: Keys attended: ``max(start) + C`` or more.
+            projections: :meth:`fused_projections` output: one matmul for q/k/v and one for gate/up per layer
+                (the same numbers as the separate layers).
 
         Returns:
             ``(B, V)`` float32 next-token logits at ``last``, or ``None``.
@@ -957,26 +991,33 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         cache.bind(rows, positions, span)
         keys = torch.arange(span, device=start.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, C, span): causal per row
-        cos, sin = decoder.rotary_emb(inputs_embeds, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        assert cache.rope is not None
+        cos, sin = cache.rope[0][positions][:, :, None], cache.rope[1][positions][:, :, None]  # (B, C, 1, D)
         hidden = inputs_embeds
         # the decoder layers' own submodules, called directly: the same arithmetic as LlamaDecoderLayer (whose
         # wrappers cost more than the arithmetic at small sizes), and still their hooks (stage-3 shift parameters) and
         # DeepSpeed's tensor-parallel replacements of the linear layers
         for layer_idx, layer in enumerate(decoder.layers):
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
             head_dim = attn.head_dim
-            normed = layer.input_layernorm(hidden)
-            q = attn.q_proj(normed).view(b, c, -1, head_dim).transpose(1, 2)
-            k = attn.k_proj(normed).view(b, c, -1, head_dim).transpose(1, 2)
-            v = attn.v_proj(normed).view(b, c, -1, head_dim).transpose(1, 2)
-            q, k = _apply_rotary(q, k, cos, sin)
+            fused = projections[layer_idx] if projections is not None else None
+            normed = _rms_norm(layer.input_layernorm, hidden, fused is not None)
+            if fused is not None:
+                qkv = F.linear(normed, fused[0]).view(b, c, -1, head_dim)  # (B, C, heads + 2 kv_heads, D)
+                kv_heads = attn.k_proj.out_features // head_dim
+                n_q = qkv.shape[2] - 2 * kv_heads
+                qk = _apply_rotary(qkv[:, :, : n_q + kv_heads], cos, sin)  # queries and keys rotated at once
+                q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + kv_heads :]
+            else:
+                q = _apply_rotary(attn.q_proj(normed).view(b, c, -1, head_dim), cos, sin)
+                k = _apply_rotary(attn.k_proj(normed).view(b, c, -1, head_dim), cos, sin)
+                v = attn.v_proj(normed).view(b, c, -1, head_dim)
+            q = q.transpose(1, 2)
             k, v = cache.update(k, v, layer_idx)
             groups = q.shape[1] // k.shape[1]
-            if groups > 1 and c == 1:  # grouped-query decode: the group's queries attend the shared head together
+            if groups > 1 and c == 1:  # grouped-query decode: a group's queries attend their shared head together
                 out = F.scaled_dot_product_attention(
-                    q.reshape(b, k.shape[1], groups, head_dim), k, v, attn_mask=mask,
-                    scale=attn.scaling,
+                    q.reshape(b, k.shape[1], groups, head_dim), k, v, attn_mask=mask, scale=attn.scaling
                 ).reshape(b, -1, 1, head_dim)
             else:
                 if groups > 1:
@@ -984,23 +1025,30 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
                     v = v.repeat_interleave(groups, dim=1)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, c, -1))
-            mlp = layer.mlp
-            normed = layer.post_attention_layernorm(hidden)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+            normed = _rms_norm(layer.post_attention_layernorm, hidden, fused is not None)
+            if fused is not None:
+                gate, up = F.linear(normed, fused[1]).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         if last is None:
             return None
         hidden = decoder.norm(hidden[torch.arange(b, device=hidden.device), last])
         return self.language_model.lm_head(hidden).float()
 
 
-def _apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLaMA's rotary embedding (``apply_rotary_pos_emb`` of transformers), ``cos``/``sin`` already ``(B, 1, C, D)``."""
-    half = q.shape[-1] // 2
-    q_rot = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
-    k_rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-    return q * cos + q_rot * sin, k * cos + k_rot * sin
+def _rms_norm(norm: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
+    """``norm(x)``; one fused op for a hook-free float32 LLaMA RMSNorm (bit-identical there, fewer dispatches)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if plain and eps is not None and x.dtype == torch.float32 and not norm._forward_hooks:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+    return norm(x)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA's rotary embedding (``x * cos + rotate_half(x) * sin``, as transformers' ``apply_rotary_pos_emb``)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
