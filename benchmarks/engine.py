@@ -101,7 +101,7 @@ def load(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> tupl
         if (
             name == "paper"
         ):  # the bundled tokenizer stands in for LLaMA's (no hub): ids valid in the paper vocabulary
-            overrides = {"image_token_id": 4, "image_start_token_id": 5, "image_end_token_id": 6}
+            overrides.update(image_token_id=4, image_start_token_id=5, image_end_token_id=6)
         config = preset_config(name, **overrides)
         model = build_model(config, device=device, dtype=dtype, seed=seed)
         return model, EarthGPTProcessor.from_config(config)
@@ -265,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip batches that would not fit")
+    parser.add_argument(
+        "--init-std", type=float, default=None,
+        help="LLM weight std of presets (default the preset's 0.02; larger gives decisive logits, see README)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[str] = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         log(f"building {name}")
-        model, processor = load(name, device, dtype, args.seed)
+        model, processor = load(name, device, dtype, args.seed, args.init_std)
         engines = {
             kind: InferenceEngine(model, processor, dtype=dtype, device=device, decoding=kind)
             for kind in ("baseline", "static")

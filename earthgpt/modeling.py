@@ -868,7 +868,8 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             **{_CACHE_KW: cache},
         )
         cache = _cache_of(out)
-        logits = self.language_model.lm_head(out.last_hidden_state[:, -1, :]).float()
+        # a 3-D input: DeepSpeed's tensor-parallel LM head slices the last dimension of (B, L, D)
+        logits = self.language_model.lm_head(out.last_hidden_state[:, -1:, :])[:, 0].float()
         b = input_ids.shape[0]
         device = input_ids.device
         finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -900,7 +901,7 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
                 **{_CACHE_KW: cache},
             )
             cache = _cache_of(out)
-            logits = self.language_model.lm_head(out.last_hidden_state[:, -1, :]).float()
+            logits = self.language_model.lm_head(out.last_hidden_state[:, -1:, :])[:, 0].float()
         if tokens:
             sequences = torch.stack(tokens, dim=1)
             token_logprobs = torch.stack(logprobs, dim=1)
@@ -1034,7 +1035,8 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         if last is None:
             return None
         hidden = decoder.norm(hidden[torch.arange(b, device=hidden.device), last])
-        return self.language_model.lm_head(hidden).float()
+        # (B, 1, D): DeepSpeed's tensor-parallel LM head slices a 3-D input
+        return self.language_model.lm_head(hidden[:, None])[:, 0].float()
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:

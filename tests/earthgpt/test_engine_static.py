@@ -100,7 +100,9 @@ def test_trained_model_stops_early_and_matches(tmp_path: Path) -> None:
     b = new.generate(tiles, prompts, max_new_tokens=48, image_index=index)
     _assert_same(a, b)
     lengths = [g.n_tokens for g in b]
-    assert min(lengths) < max(lengths) <= 48  # answers of different lengths: the batch changed as rows stopped
+    assert (
+        min(lengths) < max(lengths) <= 48
+    )  # answers of different lengths: the batch changed as rows stopped
     stops = set(processor.stop_token_ids)
     assert all(g.token_ids[-1] in stops for g in b if g.n_tokens < 48)
     # decoded tokens are exactly the answers' (no lock-step padding): the first comes from the prefill
@@ -133,7 +135,9 @@ def test_shared_prefix_is_prefilled_once(
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(
-    peaky_model: EarthGPTForConditionalGeneration, processor: EarthGPTProcessor, monkeypatch: pytest.MonkeyPatch
+    peaky_model: EarthGPTForConditionalGeneration,
+    processor: EarthGPTProcessor,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base, new = _pair(peaky_model, processor, decode_batch=8, prefill_batch=8)
     real = new.model.forward_cached
