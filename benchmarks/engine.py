@@ -93,14 +93,17 @@ def weights_read_probe(device: torch.device, dtype: torch.dtype, nbytes: int) ->
     return w.numel() * w.element_size() / best
 
 
-def load(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[Any, EarthGPTProcessor]:
+def load(
+    name: str, device: torch.device, dtype: torch.dtype, seed: int, init_std: float | None
+) -> tuple[Any, EarthGPTProcessor]:
     from earthgpt.presets import PRESETS, build_model, preset_config
 
     if name in PRESETS:
         overrides: dict[str, Any] = {}
-        if (
-            name == "paper"
-        ):  # the bundled tokenizer stands in for LLaMA's (no hub): ids valid in the paper vocabulary
+        if init_std is not None:
+            overrides["text_config"] = {"initializer_range": init_std}
+        if name == "paper":
+            # the bundled tokenizer stands in for LLaMA's (no hub): its ids are valid in the paper vocabulary
             overrides.update(image_token_id=4, image_start_token_id=5, image_end_token_id=6)
         config = preset_config(name, **overrides)
         model = build_model(config, device=device, dtype=dtype, seed=seed)

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -127,9 +127,10 @@ def plan_batch(
     if weights_bytes is None:
         weights_bytes = weights_nbytes(config, dtype, tp)
     hidden, inter = int(text.hidden_size), int(text.intermediate_size)
-    heads = max(int(text.num_attention_heads) // tp, 1)
-    kv_heads = max(int(text.num_key_value_heads) // tp, 1)
-    head_dim = int(getattr(text, "head_dim", None) or hidden // int(text.num_attention_heads))
+    n_heads = int(text.num_attention_heads)
+    heads = max(n_heads // tp, 1)
+    kv_heads = max(int(getattr(text, "num_key_value_heads", None) or n_heads) // tp, 1)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // n_heads)
     layers, vocab = int(text.num_hidden_layers), int(text.vocab_size)
     seq = int(prompt_len) + int(max_new_tokens)
     kv_token = 2 * layers * kv_heads * head_dim * item
@@ -477,7 +478,7 @@ class InferenceEngine:
     def _plan(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
         memory, source = self._memory()
         plan = plan_batch(
-            memory, self.config, self.dtype, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+            memory, cast(EarthGPTConfig, self.config), self.dtype, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
             tp_size=self.tp_size, weights_bytes=self._weights_bytes, max_batch=self._max_batch,
         )  # fmt: skip
         for key in ("decode_batch", "prefill_batch"):
@@ -648,13 +649,13 @@ class InferenceEngine:
             start = torch.as_tensor(host_len[:active], device=device)
             span = int(host_len[:active].max()) + 1
             embeds = embed_tokens(last_token[:active, None])
-            logits = model.forward_cached(
+            step_logits = model.forward_cached(
                 embeds, cache, active, start, torch.zeros_like(start), span, self._projections
             )
-            assert logits is not None
+            assert step_logits is not None
             stats["decode_context_tokens"] += float(host_len[:active].sum() + active)
             host_len[:active] += 1
-            done = emit(logits, 0, active)
+            done = emit(step_logits, 0, active)
             stats["decode_steps"] += 1
             stats["decode_tokens"] += active
             stats["decode_s"] += time.perf_counter() - t0
@@ -698,7 +699,9 @@ class InferenceEngine:
             )  # fmt: skip
             stats["prefill_tokens"] += sum(g.prefix for g in chunk)
         # 2. the other prompts of a group start from a copy of the leader's prefix
-        src, dst, longest = [], [], 0
+        src: list[int] = []
+        dst: list[int] = []
+        longest = 0
         for group, leader in zip(groups, leaders, strict=True):
             for k in range(1, len(group.prompts)):
                 src.append(leader)
@@ -710,20 +713,20 @@ class InferenceEngine:
         suffixes = [(i, g.prefix) for g in groups for i in g.prompts]
         logits = []
         for lo in range(0, len(suffixes), prefill_batch):
-            chunk = suffixes[lo : lo + prefill_batch]
-            width = max(len(rows[i]) - start for i, start in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            for r, (i, start) in enumerate(chunk):
+            pieces = suffixes[lo : lo + prefill_batch]
+            width = max(len(rows[i]) - start for i, start in pieces)
+            ids = torch.full((len(pieces), width), pad, dtype=torch.long)
+            for r, (i, start) in enumerate(pieces):
                 ids[r, : len(rows[i]) - start] = torch.as_tensor(rows[i][start:])
-            starts = torch.as_tensor([start for _, start in chunk], device=device)
-            last = torch.as_tensor([len(rows[i]) - start - 1 for i, start in chunk], device=device)
+            starts = torch.as_tensor([start for _, start in pieces], device=device)
+            last = torch.as_tensor([len(rows[i]) - start - 1 for i, start in pieces], device=device)
             out = model.forward_cached(
                 embed_tokens(ids.to(device)), cache, torch.as_tensor(slot_of[lo : lo + prefill_batch], device=device),
-                starts, last, int(max(start for _, start in chunk)) + width, self._projections,
+                starts, last, int(max(start for _, start in pieces)) + width, self._projections,
             )  # fmt: skip
             assert out is not None
             logits.append(out)
-            stats["prefill_tokens"] += sum(len(rows[i]) - start for i, start in chunk)
+            stats["prefill_tokens"] += sum(len(rows[i]) - start for i, start in pieces)
         return torch.cat(logits)
 
 

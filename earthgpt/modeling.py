@@ -491,7 +491,9 @@ class EarthGPTPreTrainedModel(PreTrainedModel):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):  # reached only by transformers 4.x, which applies this everywhere
+            elif isinstance(
+                module, nn.Embedding
+            ):  # reached only by transformers 4.x, which applies this everywhere
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
@@ -1016,7 +1018,9 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             q = q.transpose(1, 2)
             k, v = cache.update(k, v, layer_idx)
             groups = q.shape[1] // k.shape[1]
-            if groups > 1 and c == 1:  # grouped-query decode: a group's queries attend their shared head together
+            if (
+                groups > 1 and c == 1
+            ):  # grouped-query decode: a group's queries attend their shared head together
                 out = F.scaled_dot_product_attention(
                     q.reshape(b, k.shape[1], groups, head_dim), k, v, attn_mask=mask, scale=attn.scaling
                 ).reshape(b, -1, 1, head_dim)
@@ -1042,8 +1046,10 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
 def _rms_norm(norm: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
     """``norm(x)``; one fused op for a hook-free float32 LLaMA RMSNorm (bit-identical there, fewer dispatches)."""
     eps = getattr(norm, "variance_epsilon", None)
-    if plain and eps is not None and x.dtype == torch.float32 and not norm._forward_hooks:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+    weight = getattr(norm, "weight", None)
+    hooked = bool(norm._forward_hooks)
+    if plain and not hooked and eps is not None and isinstance(weight, torch.Tensor) and x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return norm(x)
 
 

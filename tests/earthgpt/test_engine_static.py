@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,7 +38,11 @@ def _pair(
 
 
 def _tile_prompts(n_tiles: int) -> tuple[list[str], list[int]]:
-    tasks = [("caption", {}), ("detect", {}), ("vqa", {"question": "How many ships are there?"})]
+    tasks: list[tuple[str, dict[str, Any]]] = [
+        ("caption", {}),
+        ("detect", {}),
+        ("vqa", {"question": "How many ships are there?"}),
+    ]
     prompts, index = [], []
     for j in range(n_tiles):
         for k in range(1 + j % 3):  # 1, 2 or 3 prompts per tile

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from earthgpt.engine import InferenceEngine
+from earthgpt.modeling import EarthGPTForConditionalGeneration
 from earthgpt.presets import build_model, earthgpt_tiny
 from earthgpt.processor import EarthGPTProcessor
 from earthgpt.tasks import build_prompt
@@ -34,7 +35,7 @@ def _inputs() -> tuple[list[torch.Tensor], list[str]]:
     return tiles, [build_prompt(t, s) for t, s in PROMPTS]
 
 
-def _model() -> torch.nn.Module:
+def _model() -> EarthGPTForConditionalGeneration:
     return build_model(earthgpt_tiny(text_config={"initializer_range": 0.5}), seed=0)
 
 
