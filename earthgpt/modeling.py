@@ -336,16 +336,21 @@ class StaticKVCache:
             raise ValueError(f"span {span} exceeds the cache's {self.max_len} positions")
         self._rows, self._positions, self._span = rows, positions, int(span)
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes one layer's ``(B, C, H, D)`` chunk keys/values and returns the attended ``(B, H, span, D)``."""
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """Writes one layer's ``(B, C, H, D)`` chunk keys/values at the bound rows and positions."""
         key, value = self.key[layer_idx], self.value[layer_idx]
         rows = self._rows
         index = self._all_rows[:rows] if isinstance(rows, int) else rows
         where = (index[:, None], slice(None), self._positions)
         key[where] = key_states.to(key.dtype)
         value[where] = value_states.to(value.dtype)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes one layer's ``(B, C, H, D)`` chunk keys/values and returns the attended ``(B, H, span, D)``."""
+        self.write(key_states, value_states, layer_idx)
+        key, value, rows = self.key[layer_idx], self.value[layer_idx], self._rows
         if isinstance(rows, int):
             return key[:rows, :, : self._span], value[:rows, :, : self._span]
         return key[rows, :, : self._span], value[rows, :, : self._span]
@@ -992,6 +997,8 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         b, c = inputs_embeds.shape[0], inputs_embeds.shape[1]
         positions = start[:, None] + torch.arange(c, device=start.device)
         cache.bind(rows, positions, span)
+        # a chunk that starts every row (a prefix) attends only to itself: plain causal attention, nothing read back
+        fresh = c > 1 and span == c and not bool(start.any())
         keys = torch.arange(span, device=start.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, C, span): causal per row
         assert cache.rope is not None
@@ -1016,11 +1023,14 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
                 k = _apply_rotary(attn.k_proj(normed).view(b, c, -1, head_dim), cos, sin)
                 v = attn.v_proj(normed).view(b, c, -1, head_dim)
             q = q.transpose(1, 2)
-            k, v = cache.update(k, v, layer_idx)
+            if fresh:
+                cache.write(k, v, layer_idx)
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                k, v = cache.update(k, v, layer_idx)
             groups = q.shape[1] // k.shape[1]
-            if (
-                groups > 1 and c == 1
-            ):  # grouped-query decode: a group's queries attend their shared head together
+            if groups > 1 and c == 1:
+                # grouped-query decode: a group's queries attend their shared head together
                 out = F.scaled_dot_product_attention(
                     q.reshape(b, k.shape[1], groups, head_dim), k, v, attn_mask=mask, scale=attn.scaling
                 ).reshape(b, -1, 1, head_dim)
@@ -1028,7 +1038,10 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
                 if groups > 1:
                     k = k.repeat_interleave(groups, dim=1)
                     v = v.repeat_interleave(groups, dim=1)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+                if fresh:  # right padding only follows the real tokens: causal is the whole mask
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, c, -1))
             normed = _rms_norm(layer.post_attention_layernorm, hidden, fused is not None)
             if fused is not None:
@@ -1047,8 +1060,9 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
     """``norm(x)``; one fused op for a hook-free float32 LLaMA RMSNorm (bit-identical there, fewer dispatches)."""
     eps = getattr(norm, "variance_epsilon", None)
     weight = getattr(norm, "weight", None)
-    hooked = bool(norm._forward_hooks)
-    if plain and not hooked and eps is not None and isinstance(weight, torch.Tensor) and x.dtype == torch.float32:
+    usable = plain and not norm._forward_hooks and isinstance(weight, torch.Tensor)
+    if usable and eps is not None and x.dtype == torch.float32:
+        assert isinstance(weight, torch.Tensor)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return norm(x)
 
