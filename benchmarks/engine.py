@@ -192,11 +192,21 @@ def run_batch(
                 stats.append(dict(engine.last_stats))
     base, new = outputs["baseline"], outputs["static"]
     identical = [g.token_ids for g in base] == [g.token_ids for g in new]
+    # where answers differ: per-position agreement and the first differing position (greedy decoding continues from
+    # its own tokens, so one flipped near-tie changes everything after it)
+    pairs = list(zip(base, new, strict=True))
+    same = sum(sum(x == y for x, y in zip(a.token_ids, b.token_ids, strict=False)) for a, b in pairs)
+    first = [
+        next((k for k, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y), None)
+        for a, b in pairs
+    ]
     row: dict[str, Any] = {
         "model": name,
         "tiles": tiles,
         "prompts": len(prompts),
         "identical_greedy": identical,
+        "token_agreement": same / max(sum(max(a.n_tokens, b.n_tokens) for a, b in pairs), 1),
+        "first_difference": [k for k in first if k is not None],
     }
     # baseline split: a 1-token call less the image encoding is its prefill (left-padded: padding is computed too)
     encode_s = _timed(lambda: engines["baseline"].encode_images(images), device, args.repeats)

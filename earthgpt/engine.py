@@ -189,7 +189,7 @@ class InferenceEngine:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         decoding: ``"static"`` (static KV cache, shared prefixes, continuous batching) or ``"baseline"``.
         memory_budget: Bytes the engine may use (weights included) when planning batches; default: free GPU memory
-            plus the weights on CUDA, available RAM plus the weights on CPU.
+            and cached-unused memory plus the weights on CUDA, available RAM plus the weights on CPU.
         decode_batch: Fixed decode batch (prompts decoded at once) instead of the planned one.
         prefill_batch: Fixed prefill batch (rows prefilled at once) instead of the planned one.
         max_batch: Upper bound of planned batches.
@@ -466,7 +466,9 @@ class InferenceEngine:
             return int(self._memory_budget), "configured"
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free) + self._weights_bytes, "cuda_free+weights"
+            # memory PyTorch holds in its cache but no tensor uses is ours too
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return int(free + cached) + self._weights_bytes, "cuda_free+cached+weights"
         try:
             import psutil
 
