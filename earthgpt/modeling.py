@@ -18,7 +18,9 @@ Architecture (Zhang et al., "EarthGPT", IEEE TGRS 2024; code lineage SPHINX / LL
 Images are not tied one-to-one to text rows: ``image_index[b]`` names the image of row ``b``, so several prompts on one
 tile share one encoding. Loss is next-token cross-entropy on positions whose label is not -100 (answers only; the
 caller masks the rest). :meth:`EarthGPTForConditionalGeneration.generate` is a batched KV-cache loop (left padding,
-greedy or sampling) that also returns each answer's mean token log-probability.
+greedy or sampling) that also returns each answer's mean token log-probability;
+:meth:`EarthGPTForConditionalGeneration.forward_cached` runs one chunk per row against a pre-allocated
+:class:`StaticKVCache` (what ``earthgpt.engine``'s static decoder schedules).
 
 Kept importable with only torch + transformers (>= 4.46) so that GPU scripts can run it on a bare machine.
 """
