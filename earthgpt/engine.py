@@ -187,7 +187,8 @@ class InferenceEngine:
         tp_size: DeepSpeed tensor-parallel size (automatic tensor parallelism, one process per rank).
         kernel_inject: DeepSpeed fused-kernel injection (GPU only; off by default).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
-        decoding: ``"static"`` (static KV cache, shared prefixes, continuous batching) or ``"baseline"``.
+        decoding: ``"static"`` (static KV cache, shared prefixes, continuous batching) or ``"baseline"`` (always with
+            ``kernel_inject``).
         memory_budget: Bytes the engine may use (weights included) when planning batches; default: free GPU memory
             and cached-unused memory plus the weights on CUDA, available RAM plus the weights on CPU.
         decode_batch: Fixed decode batch (prompts decoded at once) instead of the planned one.
@@ -245,10 +246,9 @@ class InferenceEngine:
                 raise ValueError("float16 inference needs a GPU; use float32 or bfloat16 on CPU")
         if kernel_inject and kind != "deepspeed":
             raise ValueError("kernel_inject is a DeepSpeed option: use kind='deepspeed'")
-        if kernel_inject and decoding == "static":
-            raise ValueError(
-                "kernel injection replaces the decoder layers the static decoder drives: use decoding='baseline'"
-            )
+        if kernel_inject:
+            # injected kernels replace the decoder layers the static decoder drives
+            decoding = "baseline"
         self.kind = kind
         self.dtype = dtype
         self.tp_size = int(tp_size)
