@@ -6,23 +6,38 @@ kernel injection and fp16 need a GPU). On CPU, set ``DS_ACCELERATOR=cpu`` (the e
 and the variable is unset).
 
 Batches: ``generate(images, prompts, image_index=...)`` encodes each image once, however many prompts use it.
+
+Two decoders, same answers (greedy: token for token):
+
+- ``decoding="static"`` (default): a pre-allocated KV cache (:class:`earthgpt.modeling.StaticKVCache`); the prompts
+  of one image share their common prefix (``[BOS] <img> visual tokens </img>`` + system line + ...), prefilled once
+  and copied to each prompt's slot; answers that stop leave the decode batch at once and waiting prompts take their
+  slots (continuous batching); prefill and decode batch sizes are planned separately from the memory budget
+  (:func:`plan_batch`, the choice in ``engine.batch_plan``); an out-of-memory error halves both and retries the
+  prompts not yet answered.
+- ``decoding="baseline"``: :meth:`earthgpt.modeling.EarthGPTForConditionalGeneration.generate`, one left-padded
+  batch in lock-step with a dynamic cache (the reference, kept for comparisons).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from earthgpt.modeling import EarthGPTForConditionalGeneration
+from earthgpt.modeling import EarthGPTConfig, EarthGPTForConditionalGeneration, StaticKVCache, _sample
 from earthgpt.processor import EarthGPTProcessor
 
 ENGINE_KINDS = ("plain", "deepspeed")
+DECODINGS = ("static", "baseline")
 
 
 @dataclass
@@ -46,6 +61,121 @@ class Generation:
     token_logprobs: list[float] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Memory planning
+
+_HEADROOM = 0.10
+"""Share of the budget kept free (allocator fragmentation, the image encoders' activations, temporaries)."""
+_PREFILL_SHARE = 0.25
+"""Share of the memory left after the weights that prefill activations may take."""
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return int(torch.empty((), dtype=dtype).element_size())
+
+
+def weights_nbytes(config: EarthGPTConfig, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of the model's weights in ``dtype`` (the language model split over ``tp_size`` ranks).
+
+    Counted on the ``meta`` device: no memory is allocated.
+    """
+    from earthgpt.presets import build_model
+
+    model = build_model(config, device="meta")
+    llm = sum(p.numel() for p in model.language_model.parameters())
+    rest = sum(p.numel() for p in model.parameters()) - llm
+    return (rest + llm // max(int(tp_size), 1)) * _itemsize(dtype)
+
+
+def plan_batch(
+    memory_bytes: int,
+    config: EarthGPTConfig,
+    dtype: torch.dtype,
+    *,
+    prompt_len: int,
+    max_new_tokens: int,
+    tp_size: int = 1,
+    weights_bytes: int | None = None,
+    max_batch: int = 256,
+) -> dict[str, Any]:
+    """The largest prefill and decode batches (in prompts) that fit a memory budget.
+
+    Memory = weights + decode batch x (KV cache of one full sequence + one step's activations) + prefill batch x
+    (activations of one prompt, attention scores included) + 10 % headroom. Prefill activations may take a quarter of
+    what the weights leave; the decode batch takes the rest.
+
+    Args:
+        memory_bytes: The budget (a GPU's memory, or the RAM to use).
+        config: Model config (``earthgpt.presets.preset_config("paper")`` ...).
+        dtype: Weight and KV-cache dtype.
+        prompt_len: Tokens of the longest prompt (visual tokens included).
+        max_new_tokens: Generation budget per answer.
+        tp_size: Tensor-parallel ranks sharing the language model (each holds ``1/tp_size`` of it and its cache).
+        weights_bytes: Weight bytes per rank; default counted from ``config``.
+        max_batch: Upper bound on either batch.
+
+    Returns:
+        ``{"decode_batch", "prefill_batch", "memory_bytes", "weights_bytes", "kv_bytes_per_token",
+        "kv_bytes_per_row", "prefill_bytes_per_row", "decode_bytes_per_row", "max_seq_len", "tp_size", "dtype"}``.
+
+    Raises:
+        ValueError: when the budget cannot hold the weights and one sequence.
+    """
+    text = config.text_config
+    item = _itemsize(dtype)
+    tp = max(int(tp_size), 1)
+    if weights_bytes is None:
+        weights_bytes = weights_nbytes(config, dtype, tp)
+    hidden, inter = int(text.hidden_size), int(text.intermediate_size)
+    n_heads = int(text.num_attention_heads)
+    heads = max(n_heads // tp, 1)
+    kv_heads = max(int(getattr(text, "num_key_value_heads", None) or n_heads) // tp, 1)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // n_heads)
+    layers, vocab = int(text.num_hidden_layers), int(text.vocab_size)
+    seq = int(prompt_len) + int(max_new_tokens)
+    kv_token = 2 * layers * kv_heads * head_dim * item
+    # live activations of one token in one layer (residual, norm, q/k/v, attention out, MLP gate/up/act)
+    per_token = (8 * hidden + 3 * inter) * item
+    logits = 3 * vocab * 4  # float32 logits, log-softmax and probabilities of one position
+    # prefill: a prompt's activations, its attention scores (math kernel, float32) and its keys/values gathered for one
+    # layer; decode: the whole sequence's cache plus one step
+    prefill_row = (
+        prompt_len * per_token + heads * prompt_len * prompt_len * 4 + 2 * kv_token // layers * seq + logits
+    )
+    decode_row = seq * kv_token + per_token + heads * seq * 4 + logits
+    usable = int(memory_bytes * (1 - _HEADROOM)) - int(weights_bytes)
+    if usable < prefill_row + decode_row:
+        raise ValueError(
+            f"memory_bytes {memory_bytes / 2**30:.2f} GiB cannot hold the weights ({weights_bytes / 2**30:.2f} GiB) "
+            f"and one {seq}-token sequence"
+        )
+    prefill = int(min(max_batch, max(1, usable * _PREFILL_SHARE // prefill_row)))
+    decode = int(min(max_batch, max(1, (usable - prefill * prefill_row) // decode_row)))
+    return {
+        "decode_batch": decode,
+        "prefill_batch": prefill,
+        "memory_bytes": int(memory_bytes),
+        "weights_bytes": int(weights_bytes),
+        "kv_bytes_per_token": int(kv_token),
+        "kv_bytes_per_row": int(seq * kv_token),
+        "prefill_bytes_per_row": int(prefill_row),
+        "decode_bytes_per_row": int(decode_row),
+        "max_seq_len": seq,
+        "tp_size": tp,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
 class InferenceEngine:
     """Runs EarthGPT for inference, plainly or through DeepSpeed-inference.
 
@@ -54,12 +184,28 @@ class InferenceEngine:
         processor: Its processor.
         kind: ``"plain"`` or ``"deepspeed"``.
         dtype: Weight dtype (float32, bfloat16; float16 on GPU only).
-        tp_size: DeepSpeed tensor-parallel size (``deepspeed`` launcher with that many ranks).
-        kernel_inject: DeepSpeed fused-kernel injection (GPU only).
+        tp_size: DeepSpeed tensor-parallel size (automatic tensor parallelism, one process per rank).
+        kernel_inject: DeepSpeed fused-kernel injection (GPU only; off by default).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
+        decoding: ``"static"`` (static KV cache, shared prefixes, continuous batching) or ``"baseline"`` (always with
+            ``kernel_inject``).
+        memory_budget: Bytes the engine may use (weights included) when planning batches; default: free GPU memory
+            and cached-unused memory plus the weights on CUDA, available RAM plus the weights on CPU.
+        decode_batch: Fixed decode batch (prompts decoded at once) instead of the planned one.
+        prefill_batch: Fixed prefill batch (rows prefilled at once) instead of the planned one.
+        max_batch: Upper bound of planned batches.
+        fuse_projections: Static decoding keeps stacked copies of each layer's q/k/v and gate/up weights (two matmuls
+            instead of five: fewer dispatches, same numbers); default when the copies take at most 5 % of the memory
+            budget. The weights must not change while the engine lives.
+
+    Attributes:
+        batch_plan: What the static decoder chose for the last ``generate`` call (before it, for a 64-token
+            budget): :func:`plan_batch`'s dict plus ``decoding``, ``memory_source`` and ``oom_halvings``.
+        last_stats: Counters of the last static ``generate`` call: ``prefill_tokens``, ``prefill_s``,
+            ``decode_steps``, ``decode_tokens``, ``decode_context_tokens``, ``decode_s``, ``shared_prefix_tokens``.
 
     Raises:
-        ValueError: unknown kind, or kernel injection / fp16 requested without a GPU.
+        ValueError: unknown kind or decoding, or kernel injection / fp16 requested without a GPU.
     """
 
     def __init__(
@@ -71,9 +217,25 @@ class InferenceEngine:
         tp_size: int = 1,
         kernel_inject: bool = False,
         device: str | torch.device | None = None,
+        *,
+        decoding: str = "static",
+        memory_budget: int | None = None,
+        decode_batch: int | None = None,
+        prefill_batch: int | None = None,
+        max_batch: int = 256,
+        fuse_projections: bool | None = None,
     ) -> None:
         if kind not in ENGINE_KINDS:
             raise ValueError(f"kind must be one of {ENGINE_KINDS}, got {kind!r}")
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        for name, value in (
+            ("decode_batch", decode_batch),
+            ("prefill_batch", prefill_batch),
+            ("max_batch", max_batch),
+        ):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.device = torch.device(device) if device is not None else _default_device()
         if self.device.type != "cuda":
             if kernel_inject:
@@ -84,22 +246,52 @@ class InferenceEngine:
                 raise ValueError("float16 inference needs a GPU; use float32 or bfloat16 on CPU")
         if kernel_inject and kind != "deepspeed":
             raise ValueError("kernel_inject is a DeepSpeed option: use kind='deepspeed'")
+        if kernel_inject:
+            # injected kernels replace the decoder layers the static decoder drives
+            decoding = "baseline"
         self.kind = kind
         self.dtype = dtype
         self.tp_size = int(tp_size)
         self.kernel_inject = bool(kernel_inject)
+        self.decoding = decoding
         self.processor = processor
         self.config = model.config
         model = model.eval()
         if kind == "plain":
-            torch.nn.Module.to(model, device=self.device, dtype=dtype)
+            with _float32_rotary(model):
+                torch.nn.Module.to(model, device=self.device, dtype=dtype)
             self.model = model
             self._ds_engine = None
         else:
             # module-replacing engines would drop the stage-3 hooks: fold them into the weights first
             model.merge_shift_parameters()
-            self._ds_engine = _deepspeed_init(model, dtype, self.tp_size, self.kernel_inject, self.device)
+            with _float32_rotary(model):
+                self._ds_engine = _deepspeed_init(model, dtype, self.tp_size, self.kernel_inject, self.device)
             self.model = self._ds_engine.module
+        self._memory_budget = memory_budget
+        self._fixed = {"decode_batch": decode_batch, "prefill_batch": prefill_batch}
+        self._max_batch = int(max_batch)
+        self._oom_caps: dict[str, int] = {}
+        self._oom_halvings = 0
+        self._weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.last_stats: dict[str, float] = {}
+        self.batch_plan: dict[str, Any] = {}
+        self._projections: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if decoding == "static":
+            prompt_len = len(processor.encode_prompt("What is in this image?")) + 64
+            self.batch_plan = self._plan(prompt_len, 64)
+            if fuse_projections is not False:
+                projections = self.model.fused_projections()
+                copies = sum(
+                    a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in projections or []
+                )
+                if projections is not None and (
+                    fuse_projections or copies <= 0.05 * self.batch_plan["memory_bytes"]
+                ):
+                    self._projections = projections
+            self.batch_plan["fused_projections"] = self._projections is not None
+        else:
+            self.batch_plan = {"decoding": "baseline"}
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str | Path, *, seed: int = 0, **kwargs: Any) -> InferenceEngine:
@@ -109,7 +301,7 @@ class InferenceEngine:
             path_or_preset: A folder written by ``model.save_pretrained`` + ``processor.save_pretrained``, or a
                 preset name (``tiny``, ``small``, ``paper``; ``earthgpt_tiny`` ...) for a random-weight model.
             seed: Weight seed for presets.
-            **kwargs: :class:`InferenceEngine` arguments (``kind``, ``dtype``, ``device``, ...).
+            **kwargs: :class:`InferenceEngine` arguments (``kind``, ``dtype``, ``device``, ``decoding``, ...).
         """
         from earthgpt.presets import PRESETS, build_model, preset_config
 
@@ -157,7 +349,8 @@ class InferenceEngine:
             max_new_tokens: Budget per answer.
             do_sample: Sample instead of greedy decoding.
             temperature: Sampling temperature.
-            image_index: Image of each prompt (default: prompt ``i`` uses image ``i``); each image is encoded once.
+            image_index: Image of each prompt (default: prompt ``i`` uses image ``i``); each image is encoded once,
+                and (static decoding) the prompts of one image share the prefill of their common prefix.
             image_features: Precomputed :meth:`encode_images` output, to skip the encoders.
             top_p: Nucleus sampling mass.
             seed: Seed for sampling.
@@ -169,22 +362,73 @@ class InferenceEngine:
             prompts = [prompts]
         if not prompts:
             return []
+        if do_sample and temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
         p = self.processor
         index = list(range(len(prompts))) if image_index is None else [int(i) for i in image_index]
-        ids, mask = p.pad_left([p.encode_prompt(q) for q in prompts])
-        kwargs: dict[str, Any] = {}
+        if len(index) != len(prompts):
+            raise ValueError(f"image_index has {len(index)} entries for {len(prompts)} prompts")
+        rows = [p.encode_prompt(q) for q in prompts]
         if image_features is not None:
-            kwargs["image_features"] = image_features.to(self.device)
+            features = image_features.to(self.device)
+            pixel_values = None
         else:
             pixel_values, _ = p.preprocess_images(images)
             if image_index is None and pixel_values.shape[0] != len(prompts):
                 raise ValueError(
                     f"{pixel_values.shape[0]} images for {len(prompts)} prompts: pass image_index"
                 )
-            kwargs["pixel_values"] = self._pixels(pixel_values)
+            pixel_values = self._pixels(pixel_values)
+            features = None
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
+        sampling = (do_sample, float(temperature), float(top_p), generator)
+        if self.decoding == "baseline":
+            return self._generate_baseline(rows, index, pixel_values, features, max_new_tokens, sampling)
+        if features is None:
+            assert pixel_values is not None
+            features = self.model.get_image_features(pixel_values)
+        n_images = int(features.shape[0])
+        if any(not 0 <= i < n_images for i in index):
+            raise ValueError(f"image_index values must be in [0, {n_images})")
+        return self._generate_static(rows, index, features, int(max_new_tokens), sampling)
+
+    @torch.no_grad()
+    def embed(
+        self, images: Sequence[Any] | Any = None, *, image_features: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """One embedding per image: the mean of its projected visual tokens.
+
+        Args:
+            images: N images; ignored when ``image_features`` is given.
+            image_features: Precomputed :meth:`encode_images` output: encode a batch once, then pass the same
+                features to :meth:`generate` and here.
+
+        Returns:
+            ``(N, D)`` float32 array, D the LLM hidden size.
+        """
+        features = image_features if image_features is not None else self.encode_images(images)
+        return features.float().mean(dim=1).cpu().numpy().astype(np.float32)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Baseline: one left-padded batch, lock-step, dynamic cache
+
+    def _generate_baseline(
+        self,
+        rows: list[list[int]],
+        index: list[int],
+        pixel_values: torch.Tensor | None,
+        features: torch.Tensor | None,
+        max_new_tokens: int,
+        sampling: tuple[bool, float, float, torch.Generator | None],
+    ) -> list[Generation]:
+        p = self.processor
+        do_sample, temperature, top_p, generator = sampling
+        ids, mask = p.pad_left(rows)
+        kwargs: dict[str, Any] = (
+            {"image_features": features} if features is not None else {"pixel_values": pixel_values}
+        )
         out = self.model.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -198,35 +442,357 @@ class InferenceEngine:
             generator=generator,
             **kwargs,
         )
+        sequences, logprobs = out.sequences.cpu(), out.token_logprobs.float().cpu()
         results = []
-        for row in range(len(prompts)):
+        for row in range(len(rows)):
             n = int(out.n_tokens[row])
-            token_ids = out.sequences[row, :n].tolist()
+            token_ids = sequences[row, :n].tolist()
             results.append(
                 Generation(
                     text=p.decode(token_ids),
                     mean_logprob=float(out.mean_logprob[row]),
                     n_tokens=n,
                     token_ids=token_ids,
-                    token_logprobs=[float(x) for x in out.token_logprobs[row, :n].tolist()],
+                    token_logprobs=[float(x) for x in logprobs[row, :n].tolist()],
                 )
             )
         return results
 
-    @torch.no_grad()
-    def embed(self, images: Sequence[Any] | Any = None, *, image_features: torch.Tensor | None = None) -> np.ndarray:
-        """One embedding per image: the mean of its projected visual tokens.
+    # ----------------------------------------------------------------------------------------------------------------
+    # Static: pre-allocated cache, shared prefixes, continuous batching, planned batches
 
-        Args:
-            images: N images; ignored when ``image_features`` is given.
-            image_features: Precomputed :meth:`encode_images` output: encode a batch once, then pass the same
-                features to :meth:`generate` and here.
+    def _memory(self) -> tuple[int, str]:
+        if self._memory_budget is not None:
+            return int(self._memory_budget), "configured"
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # memory PyTorch holds in its cache but no tensor uses is ours too
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return int(free + cached) + self._weights_bytes, "cuda_free+cached+weights"
+        try:
+            import psutil
 
-        Returns:
-            ``(N, D)`` float32 array, D the LLM hidden size.
+            available = int(psutil.virtual_memory().available)
+        except ImportError:  # pragma: no cover - psutil ships with Ray; a bare GPU machine may lack it
+            available = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return available + self._weights_bytes, "ram_available+weights"
+
+    def _plan(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
+        memory, source = self._memory()
+        plan = plan_batch(
+            memory, cast(EarthGPTConfig, self.config), self.dtype, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+            tp_size=self.tp_size, weights_bytes=self._weights_bytes, max_batch=self._max_batch,
+        )  # fmt: skip
+        for key in ("decode_batch", "prefill_batch"):
+            fixed = self._fixed[key]
+            if fixed is not None:
+                plan[key] = int(fixed)
+            if key in self._oom_caps:
+                plan[key] = min(plan[key], self._oom_caps[key])
+        plan.update(
+            decoding="static", memory_source=source, oom_halvings=self._oom_halvings,
+            fused_projections=getattr(self, "_projections", None) is not None,
+        )  # fmt: skip
+        return plan
+
+    def _generate_static(
+        self,
+        rows: list[list[int]],
+        index: list[int],
+        features: torch.Tensor,
+        max_new_tokens: int,
+        sampling: tuple[bool, float, float, torch.Generator | None],
+    ) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(rows)
+        if max_new_tokens <= 0:
+            return [
+                Generation(text="", mean_logprob=0.0, n_tokens=0, token_ids=[], token_logprobs=[])
+                for _ in rows
+            ]
+        self.last_stats = dict.fromkeys(
+            ("prefill_tokens", "prefill_s", "decode_steps", "decode_tokens", "decode_context_tokens", "decode_s",
+             "shared_prefix_tokens"), 0.0,
+        )  # fmt: skip
+        while True:
+            todo = [i for i, r in enumerate(results) if r is None]
+            if not todo:
+                return [r for r in results if r is not None]
+            plan = self._plan(max(len(rows[i]) for i in todo), max_new_tokens)
+            self.batch_plan = plan
+            try:
+                with torch.inference_mode():  # no autograd bookkeeping at all: less work per dispatched op
+                    self._run_static(todo, rows, index, features, max_new_tokens, sampling, plan, results)
+            except Exception as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                if plan["decode_batch"] == 1 and plan["prefill_batch"] == 1:
+                    raise
+                # halve and retry the prompts not answered yet; later calls keep the smaller batches
+                self._oom_caps = {
+                    "decode_batch": max(1, plan["decode_batch"] // 2),
+                    "prefill_batch": max(1, plan["prefill_batch"] // 2),
+                }
+                self._oom_halvings += 1
+                del exc
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _run_static(
+        self,
+        todo: list[int],
+        rows: list[list[int]],
+        index: list[int],
+        features: torch.Tensor,
+        max_new_tokens: int,
+        sampling: tuple[bool, float, float, torch.Generator | None],
+        plan: dict[str, Any],
+        results: list[Generation | None],
+    ) -> None:
+        p, model, device, stats = self.processor, self.model, self.device, self.last_stats
+        do_sample, temperature, top_p, generator = sampling
+        slots = min(int(plan["decode_batch"]), len(todo))
+        prefill_batch = int(plan["prefill_batch"])
+        queue = deque(_prefix_groups(todo, rows, index, slots))
+        max_len = max(g.prefix for g in queue) + max(
+            len(rows[i]) - g.prefix for g in queue for i in g.prompts
+        )
+        cache = model.new_static_cache(slots, max_len + max_new_tokens)
+        stops = torch.tensor(p.stop_token_ids, device=device)
+        n_rows = len(rows)
+        tokens = torch.full((n_rows, max_new_tokens), p.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
+        # per slot: prompt, next write position (host), tokens emitted, last token
+        slot_prompt = torch.zeros(slots, dtype=torch.long, device=device)
+        host_prompt = np.zeros(slots, dtype=np.int64)
+        host_len = np.zeros(slots, dtype=np.int64)
+        steps = torch.zeros(slots, dtype=torch.long, device=device)
+        last_token = torch.zeros(slots, dtype=torch.long, device=device)
+        embed_tokens = model.get_input_embeddings()
+        active = 0
+
+        def emit(logits: torch.Tensor, lo: int, hi: int) -> np.ndarray:
+            if do_sample:
+                token = _sample(logits / temperature, 0, top_p, generator)
+            else:
+                token = logits.argmax(dim=-1)
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            prompt, step = slot_prompt[lo:hi], steps[lo:hi]
+            tokens[prompt, step] = token
+            logprobs[prompt, step] = logp
+            steps[lo:hi] += 1
+            last_token[lo:hi] = token
+            done = torch.isin(token, stops) | (steps[lo:hi] >= max_new_tokens)
+            return done.cpu().numpy()
+
+        def retire(done: np.ndarray) -> None:
+            # answers that stopped leave; the last live slots move into their places (keys and values included)
+            nonlocal active
+            finished = [s for s in range(active) if done[s]]
+            if not finished:
+                return
+            prompts = [int(host_prompt[s]) for s in finished]
+            counts = steps[torch.as_tensor(finished, device=device)].cpu().tolist()
+            ids = tokens[prompts].cpu()
+            lps = logprobs[prompts].cpu()
+            for k, (i, n) in enumerate(zip(prompts, counts, strict=True)):
+                token_ids = ids[k, :n].tolist()
+                results[i] = Generation(
+                    text=p.decode(token_ids),
+                    mean_logprob=float(lps[k].sum() / max(n, 1)),
+                    n_tokens=int(n),
+                    token_ids=token_ids,
+                    token_logprobs=[float(x) for x in lps[k, :n].tolist()],
+                )
+            live = active - len(finished)
+            holes = [s for s in finished if s < live]
+            movers = [s for s in range(live, active) if not done[s]]
+            if holes:
+                cache.copy_rows(movers, holes, int(host_len[movers].max()))
+                src = torch.as_tensor(movers, device=device)
+                dst = torch.as_tensor(holes, device=device)
+                for state in (slot_prompt, steps, last_token):
+                    state[dst] = state[src]
+                host_prompt[holes] = host_prompt[movers]
+                host_len[holes] = host_len[movers]
+            active = live
+
+        while queue or active:
+            free = slots - active
+            waiting = sum(len(g.prompts) for g in queue)
+            if queue and (active == 0 or free >= min(prefill_batch, waiting)):
+                admitted: list[_PrefixGroup] = []
+                taken = 0
+                while queue and taken + len(queue[0].prompts) <= free:
+                    group = queue.popleft()
+                    admitted.append(group)
+                    taken += len(group.prompts)
+                if admitted:
+                    t0 = time.perf_counter()
+                    logits = self._prefill(
+                        admitted, active, cache, rows, features, prefill_batch, embed_tokens
+                    )
+                    lo = active
+                    for group in admitted:
+                        for i in group.prompts:
+                            host_prompt[active] = i
+                            host_len[active] = len(rows[i])
+                            active += 1
+                    slot_prompt[lo:active] = torch.as_tensor(host_prompt[lo:active], device=device)
+                    steps[lo:active] = 0
+                    done = np.zeros(active, dtype=bool)
+                    done[lo:active] = emit(logits, lo, active)
+                    stats["prefill_s"] += time.perf_counter() - t0
+                    retire(done)
+                    continue
+            if not active:
+                continue
+            t0 = time.perf_counter()
+            start = torch.as_tensor(host_len[:active], device=device)
+            span = int(host_len[:active].max()) + 1
+            embeds = embed_tokens(last_token[:active, None])
+            step_logits = model.forward_cached(
+                embeds, cache, active, start, torch.zeros_like(start), span, self._projections
+            )
+            assert step_logits is not None
+            stats["decode_context_tokens"] += float(host_len[:active].sum() + active)
+            host_len[:active] += 1
+            done = emit(step_logits, 0, active)
+            stats["decode_steps"] += 1
+            stats["decode_tokens"] += active
+            stats["decode_s"] += time.perf_counter() - t0
+            retire(done)
+
+    def _prefill(
+        self,
+        groups: list[_PrefixGroup],
+        first_slot: int,
+        cache: StaticKVCache,
+        rows: list[list[int]],
+        features: torch.Tensor,
+        prefill_batch: int,
+        embed_tokens: torch.nn.Module,
+    ) -> torch.Tensor:
+        """Prefills admitted groups into slots ``first_slot ...``: each shared prefix once, then every suffix.
+
+        Returns the first-token logits of the admitted prompts, in slot order.
         """
-        features = image_features if image_features is not None else self.encode_images(images)
-        return features.float().mean(dim=1).cpu().numpy().astype(np.float32)
+        model, device, pad, stats = self.model, self.device, self.processor.pad_token_id, self.last_stats
+        slot_of: list[int] = []
+        for group in groups:
+            slot_of.extend(range(first_slot + len(slot_of), first_slot + len(slot_of) + len(group.prompts)))
+        # 1. one row per group: [BOS] <img> visual tokens </img> + the common start of its prompts
+        leaders, slot = [], first_slot
+        for group in groups:
+            leaders.append(slot)
+            slot += len(group.prompts)
+        for lo in range(0, len(groups), prefill_batch):
+            chunk = groups[lo : lo + prefill_batch]
+            width = max(g.prefix for g in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            for r, g in enumerate(chunk):
+                ids[r, : g.prefix] = torch.as_tensor(rows[g.prompts[0]][: g.prefix])
+            embeds, _ = model.embed_inputs(
+                ids.to(device), image_features=features, image_index=[g.image for g in chunk]
+            )
+            model.forward_cached(
+                embeds, cache, torch.as_tensor(leaders[lo : lo + prefill_batch], device=device),
+                torch.zeros(len(chunk), dtype=torch.long, device=device), None, width, self._projections,
+            )  # fmt: skip
+            stats["prefill_tokens"] += sum(g.prefix for g in chunk)
+        # 2. the other prompts of a group start from a copy of the leader's prefix
+        src: list[int] = []
+        dst: list[int] = []
+        longest = 0
+        for group, leader in zip(groups, leaders, strict=True):
+            for k in range(1, len(group.prompts)):
+                src.append(leader)
+                dst.append(leader + k)
+                longest = max(longest, group.prefix)
+                stats["shared_prefix_tokens"] += group.prefix
+        cache.copy_rows(src, dst, longest)
+        # 3. every prompt's own rest, right-padded
+        suffixes = [(i, g.prefix) for g in groups for i in g.prompts]
+        logits = []
+        for lo in range(0, len(suffixes), prefill_batch):
+            pieces = suffixes[lo : lo + prefill_batch]
+            width = max(len(rows[i]) - start for i, start in pieces)
+            ids = torch.full((len(pieces), width), pad, dtype=torch.long)
+            for r, (i, start) in enumerate(pieces):
+                ids[r, : len(rows[i]) - start] = torch.as_tensor(rows[i][start:])
+            starts = torch.as_tensor([start for _, start in pieces], device=device)
+            last = torch.as_tensor([len(rows[i]) - start - 1 for i, start in pieces], device=device)
+            out = model.forward_cached(
+                embed_tokens(ids.to(device)), cache, torch.as_tensor(slot_of[lo : lo + prefill_batch], device=device),
+                starts, last, int(max(start for _, start in pieces)) + width, self._projections,
+            )  # fmt: skip
+            assert out is not None
+            logits.append(out)
+            stats["prefill_tokens"] += sum(len(rows[i]) - start for i, start in pieces)
+        return torch.cat(logits)
+
+
+@dataclass
+class _PrefixGroup:
+    """Prompts of one image admitted together, sharing the prefill of their first ``prefix`` tokens."""
+
+    image: int
+    prompts: list[int]
+    prefix: int
+
+
+def _prefix_groups(
+    todo: list[int], rows: list[list[int]], index: list[int], max_prompts: int
+) -> list[_PrefixGroup]:
+    """Groups prompts by image (first-seen order), at most ``max_prompts`` per group.
+
+    A group's prefix is the longest common start of its prompts' ids, less at least one token per prompt (the last
+    prompt token gives the first answer token's logits); it always covers the image tokens, which every prompt
+    starts with.
+    """
+    by_image: dict[int, list[int]] = {}
+    for i in todo:
+        by_image.setdefault(index[i], []).append(i)
+    groups = []
+    for image, prompts in by_image.items():
+        for lo in range(0, len(prompts), max_prompts):
+            members = prompts[lo : lo + max_prompts]
+            first = rows[members[0]]
+            common = min(len(rows[i]) for i in members) - 1
+            for i in members[1:]:
+                row = rows[i]
+                k = 0
+                while k < common and row[k] == first[k]:
+                    k += 1
+                common = k
+            groups.append(_PrefixGroup(image=image, prompts=members, prefix=common))
+    return groups
+
+
+class _float32_rotary:
+    """Keeps rotary inverse frequencies in float32 while the model is cast to a 16-bit dtype.
+
+    ``Module.to(bfloat16)`` casts every floating buffer; LLaMA's RoPE frequencies in bfloat16 err by ~0.4 %, which at
+    position 300 turns the fastest rotation by about a radian. Transformers computes RoPE in float32 on purpose.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.saved: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+
+    def __enter__(self) -> _float32_rotary:
+        for module in self.model.modules():
+            for name in ("inv_freq", "original_inv_freq"):
+                value = module._buffers.get(name)
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.saved.append((module, name, value.detach().float().clone()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, name, value in self.saved:
+            current = module._buffers.get(name)
+            device = current.device if isinstance(current, torch.Tensor) else value.device
+            module._buffers[name] = value.to(device)
 
 
 def _default_device() -> torch.device:

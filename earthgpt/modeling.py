@@ -18,7 +18,9 @@ Architecture (Zhang et al., "EarthGPT", IEEE TGRS 2024; code lineage SPHINX / LL
 Images are not tied one-to-one to text rows: ``image_index[b]`` names the image of row ``b``, so several prompts on one
 tile share one encoding. Loss is next-token cross-entropy on positions whose label is not -100 (answers only; the
 caller masks the rest). :meth:`EarthGPTForConditionalGeneration.generate` is a batched KV-cache loop (left padding,
-greedy or sampling) that also returns each answer's mean token log-probability.
+greedy or sampling) that also returns each answer's mean token log-probability;
+:meth:`EarthGPTForConditionalGeneration.forward_cached` runs one chunk per row against a pre-allocated
+:class:`StaticKVCache` (what ``earthgpt.engine``'s static decoder schedules).
 
 Kept importable with only torch + transformers (>= 4.46) so that GPU scripts can run it on a bare machine.
 """
@@ -269,6 +271,102 @@ class EarthGPTGenerateOutput:
     n_tokens: torch.Tensor
 
 
+class StaticKVCache:
+    """Pre-allocated keys and values of every decoder layer, one row ("slot") per sequence.
+
+    ``key`` and ``value`` are ``(layers, slots, kv_heads, max_len, head_dim)``, allocated once. A slot holds its
+    sequence from position 0 (no padding in front). Keys past a slot's own length may hold stale values: the chunk
+    mask of :meth:`EarthGPTForConditionalGeneration.forward_cached` lets each query see only positions up to its own,
+    all of which the row itself wrote. The decoder layers call :meth:`update` with each chunk's new keys and values;
+    :meth:`bind` says where they go.
+
+    Args:
+        num_layers: Decoder layers.
+        slots: Sequences held at once (the decode batch).
+        kv_heads: Key/value heads held here (a tensor-parallel rank holds its share).
+        max_len: Positions per slot (longest prompt + generation budget).
+        head_dim: Channels per head.
+        device: Where to allocate.
+        dtype: Dtype of the keys and values (the model's).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (num_layers, slots, kv_heads, max_len, head_dim)
+        self.key = torch.zeros(shape, device=device, dtype=dtype)
+        self.value = torch.zeros(shape, device=device, dtype=dtype)
+        self._all_rows = torch.arange(slots, device=device)
+        self._rows: int | torch.Tensor = 0
+        self._positions = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self._span = 0
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        """``(cos, sin)`` tables ``(max_len, head_dim)`` of the rotary embedding, set by the model."""
+
+    @property
+    def slots(self) -> int:
+        """Sequences held at once."""
+        return int(self.key.shape[1])
+
+    @property
+    def max_len(self) -> int:
+        """Positions per slot."""
+        return int(self.key.shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values."""
+        return 2 * self.key.numel() * self.key.element_size()
+
+    def bind(self, rows: int | torch.Tensor, positions: torch.Tensor, span: int) -> None:
+        """Says where the next chunk's keys and values go.
+
+        Args:
+            rows: ``n`` for slots ``0 .. n-1`` (attended as a view, no copy) or ``(B,)`` slot indices.
+            positions: ``(B, C)`` position of each chunk token (where its key and value are written).
+            span: Keys returned to attention: positions ``0 .. span-1`` (at least ``positions.max() + 1``).
+        """
+        if span > self.max_len:
+            raise ValueError(f"span {span} exceeds the cache's {self.max_len} positions")
+        self._rows, self._positions, self._span = rows, positions, int(span)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """Writes one layer's ``(B, C, H, D)`` chunk keys/values at the bound rows and positions."""
+        key, value = self.key[layer_idx], self.value[layer_idx]
+        rows = self._rows
+        index = self._all_rows[:rows] if isinstance(rows, int) else rows
+        where = (index[:, None], slice(None), self._positions)
+        key[where] = key_states.to(key.dtype)
+        value[where] = value_states.to(value.dtype)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes one layer's ``(B, C, H, D)`` chunk keys/values and returns the attended ``(B, H, span, D)``."""
+        self.write(key_states, value_states, layer_idx)
+        key, value, rows = self.key[layer_idx], self.value[layer_idx], self._rows
+        if isinstance(rows, int):
+            return key[:rows, :, : self._span], value[:rows, :, : self._span]
+        return key[rows, :, : self._span], value[rows, :, : self._span]
+
+    def copy_rows(self, src: Sequence[int], dst: Sequence[int], length: int) -> None:
+        """Copies the first ``length`` positions of slots ``src`` into slots ``dst`` (every layer)."""
+        if not src:
+            return
+        s = torch.as_tensor(list(src), device=self.key.device)
+        d = torch.as_tensor(list(dst), device=self.key.device)
+        self.key[:, d, :, :length] = self.key[:, s, :, :length]
+        self.value[:, d, :, :length] = self.value[:, s, :, :length]
+
+
 # transformers 5.x renamed the KV-cache argument and output field from ``past_key_values`` to ``cache``
 _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
@@ -400,7 +498,9 @@ class EarthGPTPreTrainedModel(PreTrainedModel):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):  # reached only by transformers 4.x, which applies this everywhere
+            elif isinstance(
+                module, nn.Embedding
+            ):  # reached only by transformers 4.x, which applies this everywhere
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
@@ -777,7 +877,8 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
             **{_CACHE_KW: cache},
         )
         cache = _cache_of(out)
-        logits = self.language_model.lm_head(out.last_hidden_state[:, -1, :]).float()
+        # a 3-D input: DeepSpeed's tensor-parallel LM head slices the last dimension of (B, L, D)
+        logits = self.language_model.lm_head(out.last_hidden_state[:, -1:, :])[:, 0].float()
         b = input_ids.shape[0]
         device = input_ids.device
         finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -809,7 +910,7 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
                 **{_CACHE_KW: cache},
             )
             cache = _cache_of(out)
-            logits = self.language_model.lm_head(out.last_hidden_state[:, -1, :]).float()
+            logits = self.language_model.lm_head(out.last_hidden_state[:, -1:, :])[:, 0].float()
         if tokens:
             sequences = torch.stack(tokens, dim=1)
             token_logprobs = torch.stack(logprobs, dim=1)
@@ -820,6 +921,158 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         return EarthGPTGenerateOutput(
             sequences=sequences, token_logprobs=token_logprobs, mean_logprob=mean, n_tokens=n_tokens
         )
+
+    def new_static_cache(self, slots: int, max_len: int) -> StaticKVCache:
+        """A :class:`StaticKVCache` for this model's decoder (on its device, in its dtype).
+
+        Key/value heads are read from the ``k_proj`` weights, so a tensor-parallel rank gets its own share.
+        """
+        decoder = self.language_model.model
+        attn = decoder.layers[0].self_attn
+        head_dim = int(attn.head_dim)
+        weight = attn.k_proj.weight
+        cache = StaticKVCache(
+            len(decoder.layers), slots, int(weight.shape[0]) // head_dim, max_len, head_dim,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        # one table for every position: the rotary module's own numbers, computed once instead of at every step
+        positions = torch.arange(max_len, device=weight.device)[None]
+        cos, sin = decoder.rotary_emb(torch.empty(0, device=weight.device, dtype=weight.dtype), positions)
+        cache.rope = (cos[0], sin[0])
+        return cache
+
+    @torch.no_grad()
+    def fused_projections(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per decoder layer, the q/k/v weights stacked and the gate/up weights stacked (copies), for
+        :meth:`forward_cached`: two matmuls where there were five, the same numbers.
+
+        Returns:
+            ``[(qkv_weight, gate_up_weight), ...]``, or ``None`` when a projection is not a bias-free ``nn.Linear``
+            without hooks (stage-3 shift parameters, DeepSpeed's tensor-parallel layers): those need their modules.
+        """
+        out = []
+        for layer in self.language_model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+            if any(type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks
+                   for m in linears):  # fmt: skip
+                return None
+            out.append(
+                (
+                    torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                )
+            )
+        return out
+
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: StaticKVCache,
+        rows: int | torch.Tensor,
+        start: torch.Tensor,
+        last: torch.Tensor | None,
+        span: int,
+        projections: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor | None:
+        """Runs the decoder on one chunk per row against a static KV cache (prefill and decode alike).
+
+        Row ``b``'s chunk token ``i`` sits at position ``start[b] + i``, its key and value are written there, and it
+        attends to positions ``0 .. start[b] + i`` of its slot. Rows are RIGHT-padded: what padding writes lies past
+        the row's length and is overwritten before anything attends to it.
+
+        Args:
+            inputs_embeds: ``(B, C, D)`` chunk embeddings (``embed_inputs`` output for chunks holding the image).
+            cache: The cache (:meth:`new_static_cache`).
+            rows: ``B`` for slots ``0 .. B-1``, or ``(B,)`` slot indices.
+            start: ``(B,)`` position of each row's first chunk token.
+            last: ``(B,)`` index in the chunk of each row's last real token, or ``None`` for no logits.
+            span: Keys attended: ``max(start) + C`` or more.
+            projections: :meth:`fused_projections` output: one matmul for q/k/v and one for gate/up per layer
+                (the same numbers as the separate layers).
+
+        Returns:
+            ``(B, V)`` float32 next-token logits at ``last``, or ``None``.
+        """
+        decoder = self.language_model.model
+        b, c = inputs_embeds.shape[0], inputs_embeds.shape[1]
+        positions = start[:, None] + torch.arange(c, device=start.device)
+        cache.bind(rows, positions, span)
+        # a chunk that starts every row (a prefix) attends only to itself: plain causal attention, nothing read back
+        fresh = c > 1 and span == c and not bool(start.any())
+        keys = torch.arange(span, device=start.device)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, C, span): causal per row
+        assert cache.rope is not None
+        cos, sin = cache.rope[0][positions][:, :, None], cache.rope[1][positions][:, :, None]  # (B, C, 1, D)
+        hidden = inputs_embeds
+        # the decoder layers' own submodules, called directly: the same arithmetic as LlamaDecoderLayer (whose
+        # wrappers cost more than the arithmetic at small sizes), and still their hooks (stage-3 shift parameters) and
+        # DeepSpeed's tensor-parallel replacements of the linear layers
+        for layer_idx, layer in enumerate(decoder.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            head_dim = attn.head_dim
+            fused = projections[layer_idx] if projections is not None else None
+            normed = _rms_norm(layer.input_layernorm, hidden, fused is not None)
+            if fused is not None:
+                qkv = F.linear(normed, fused[0]).view(b, c, -1, head_dim)  # (B, C, heads + 2 kv_heads, D)
+                kv_heads = attn.k_proj.out_features // head_dim
+                n_q = qkv.shape[2] - 2 * kv_heads
+                qk = _apply_rotary(qkv[:, :, : n_q + kv_heads], cos, sin)  # queries and keys rotated at once
+                q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + kv_heads :]
+            else:
+                q = _apply_rotary(attn.q_proj(normed).view(b, c, -1, head_dim), cos, sin)
+                k = _apply_rotary(attn.k_proj(normed).view(b, c, -1, head_dim), cos, sin)
+                v = attn.v_proj(normed).view(b, c, -1, head_dim)
+            q = q.transpose(1, 2)
+            if fresh:
+                cache.write(k, v, layer_idx)
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                k, v = cache.update(k, v, layer_idx)
+            groups = q.shape[1] // k.shape[1]
+            if groups > 1 and c == 1:
+                # grouped-query decode: a group's queries attend their shared head together
+                out = F.scaled_dot_product_attention(
+                    q.reshape(b, k.shape[1], groups, head_dim), k, v, attn_mask=mask, scale=attn.scaling
+                ).reshape(b, -1, 1, head_dim)
+            else:
+                if groups > 1:
+                    k = k.repeat_interleave(groups, dim=1)
+                    v = v.repeat_interleave(groups, dim=1)
+                if fresh:  # right padding only follows the real tokens: causal is the whole mask
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, c, -1))
+            normed = _rms_norm(layer.post_attention_layernorm, hidden, fused is not None)
+            if fused is not None:
+                gate, up = F.linear(normed, fused[1]).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        if last is None:
+            return None
+        hidden = decoder.norm(hidden[torch.arange(b, device=hidden.device), last])
+        # (B, 1, D): DeepSpeed's tensor-parallel LM head slices a 3-D input
+        return self.language_model.lm_head(hidden[:, None])[:, 0].float()
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
+    """``norm(x)``; one fused op for a hook-free float32 LLaMA RMSNorm (bit-identical there, fewer dispatches)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    usable = plain and not norm._forward_hooks and isinstance(weight, torch.Tensor)
+    if usable and eps is not None and x.dtype == torch.float32:
+        assert isinstance(weight, torch.Tensor)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return norm(x)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA's rotary embedding (``x * cos + rotate_half(x) * sin``, as transformers' ``apply_rotary_pos_emb``)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -890,5 +1143,6 @@ __all__ = [
     "EarthGPTProjector",
     "EarthGPTCNNFusion",
     "ShiftParameters",
+    "StaticKVCache",
     "causal_lm_loss",
 ]

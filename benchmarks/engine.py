@@ -1,0 +1,376 @@
+"""Roofline of the inference engine: the static decoder beside today's (baseline) decoder and this hardware's bounds.
+
+For each model (preset with random weights, or a saved folder) and each batch of tiles, in one process:
+
+1. the hardware bounds, measured here and now: a bare matmul (square GEMM in the model's dtype: the prefill bound,
+   FLOP/s) and a weights-read probe (a matrix-vector product over a large weight matrix: the memory-bandwidth bound
+   of decoding, bytes/s);
+2. the same tiles and prompts (caption + detect per tile, the demo's tasks) through ``decoding="baseline"`` and
+   ``decoding="static"``, alternating, ``--repeats`` times each (median wall time); greedy answers compared token
+   for token;
+3. per engine: tiles/s, prefill tokens/s and ``prefill_efficiency`` (decoder matmul FLOP/s over the GEMM probe),
+   decode steps/s and ``decode_efficiency`` (the time a step must take at the probed bandwidth, reading the decoder's
+   weights once plus the live rows' keys and values, or at the probed FLOP/s if that is longer, over the time it took).
+   The static engine reports its own prefill/decode split; the baseline's prefill is timed by a 1-token call.
+
+Prints a table, then one JSON line: ``prefill_efficiency``, ``decode_efficiency``, ``tiles_per_s``,
+``speedup_vs_baseline`` (each for the largest batch of the last model; ``min_speedup_vs_baseline`` over all rows),
+``identical_greedy`` (all rows) and every row.
+
+    python benchmarks/engine.py --models tiny,small --batches 8,32                    # CPU (float32)
+    python benchmarks/engine.py --models paper --device cuda --dtype bfloat16 \\
+        --batches 8,16,32,64,128 --repeats 1 --budget-s 540                           # one GPU, under 10 minutes
+
+Needs only torch, transformers, tokenizers, safetensors and numpy plus this repository's ``earthgpt/`` (run from the
+repository root). ``--budget-s`` skips the batches that would not fit in the time left (said in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from earthgpt.engine import Generation, InferenceEngine  # noqa: E402
+from earthgpt.modeling import EarthGPTForConditionalGeneration  # noqa: E402
+from earthgpt.processor import EarthGPTProcessor  # noqa: E402
+from earthgpt.tasks import build_prompt  # noqa: E402
+
+START = time.perf_counter()
+SENSORS = ("optical", "sar", "infrared")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Any, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_probe(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """FLOP/s of an ``n x n x n`` GEMM in ``dtype`` (best of a few)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b, device, 1) for _ in range(5))
+    return 2 * n**3 / best
+
+
+def weights_read_probe(device: torch.device, dtype: torch.dtype, nbytes: int) -> float:
+    """Bytes/s of a matrix-vector product over a ``nbytes`` weight matrix (every weight read once)."""
+    cols = 4096
+    rows = max(nbytes // (cols * torch.empty((), dtype=dtype).element_size()), 1)
+    w = torch.randn(rows, cols, device=device).to(dtype)
+    x = torch.randn(cols, device=device).to(dtype)
+    torch.mv(w, x)
+    best = min(_timed(lambda: torch.mv(w, x), device, 1) for _ in range(5))
+    return w.numel() * w.element_size() / best
+
+
+def load(
+    name: str, device: torch.device, dtype: torch.dtype, seed: int, init_std: float | None
+) -> tuple[Any, EarthGPTProcessor]:
+    from earthgpt.presets import PRESETS, build_model, preset_config
+
+    if name in PRESETS:
+        overrides: dict[str, Any] = {}
+        if init_std is not None:
+            overrides["text_config"] = {"initializer_range": init_std}
+        if name == "paper":
+            # the bundled tokenizer stands in for LLaMA's (no hub): its ids are valid in the paper vocabulary
+            overrides.update(image_token_id=4, image_start_token_id=5, image_end_token_id=6)
+        config = preset_config(name, **overrides)
+        model = build_model(config, device=device, dtype=dtype, seed=seed)
+        return model, EarthGPTProcessor.from_config(config)
+    return EarthGPTForConditionalGeneration.from_pretrained(name), EarthGPTProcessor.from_pretrained(name)
+
+
+def workload(
+    processor: EarthGPTProcessor, tiles: int, seed: int
+) -> tuple[list[torch.Tensor], list[str], list[int]]:
+    """``tiles`` random tiles, each asked the demo's caption and detect prompts."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, processor.image_size, processor.image_size, generator=g) for _ in range(tiles)]
+    prompts, index = [], []
+    for j in range(tiles):
+        for task in ("caption", "detect"):
+            prompts.append(build_prompt(task, SENSORS[j % len(SENSORS)]))
+            index.append(j)
+    return images, prompts, index
+
+
+def decoder_costs(model: Any) -> dict[str, int]:
+    """Matmul parameters per token of the decoder layers and of the LM head, and their bytes."""
+    layers = sum(
+        p.numel()
+        for n, p in model.language_model.model.layers.named_parameters()
+        if n.endswith("proj.weight")
+    )
+    head = model.language_model.lm_head.weight.numel()
+    item = model.language_model.lm_head.weight.element_size()
+    return {"layer_params": layers, "head_params": head, "weights_bytes": (layers + head) * item}
+
+
+def efficiencies(
+    costs: dict[str, int],
+    kv_bytes_per_token: int,
+    flops: float,
+    bandwidth: float,
+    prefill_tokens: float,
+    prefill_rows: float,
+    prefill_s: float,
+    decode_steps: float,
+    decode_tokens: float,
+    context_tokens: float,
+    decode_s: float,
+) -> dict[str, float]:
+    prefill_flop = 2 * costs["layer_params"] * prefill_tokens + 2 * costs["head_params"] * prefill_rows
+    decode_flop = 2 * (costs["layer_params"] + costs["head_params"]) * decode_tokens
+    decode_bytes = costs["weights_bytes"] * decode_steps + kv_bytes_per_token * context_tokens
+    bound_s = max(decode_bytes / bandwidth, decode_flop / flops)
+    return {
+        "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else float("nan"),
+        "prefill_efficiency": prefill_flop / prefill_s / flops if prefill_s else float("nan"),
+        "decode_steps_per_s": decode_steps / decode_s if decode_s else float("nan"),
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s else float("nan"),
+        "decode_efficiency": bound_s / decode_s if decode_s else float("nan"),
+    }
+
+
+def run_batch(
+    name: str,
+    engines: dict[str, InferenceEngine],
+    tiles: int,
+    args: argparse.Namespace,
+    probes: dict[str, float],
+    costs: dict[str, int],
+    kv_bytes_per_token: int,
+) -> dict[str, Any]:
+    device = engines["static"].device
+    images, prompts, index = workload(engines["static"].processor, tiles, args.seed)
+    outputs: dict[str, list[Generation]] = {}
+    walls: dict[str, list[float]] = {"baseline": [], "static": []}
+    stats: list[dict[str, float]] = []
+    for kind in ("baseline", "static"):  # warm-up: allocations, kernel selection
+        engines[kind].generate(images[:1], prompts[:2], max_new_tokens=2, image_index=index[:2])
+    for _ in range(args.repeats):
+        for kind in ("baseline", "static"):
+            engine = engines[kind]
+            sync(device)
+            t0 = time.perf_counter()
+            out = engine.generate(images, prompts, max_new_tokens=args.new_tokens, image_index=index)
+            sync(device)
+            walls[kind].append(time.perf_counter() - t0)
+            outputs.setdefault(kind, out)
+            if kind == "static":
+                stats.append(dict(engine.last_stats))
+    base, new = outputs["baseline"], outputs["static"]
+    identical = [g.token_ids for g in base] == [g.token_ids for g in new]
+    # where answers differ: per-position agreement and the first differing position (greedy decoding continues from
+    # its own tokens, so one flipped near-tie changes everything after it)
+    pairs = list(zip(base, new, strict=True))
+    same = sum(sum(x == y for x, y in zip(a.token_ids, b.token_ids, strict=False)) for a, b in pairs)
+    first = [
+        next((k for k, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y), None)
+        for a, b in pairs
+    ]
+    row: dict[str, Any] = {
+        "model": name,
+        "tiles": tiles,
+        "prompts": len(prompts),
+        "identical_greedy": identical,
+        "token_agreement": same / max(sum(max(a.n_tokens, b.n_tokens) for a, b in pairs), 1),
+        "first_difference": [k for k in first if k is not None],
+    }
+    # baseline split: a 1-token call less the image encoding is its prefill (left-padded: padding is computed too)
+    encode_s = _timed(lambda: engines["baseline"].encode_images(images), device, args.repeats)
+    base_prefill_s = (
+        _timed(
+            lambda: engines["baseline"].generate(images, prompts, max_new_tokens=1, image_index=index),
+            device,
+            args.repeats,
+        )
+        - encode_s
+    )
+    width = max(len(engines["baseline"].processor.encode_prompt(q)) for q in prompts)
+    steps = max(g.n_tokens for g in base) - 1
+    base_wall = statistics.median(walls["baseline"])
+    row["baseline"] = {
+        "wall_s": base_wall,
+        "tiles_per_s": tiles / base_wall,
+        **efficiencies(
+            costs,
+            kv_bytes_per_token,
+            probes["flops"],
+            probes["bandwidth"],
+            len(prompts) * width,
+            len(prompts),
+            base_prefill_s,
+            steps,
+            steps * len(prompts),
+            len(prompts) * sum(width + s for s in range(1, steps + 1)),
+            max(base_wall - base_prefill_s - encode_s, 1e-9),
+        ),  # fmt: skip
+    }
+    new_wall = statistics.median(walls["static"])
+    s = stats[len(stats) // 2] if stats else {}
+    row["static"] = {
+        "wall_s": new_wall,
+        "tiles_per_s": tiles / new_wall,
+        **efficiencies(
+            costs,
+            kv_bytes_per_token,
+            probes["flops"],
+            probes["bandwidth"],
+            s["prefill_tokens"],
+            len(prompts),
+            s["prefill_s"],
+            s["decode_steps"],
+            s["decode_tokens"],
+            s["decode_context_tokens"],
+            s["decode_s"],
+        ),  # fmt: skip
+        "prefill_tokens": s["prefill_tokens"],
+        "baseline_prefill_tokens": len(prompts) * width,
+        "mean_answer_tokens": sum(g.n_tokens for g in new) / len(new),
+        "batch_plan": {k: engines["static"].batch_plan[k] for k in ("decode_batch", "prefill_batch")},
+    }
+    row["speedup_vs_baseline"] = row["static"]["tiles_per_s"] / row["baseline"]["tiles_per_s"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", default="tiny,small", help="presets (tiny, small, paper) or saved folders"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--batches", default="8,32", help="tiles per generate call")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=540.0, help="skip batches that would not fit")
+    parser.add_argument(
+        "--init-std", type=float, default=None,
+        help="LLM weight std of presets (default the preset's 0.02; larger gives decisive logits, see README)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    log(f"torch {torch.__version__}, transformers {transformers.__version__}, {device}, {dtype}, "
+        f"{torch.get_num_threads()} CPU threads")  # fmt: skip
+    if device.type == "cuda":
+        log(f"GPU {torch.cuda.get_device_name(device)}")
+    probes = {"flops": matmul_probe(device, dtype, 8192 if device.type == "cuda" else 1024)}
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        log(f"building {name}")
+        model, processor = load(name, device, dtype, args.seed, args.init_std)
+        engines = {
+            kind: InferenceEngine(model, processor, dtype=dtype, device=device, decoding=kind)
+            for kind in ("baseline", "static")
+        }
+        costs = decoder_costs(model)
+        kv_bytes_per_token = int(engines["static"].batch_plan["kv_bytes_per_token"])
+        # at least 64 MiB (past the CPU caches) and at most 2 GiB: enough to see the memory's bandwidth
+        probes["bandwidth"] = weights_read_probe(
+            device, dtype, min(max(costs["weights_bytes"], 64 * 2**20), 2 * 2**30)
+        )
+        last_s, last_tiles = 0.0, 1
+        for tiles in [int(b) for b in args.batches.split(",") if b.strip()]:
+            elapsed = time.perf_counter() - START
+            # a batch costs about its tiles' share of the last one's time (plus a margin)
+            if rows and elapsed + 1.2 * last_s * tiles / last_tiles > args.budget_s:
+                skipped.append(f"{name} x{tiles}")
+                log(f"skipping {name} batch {tiles}: {elapsed:.0f}s spent of {args.budget_s:.0f}s")
+                continue
+            log(f"{name}: {tiles} tiles")
+            t0 = time.perf_counter()
+            row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
+            last_s, last_tiles = time.perf_counter() - t0, tiles
+            rows.append(row)
+            log(f"  speedup {row['speedup_vs_baseline']:.2f}, identical {row['identical_greedy']}")
+        del engines, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"\nengine roofline: {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+          f"{dtype}, {torch.get_num_threads()} threads; {args.new_tokens} new tokens, caption + detect per tile; "
+          f"matmul probe {probes['flops'] / 1e9:.1f} GFLOP/s, weights-read probe {probes['bandwidth'] / 1e9:.1f} GB/s")  # fmt: skip
+    header = (f"{'model':<22} {'tiles':>5} {'engine':<8} {'tiles/s':>8} {'prefill tok/s':>13} {'prefill eff':>11} "
+              f"{'decode step/s':>13} {'decode eff':>10} {'speedup':>7} {'same':>5}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for kind in ("baseline", "static"):
+            r = row[kind]
+            extra = (
+                f"{row['speedup_vs_baseline']:7.2f} {str(row['identical_greedy']):>5}"
+                if kind == "static"
+                else ""
+            )
+            print(f"{Path(row['model']).name:<22} {row['tiles']:>5} {kind:<8} {r['tiles_per_s']:8.2f} "
+                  f"{r['prefill_tokens_per_s']:13.0f} {r['prefill_efficiency']:11.4f} {r['decode_steps_per_s']:13.1f} "
+                  f"{r['decode_efficiency']:10.4f} {extra}")  # fmt: skip
+    for item in skipped:
+        print(f"{item}: skipped (time budget)")
+    last = rows[-1] if rows else None
+    summary = {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmul_flops": probes["flops"],
+        "weights_read_bytes_per_s": probes.get("bandwidth"),
+        "prefill_efficiency": last["static"]["prefill_efficiency"] if last else None,
+        "decode_efficiency": last["static"]["decode_efficiency"] if last else None,
+        "tiles_per_s": last["static"]["tiles_per_s"] if last else None,
+        "speedup_vs_baseline": last["speedup_vs_baseline"] if last else None,
+        "min_speedup_vs_baseline": min((r["speedup_vs_baseline"] for r in rows), default=None),
+        "identical_greedy": bool(rows) and all(r["identical_greedy"] for r in rows),
+        "skipped": skipped,
+        "rows": rows,
+        "total_s": time.perf_counter() - START,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
