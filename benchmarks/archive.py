@@ -127,10 +127,10 @@ def efficiency(world: Any, tmp: Path, preset: str, max_new_tokens: int) -> dict[
     from catalogs.hrefs import HrefPolicy
     from catalogs.scene import Scene
     from catalogs.toyworld import load_items
-    from pipelines.config import parse_config
-    from pipelines.infer import run
-    from pipelines.source import source_batch
-    from pipelines.stages import ModelStage, ReadStage
+    from pipelines.archive.config import parse_config
+    from pipelines.archive.job import run
+    from pipelines.archive.source import source_batch
+    from pipelines.archive.stages import ModelStage, ReadStage
 
     model = bench_model(tmp / "model", preset)
     config = parse_config(_config(world, world.items_path, str(tmp / "eff-out"), tiling__size=64,
@@ -180,10 +180,10 @@ def efficiency(world: Any, tmp: Path, preset: str, max_new_tokens: int) -> dict[
 
 def noop(world: Any, n_bulk: int) -> dict[str, Any]:
     from catalogs.toyworld import load_items
-    from pipelines.config import parse_config
-    from pipelines.infer import run
-    from pipelines.ledger import Ledger, UnitRecord
-    from pipelines.sinks import OutputStore
+    from pipelines.archive.config import parse_config
+    from pipelines.archive.job import run
+    from pipelines.archive.ledger import Ledger, UnitRecord
+    from pipelines.archive.store import OutputStore
     from tests.catalogs.proxy import CountingProxy
     from tests.harness.servers import start_pgstac, start_s3
 

@@ -12,8 +12,8 @@ import sys
 
 # name -> (module exposing ``cli(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("pipelines.demo", "build the toy-world archive and run the whole job on it locally (embedded default)"),
-    "run": ("pipelines.infer", "run the archive inference job from a YAML config"),
+    "demo": ("pipelines.archive.demo", "build the toy-world archive and run the whole job on it locally (embedded default)"),
+    "run": ("pipelines.archive.job", "run the archive inference job from a YAML config"),
     "train": ("pipelines.train", "instruction-tune EarthGPT on Ray Train from a YAML config"),
     "eval": ("pipelines.evaluate", "evaluate a checkpoint on MMRS-1M-format data"),
     "catalog": ("pipelines.catalog_cli", "STAC catalog tools: supported collections, check a catalog, ingest COGs, toy world"),

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import duckdb
 
-from pipelines.sinks import SCHEMAS, TABLES
+from pipelines.archive.store import SCHEMAS, TABLES
 
 FORMATS = ("table", "csv", "json", "parquet", "geojson")
 

@@ -48,7 +48,7 @@ def validate(kind: str, config: str) -> None:
         ValueError: the config is invalid; the message names the fields.
     """
     if kind == "run":
-        from pipelines.config import load_config as load_infer
+        from pipelines.archive.config import load_config as load_infer
     else:
         from pipelines.train_config import load_config as load_infer  # type: ignore[assignment]
     load_infer(config)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 # One strict base and one error type for every job config (the archive job defines them).
-from pipelines.config import ConfigError, _Strict  # noqa: F401  (ConfigError is part of this module's API)
+from pipelines.archive.config import ConfigError, _Strict  # noqa: F401  (ConfigError is part of this module's API)
 
 
 class SourceConfig(_Strict):

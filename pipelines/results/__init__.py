@@ -8,7 +8,7 @@ Entry points::
     ships = out.detections(label="ship", min_confidence=0.5, bbox=(8.9, 44.4, 9.0, 44.5))
 
 and the ``earthgpt similar``, ``earthgpt render`` and ``earthgpt report`` commands. Only committed units are ever
-read (see :mod:`pipelines.ledger`); ``docs/querying.md`` answers common questions with them.
+read (see :mod:`pipelines.archive.ledger`); ``docs/querying.md`` answers common questions with them.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import shapely
 
-from pipelines.ledger import LEDGER_DIR
-from pipelines.sinks import EMBEDDINGS_STORE, SCHEMAS, TABLES, OutputStore, build_frame
+from pipelines.archive.ledger import LEDGER_DIR
+from pipelines.archive.store import EMBEDDINGS_STORE, SCHEMAS, TABLES, OutputStore, build_frame
 
 # part-<unit>.parquet, or part-<unit>-cow<i>.parquet for a copy-on-write rewrite published by <unit>
 _PART = re.compile(r"^part-(?P<unit>.+?)(?:-cow\d+)?\.parquet$")

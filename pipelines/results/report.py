@@ -397,7 +397,7 @@ def cli(argv: list[str] | None = None) -> int:
     options: dict[str, Any] = {}
     root = args.root
     if args.config:
-        from pipelines.config import ConfigError, load_config
+        from pipelines.archive.config import ConfigError, load_config
 
         try:
             config = load_config(args.config)

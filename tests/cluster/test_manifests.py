@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import ConfigError
-from pipelines.config import load_config as load_infer_config
+from pipelines.archive.config import ConfigError
+from pipelines.archive.config import load_config as load_infer_config
 
 ROOT = Path(__file__).resolve().parents[2]
 # Kubernetes manifests (cluster/launcher holds Ray cluster-launcher configs, cluster/schemas vendored schemas)
@@ -96,7 +96,7 @@ def test_no_shipped_config_turns_kernel_injection_on():
     configs = _shipped_infer_configs()
     assert any(c.get("model", {}).get("engine") == "deepspeed" for _, c in configs)
     assert [name for name, c in configs if c.get("model", {}).get("kernel_inject")] == []
-    from pipelines.config import ModelConfig
+    from pipelines.archive.config import ModelConfig
 
     assert ModelConfig.model_fields["kernel_inject"].default is False
 

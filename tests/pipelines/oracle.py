@@ -16,7 +16,7 @@ def oracle_stage(truth: list[dict[str, Any]]) -> type:
         truth: ``ground_truth.parquet`` rows (``collection``, ``scene_id``, ``label``, ``pixel_box``).
 
     Returns:
-        A callable class with :class:`pipelines.stages.ModelStage`'s constructor keywords and output columns;
+        A callable class with :class:`pipelines.archive.stages.ModelStage`'s constructor keywords and output columns;
         defined in this function so Ray pickles it by value.
     """
     by_scene: dict[str, list[tuple[str, list[float]]]] = {}

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import pytest
 import shapely
 
-from pipelines.ledger import Ledger, UnitRecord
+from pipelines.archive.ledger import Ledger, UnitRecord
+from pipelines.archive.store import OutputStore, stage_table
 from pipelines.query import cli, connect
-from pipelines.sinks import OutputStore, stage_table
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
 

@@ -98,7 +98,7 @@ class ToyOutputs:
 
 
 def _config(world: ToyWorld, items: Path, root: Path, wave_size: int) -> Any:
-    from pipelines.config import parse_config
+    from pipelines.archive.config import parse_config
 
     return parse_config({
         "catalog": {
@@ -142,9 +142,9 @@ def toy_outputs(tmp_path_factory: pytest.TempPathFactory, ray_for_results: Any) 
     """Run A (committed, with one broken item) and run B (interrupted before its commit) over one local root."""
     import geopandas as gpd
 
-    from pipelines import ledger as ledger_module
-    from pipelines.infer import run
-    from pipelines.sinks import OutputStore
+    from pipelines.archive import ledger as ledger_module
+    from pipelines.archive.job import run
+    from pipelines.archive.store import OutputStore
 
     base = tmp_path_factory.mktemp("results")
     world = generate_toyworld(base / "world", scenes=4, seed=0, chips_per_scene=1,

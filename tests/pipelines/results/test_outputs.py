@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import shapely
 
+from pipelines.archive.store import TABLES
 from pipelines.results import open_outputs
-from pipelines.sinks import TABLES
 from tests.pipelines.results.conftest import BROKEN_SCENE, INTERRUPTED_SCENE
 
 pytestmark = pytest.mark.integration

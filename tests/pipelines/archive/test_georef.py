@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyproj import Transformer
 
-from pipelines.georef import (
+from pipelines.archive.georef import (
     box_iou,
     nms_per_scene,
     pixel_boxes_to_crs_polygons,

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import shapely
 
-from pipelines.ledger import Ledger, UnitRecord, rewrite_without, skip_reason
-from pipelines.sinks import OutputStore, read_table, stage_table
+from pipelines.archive.ledger import Ledger, UnitRecord, rewrite_without, skip_reason
+from pipelines.archive.store import OutputStore, read_table, stage_table
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
 
@@ -65,7 +65,7 @@ def test_crash_after_commit_point_is_rolled_forward(tmp_path, monkeypatch):
 
 
 def test_skip_reason():
-    from pipelines.ledger import CommittedScene
+    from pipelines.archive.ledger import CommittedScene
 
     prev = CommittedScene("toy", "a", "2024-05-01", T0, "u1")
     assert skip_reason(None, T0) is None
@@ -112,8 +112,8 @@ def test_compact_folds_records_keeping_latest(tmp_path):
 
 
 def test_compaction_keeps_every_unit_on_record(tmp_path):
-    from pipelines.ledger import Ledger, UnitRecord
-    from pipelines.sinks import OutputStore
+    from pipelines.archive.ledger import Ledger, UnitRecord
+    from pipelines.archive.store import OutputStore
 
     store = OutputStore(str(tmp_path))
     ledger = Ledger(store)

@@ -33,7 +33,7 @@ import shapely
 from catalogs.errors import SceneError
 from catalogs.scene import Scene
 from catalogs.tiling import plan_tiles
-from pipelines.georef import (
+from pipelines.archive.georef import (
     nms_per_scene,
     pixel_boxes_to_crs_polygons,
     pixel_boxes_to_wgs84,
@@ -42,8 +42,8 @@ from pipelines.georef import (
     to_wgs84,
     touches_inner_edge,
 )
-from pipelines.sinks import SceneGrid, embeddings_group
-from pipelines.source import scene_key
+from pipelines.archive.source import scene_key
+from pipelines.archive.store import SceneGrid, embeddings_group
 
 __all__ = ["scene_key"]  # re-exported: stages and tests name scenes by it
 
@@ -197,8 +197,8 @@ class ReadStage:
         from catalogs.io import SceneReader
 
         meta = {**source_meta, **scene_meta(scene)}
-        first = self._base(key, scene, meta, 0)
-        rest = {**first, "meta": ""}  # the scene's description rides on its first row only
+        first: dict[str, Any] | None = self._base(key, scene, meta, 0)
+        rest = {**(first or {}), "meta": ""}  # the scene's description rides on its first row only
 
         def row(n_planned: int, **fields: Any) -> dict[str, Any]:
             nonlocal first

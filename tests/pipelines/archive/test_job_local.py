@@ -10,9 +10,9 @@ from pathlib import Path
 import geopandas as gpd
 import pytest
 
-from pipelines.config import parse_config
-from pipelines.infer import run
-from pipelines.sinks import OutputStore, read_table
+from pipelines.archive.config import parse_config
+from pipelines.archive.job import run
+from pipelines.archive.store import OutputStore, read_table
 from tests.pipelines.oracle import oracle_stage
 
 pytestmark = pytest.mark.integration

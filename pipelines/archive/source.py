@@ -38,6 +38,8 @@ from catalogs.scene import Scene
 
 log = logging.getLogger(__name__)
 
+_DateTime = datetime  # SearchSpec has a field named `datetime` (the STAC parameter)
+
 SCENE_COLUMNS = (
     "scene_key", "scene", "meta", "error_stage", "error_type", "error_message", "error_asset", "error_href",
 )
@@ -92,7 +94,7 @@ class SearchSpec:
     intersects: dict[str, Any] | None = None
     datetime: str | None = None
     filter: dict[str, Any] | str | None = None
-    updated_since: datetime | None = None
+    updated_since: _DateTime | None = None
     page_size: int = 100
 
     def search_kwargs(self) -> dict[str, Any]:
@@ -343,7 +345,7 @@ def scene_rows(
     Yields:
         Arrow tables of :data:`SCENE_COLUMNS`.
     """
-    from pipelines.ledger import skip_reason
+    from pipelines.archive.ledger import skip_reason
 
     counts.update({"matched": 0, "skipped": 0, "planned": 0, "failed_items": 0, "max_updated": None,
                    "skip_reasons": Counter(), "seen_retry": []})
@@ -436,7 +438,7 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
 
 def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str, str], Any]:
     """The ledger entries that can concern this window: its scenes' acquisition dates only (never all of them)."""
-    from pipelines.ledger import CommittedScene
+    from pipelines.archive.ledger import CommittedScene
 
     if committed is None or committed.num_rows == 0:
         return {}

@@ -14,7 +14,7 @@ import shapely
 import xarray as xr
 from pyproj import CRS
 
-from pipelines.sinks import (
+from pipelines.archive.store import (
     SCHEMAS,
     OutputStore,
     SceneGrid,
@@ -182,7 +182,7 @@ def test_docs_outputs_documents_every_column():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "docs" / "outputs.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "docs" / "outputs.md").read_text()
     sections = re.split(r"^## ", text, flags=re.MULTILINE)
     for table, schema in SCHEMAS.items():
         (section,) = [s for s in sections if s.startswith(f"`{table}`")]

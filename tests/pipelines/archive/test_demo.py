@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.sinks import OutputStore, read_table
+from pipelines.archive.store import OutputStore, read_table
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _env() -> dict[str, str]:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, InferConfig, load_config, parse_config
+from pipelines.archive.config import ConfigError, InferConfig, load_config, parse_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SHIPPED = sorted((REPO / "configs" / "infer").glob("*.yaml"))
 
 MINIMAL = {"catalog": {"url": "http://127.0.0.1:9/", "collections": ["toyworld-optical"]},
@@ -137,7 +137,7 @@ def test_cli_refuses_invalid_config_before_any_work(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_with(tiling__overlap=-1, output__root=str(tmp_path / "out"))))
     code = (
-        "import sys; from pipelines.infer import cli; rc = cli(sys.argv[1:]); "
+        "import sys; from pipelines.archive.job import cli; rc = cli(sys.argv[1:]); "
         "assert 'ray' not in sys.modules or not __import__('ray').is_initialized(); sys.exit(rc)"
     )
     t0 = time.perf_counter()
@@ -149,7 +149,7 @@ def test_cli_refuses_invalid_config_before_any_work(tmp_path):
 
 
 def test_cli_refuses_missing_embedded_files(tmp_path, capsys):
-    from pipelines.infer import cli
+    from pipelines.archive.job import cli
 
     path = tmp_path / "job.yaml"
     data = _with(output__root=str(tmp_path / "out"))
@@ -161,7 +161,7 @@ def test_cli_refuses_missing_embedded_files(tmp_path, capsys):
 
 
 def test_cli_refuses_unknown_model_before_starting_ray(tmp_path, capsys):
-    from pipelines.infer import cli
+    from pipelines.archive.job import cli
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_with(model__name_or_path=str(tmp_path / "no-such-model"),

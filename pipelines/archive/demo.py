@@ -72,7 +72,7 @@ def write_quicklook(output_root: str, world_root: Path, path: Path) -> Path | No
     from catalogs.io import SceneReader
     from catalogs.scene import Scene
     from catalogs.toyworld import load_items
-    from pipelines.sinks import OutputStore, read_table
+    from pipelines.archive.store import OutputStore, read_table
 
     store = OutputStore(output_root)
     scenes = read_table(store, "scenes")
@@ -134,8 +134,8 @@ def cli(argv: list[str] | None = None) -> int:
     out = Path(args.out).absolute()
     world_root = _build_world(out, args.scenes, args.seed, say)
 
-    from pipelines.config import ConfigError, load_config
-    from pipelines.infer import run
+    from pipelines.archive.config import ConfigError, load_config
+    from pipelines.archive.job import run
 
     model, random_weights = _choose_model(args.model)
     collections = sorted((world_root / "stac" / "collections").glob("*.json"))
@@ -184,7 +184,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def _first_group(root: str) -> str | None:
-    from pipelines.sinks import OutputStore, read_table
+    from pipelines.archive.store import OutputStore, read_table
 
     scenes = read_table(OutputStore(root), "scenes", columns=["embeddings_group"])
     return str(scenes["embeddings_group"].iloc[0]) if len(scenes) else None

@@ -28,10 +28,10 @@ import xarray as xr
 import yaml
 
 from catalogs.toyworld import load_items
-from pipelines.config import parse_config
-from pipelines.infer import run
-from pipelines.ledger import Ledger, UnitRecord
-from pipelines.sinks import OutputStore, read_table
+from pipelines.archive.config import parse_config
+from pipelines.archive.job import run
+from pipelines.archive.ledger import Ledger, UnitRecord
+from pipelines.archive.store import OutputStore, read_table
 from tests.catalogs.proxy import CountingProxy
 from tests.pipelines.conftest import upload_world
 

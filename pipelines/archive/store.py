@@ -5,7 +5,7 @@ tile-grid arrays. Layout under the output root (a local folder or ``s3://bucket/
     tiles/…  detections/…  errors/…          (same partitioning)
     runs/date=<YYYY-MM-DD>/run-<run_id>.parquet
     embeddings.zarr/<output_key>/<collection>/<scene_id>/  (one xarray dataset per scene, scene-CRS coordinates)
-    _ledger/, _staging/                      (commit bookkeeping, see pipelines.ledger)
+    _ledger/, _staging/                      (commit bookkeeping, see pipelines.archive.ledger)
 
 Partition columns live only in the paths (Hive style): geopandas, pyarrow and DuckDB add ``collection`` and ``date``
 back as columns and prune on them. Every column is documented in ``docs/outputs.md``; the schemas below are the

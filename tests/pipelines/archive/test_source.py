@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from catalogs.hrefs import HrefPolicy
-from pipelines.infer import RunSummary
-from pipelines.ledger import CommittedScene
-from pipelines.source import Window, scene_rows
+from pipelines.archive.job import RunSummary
+from pipelines.archive.ledger import CommittedScene
+from pipelines.archive.source import Window, scene_rows
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
 

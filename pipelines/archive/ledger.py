@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.sinks import OutputStore, StagedFile, geoparquet_bytes, partition_dir
+from pipelines.archive.store import OutputStore, StagedFile, geoparquet_bytes, partition_dir
 
 LEDGER_DIR = "_ledger"
 STAGING_DIR = "_staging"

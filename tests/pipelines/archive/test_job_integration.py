@@ -15,10 +15,10 @@ from pyproj import CRS
 
 from catalogs.tiling import plan_tiles
 from catalogs.toyworld import load_items
-from pipelines.config import parse_config
-from pipelines.infer import run
+from pipelines.archive.config import parse_config
+from pipelines.archive.job import run
+from pipelines.archive.store import OutputStore, read_table
 from pipelines.query import connect
-from pipelines.sinks import OutputStore, read_table
 from tests.pipelines.conftest import upload_world
 from tests.pipelines.oracle import oracle_stage
 

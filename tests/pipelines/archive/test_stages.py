@@ -12,8 +12,8 @@ import shapely
 from catalogs.scene import Scene
 from catalogs.tiling import plan_tiles
 from earthgpt.tasks import format_answer
-from pipelines.source import source_batch
-from pipelines.stages import (
+from pipelines.archive.source import source_batch
+from pipelines.archive.stages import (
     AssemblySettings,
     MissingColumns,
     ModelStage,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from earthgpt.tasks import format_answer
-from pipelines.source import source_batch
-from pipelines.stages import AssemblySettings, ParseStage, ReadStage, SceneCollector, assemble_scene
+from pipelines.archive.source import source_batch
+from pipelines.archive.stages import AssemblySettings, ParseStage, ReadStage, SceneCollector, assemble_scene
 
 TILE, OVERLAP = 64, 24  # overlap above the largest toy object (20 px): each object lies whole in some tile
 

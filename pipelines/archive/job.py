@@ -1,0 +1,748 @@
+"""The archive inference job: STAC scenes → tiles → EarthGPT actors → GeoParquet tables + Zarr arrays, incremental.
+
+Read it top to bottom; :func:`run` is the whole job, **one streaming Ray Data execution per run**:
+
+1. **Set up**: GDAL cloud settings (once, here), the output root, the ledger (finish or undo what a crashed run
+   left), the output key (from the model's *content*), the search's watermark and retry list.
+2. **Plan the source** (:mod:`pipelines.archive.source`): the STAC search, restricted to items ``updated`` since the last
+   run's watermark (unless ``--full-scan``), is cut into disjoint datetime windows sized from ``numberMatched``;
+   scenes that failed before are fetched again by id. Each window is one read task; nothing lists the whole search.
+3. **Stream**: read tasks (items → scenes, committed ones skipped) → :class:`~pipelines.archive.stages.ReadStage` (tiles,
+   CPU tasks) → :class:`~pipelines.archive.stages.ModelStage` (one long-lived actor pool: each actor loads the model once
+   per run) → :class:`~pipelines.archive.stages.ParseStage` (CPU tasks) → the driver's
+   :class:`~pipelines.archive.stages.SceneCollector`, which only gathers each scene's rows and sends a complete scene to an
+   assembly task (:func:`~pipelines.archive.stages.assemble_scene`: NMS, rows, arrays).
+4. **Commit while the model works on** (:class:`UnitCommitter`): finished scenes accumulate into a unit until it
+   holds ``output.commit_tiles`` tiles or is ``output.commit_seconds`` old; a Ray task stages its GeoParquet files and
+   Zarr groups; the driver writes the unit's ledger record (the commit point) and publishes. A crash loses only the
+   scenes not yet committed; the rerun redoes exactly those.
+5. **Finish**: the new watermark and retry list, one ``runs`` row (planned = written + skipped + failed; model loads
+   per actor), ledger compaction.
+
+Entry points: ``earthgpt run CONFIG`` and ``python -m pipelines.infer CONFIG`` (what a Ray job submits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import shapely
+
+from catalogs.hrefs import HrefPolicy
+from catalogs.io import configure_gdal
+from pipelines.archive.config import ConfigError, InferConfig, load_config
+from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
+from pipelines.archive.source import (
+    SCENE_COLUMNS,
+    SearchSpec,
+    SourceStats,
+    Window,
+    parse_time,
+    plan_windows,
+    small_search_counts,
+    window_datasource,
+)
+from pipelines.archive.stages import (
+    AssemblySettings,
+    ModelStage,
+    ParseStage,
+    ReadStage,
+    SceneCollector,
+    SceneResult,
+    assemble_scene,
+    check_chain,
+)
+from pipelines.archive.store import (
+    OutputStore,
+    StagedFile,
+    build_frame,
+    embeddings_group,
+    ensure_parent_groups,
+    geoparquet_bytes,
+    partition_dir,
+    stage_table,
+    write_scene_grid,
+)
+
+log = logging.getLogger(__name__)
+
+Printer = Callable[[str], None]
+HEARTBEAT_S = 15.0  # seconds between progress lines while tiles stream through the model
+RETRY_IDS_PER_TASK = 100  # ids per retry read task (one STAC `ids` search)
+
+
+@dataclass
+class RunSummary:
+    """What a run did; also its ``runs`` row."""
+
+    run_id: str
+    output_root: str
+    status: str = "running"
+    scenes_matched: int = 0
+    scenes_skipped: int = 0
+    scenes_processed: int = 0
+    scenes_failed: int = 0
+    tiles_planned: int = 0
+    tiles_written: int = 0
+    tiles_skipped: int = 0
+    tiles_failed: int = 0
+    detections: int = 0
+    errors: int = 0
+    units_committed: int = 0
+    wall_s: float = 0.0
+    full_scan: bool = True
+    updated_since: datetime | None = None
+    watermark: datetime | None = None
+    read_tasks: int = 0
+    startup_s: float | None = None
+    model_actors: int = 0
+    model_loads: int = 0
+    detections_by_label: Counter[str] = field(default_factory=Counter)
+    skip_reasons: Counter[str] = field(default_factory=Counter)
+    message: str = ""
+
+    @property
+    def tiles_per_s(self) -> float:
+        """Tiles through the model per second of wall time."""
+        return self.tiles_written / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def reconciles(self) -> bool:
+        """Whether tiles planned = written + skipped + failed."""
+        return self.tiles_planned == self.tiles_written + self.tiles_skipped + self.tiles_failed
+
+    def lines(self) -> list[str]:
+        """A human summary."""
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(self.detections_by_label.items())) or "none"
+        listing = "full scan" if self.full_scan else f"items updated since {self.updated_since:%Y-%m-%dT%H:%M:%SZ}"
+        return [
+            f"run {self.run_id}: {self.status}  ({self.wall_s:.1f} s)",
+            f"  search   {listing}, {self.read_tasks} read tasks",
+            f"  scenes   matched {self.scenes_matched}, skipped {self.scenes_skipped} (already committed), "
+            f"processed {self.scenes_processed}, failed {self.scenes_failed}",
+            f"  tiles    planned {self.tiles_planned} = written {self.tiles_written} + skipped "
+            f"{self.tiles_skipped} + failed {self.tiles_failed}" + ("" if self.reconciles else "  (DOES NOT ADD UP)"),
+            f"  detections {self.detections} ({labels})",
+            f"  errors   {self.errors}",
+            f"  model    {self.model_actors} actors, {self.model_loads} model loads, {self.units_committed} units "
+            "committed",
+            f"  speed    {self.tiles_per_s:.2f} tiles/s",
+            f"  outputs  {self.output_root}",
+        ]
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _catalog_url(config: InferConfig) -> Iterator[str]:
+    if config.catalog.url:
+        yield config.catalog.url
+        return
+    from pipelines.embedded import serve_stac
+
+    embedded = config.catalog.embedded
+    assert embedded is not None  # the config allows exactly one of url / embedded
+    with serve_stac(embedded.collections, embedded.items) as url:
+        yield url
+
+
+def _start_ray(config: InferConfig) -> bool:
+    import os
+
+    import ray
+    import ray.data
+
+    # Ray Data logs each execution at INFO and warns that its progress bars are off: the job prints its own lines
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            if config.ray.object_store_mb:
+                kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
+            ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+        started = True
+    else:
+        started = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job prints its own progress lines
+    ctx.print_on_execution_start = False
+    return started
+
+
+def _redacted(config: InferConfig) -> str:
+    data = config.model_dump(mode="json")
+    data["output"]["storage_options"] = dict.fromkeys(data["output"]["storage_options"], "***")
+    data["model"]["storage_options"] = dict.fromkeys(data["model"]["storage_options"], "***")
+    return json.dumps(data, sort_keys=True)
+
+
+def check_inputs(config: InferConfig) -> None:
+    """Refuse a config whose local inputs are missing, before any work (naming the field).
+
+    Raises:
+        ConfigError: For a model that is neither a preset, a saved model folder nor a URL, or a missing embedded
+            catalog file.
+    """
+    from pathlib import Path
+
+    from earthgpt.weights import is_remote
+
+    name = config.model.name_or_path
+    folder = Path(name)
+    if is_remote(name):
+        pass  # checked when the output key hashes it (a missing remote folder fails there, before any work)
+    elif folder.exists():
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {name} has no config.json (not a save_pretrained folder)")
+    else:
+        from earthgpt.presets import PRESETS
+
+        if name.removeprefix("earthgpt_").removeprefix("earthgpt-") not in PRESETS:
+            raise ConfigError(f"model.name_or_path: no folder {name!r} and no preset of that name "
+                              f"(presets: {', '.join(PRESETS)})")
+    embedded = config.catalog.embedded
+    if embedded is None:
+        return
+    for i, path in enumerate(embedded.collections):
+        if not path.is_file():
+            raise ConfigError(f"catalog.embedded.collections.{i}: no such file: {path}")
+    if not embedded.items.is_file():
+        raise ConfigError(f"catalog.embedded.items: no such file: {embedded.items}")
+
+
+def _state_name(output_key: str, spec: SearchSpec) -> str:
+    """The state document of one (output key, search): its watermark and the scenes to retry."""
+    return f"{output_key}-{hashlib.sha256(spec.fingerprint().encode()).hexdigest()[:12]}"
+
+
+def _retry_windows(keys: Sequence[str]) -> list[Window]:
+    by_collection: dict[str, list[str]] = {}
+    for key in keys:
+        collection, _, item_id = key.partition("/")
+        by_collection.setdefault(collection, []).append(item_id)
+    windows = []
+    for collection, ids in sorted(by_collection.items()):
+        for k in range(0, len(ids), RETRY_IDS_PER_TASK):
+            windows.append(Window(ids=tuple(ids[k : k + RETRY_IDS_PER_TASK]), collection=collection))
+    return windows
+
+
+def _failure_line(summary: Mapping[str, Any]) -> str:
+    first = summary.get("first_error") or {}
+    return (f"FAILED ({first.get('error_type')} at {first.get('stage')}: {str(first.get('message'))[:120]}); "
+            "retried next run")
+
+
+# ------------------------------------------------------------------------------------------------- commit units
+
+
+def _assemble_task(rows: list[dict[str, Any]], settings: AssemblySettings) -> tuple[dict[str, Any], SceneResult]:
+    result = assemble_scene(rows, settings)
+    return result.summary(), result
+
+
+def stage_unit(
+    root: str,
+    storage_options: Mapping[str, Any],
+    unit_id: str,
+    staging_dir: str,
+    output_key: str,
+    *results: SceneResult,
+) -> dict[str, Any]:
+    """Write one unit's files under its staging folder: table rows, rewritten copies of superseded files, and the
+    Zarr group of each committed scene. Runs in a Ray task; returns only paths and ids (the driver commits).
+
+    Args:
+        root: Output root.
+        storage_options: Its fsspec options.
+        unit_id: The unit (names the files; stamped on every row).
+        staging_dir: Where to stage.
+        output_key: The config's output key.
+        *results: The unit's finished scenes.
+
+    Returns:
+        ``publish`` (staged, final) pairs, ``delete`` paths, and the committed ``scenes``.
+    """
+    store = OutputStore(root, storage_options)
+    ok = [r for r in results if r.committed]
+    for r in results:
+        for rec, _ in (*r.tile_rows, *r.detection_rows, *r.error_rows):
+            rec["unit_id"] = unit_id
+        if r.scene_row is not None:
+            r.scene_row["unit_id"] = unit_id
+        if r.grid is not None:
+            r.grid.attrs["unit_id"] = unit_id
+    superseded: dict[tuple[str, str], list[str]] = {}
+    for r in ok:
+        prev_date = r.meta.get("prev_date")
+        if prev_date:
+            superseded.setdefault((r.collection, str(prev_date)), []).append(r.scene_id)
+    publish: list[StagedFile] = []
+    delete: list[str] = []
+    if superseded:
+        publish, delete = rewrite_without(store, staging_dir, unit_id, ("scenes", "tiles", "detections"),
+                                          superseded, output_key)
+    publish += stage_table(store, staging_dir, "scenes", unit_id,
+                           [(r.collection, r.date, r.scene_row, _geometry(r)) for r in ok if r.scene_row])
+    publish += stage_table(store, staging_dir, "tiles", unit_id,
+                           [(r.collection, r.date, rec, g) for r in ok for rec, g in r.tile_rows])
+    publish += stage_table(store, staging_dir, "detections", unit_id,
+                           [(r.collection, r.date, rec, g) for r in ok for rec, g in r.detection_rows])
+    publish += stage_table(store, staging_dir, "errors", unit_id,
+                           [(r.collection, r.date, rec, g) for r in results for rec, g in r.error_rows])
+    for r in ok:
+        if r.grid is None:
+            continue
+        ensure_parent_groups(store, embeddings_group(output_key, r.collection, r.scene_id))
+        for rel in write_scene_grid(store, r.grid, under=staging_dir):
+            publish.append(StagedFile(staged=f"{staging_dir}/{rel}", final=rel))
+    return {
+        "publish": [(f.staged, f.final) for f in publish],
+        "delete": delete,
+        "scenes": [(r.collection, r.scene_id, r.date, r.updated) for r in ok],
+    }
+
+
+def _geometry(r: SceneResult) -> Any:
+    geometry = r.meta.get("geometry")
+    return shapely.geometry.shape(geometry) if geometry else None
+
+
+@dataclass
+class _Unit:
+    unit_id: str
+    parts: list[tuple[Any, Any]] = field(default_factory=list)  # (summary ref, result ref) per scene
+    tiles: int = 0
+    opened: float = field(default_factory=time.monotonic)
+    stage_ref: Any = None
+
+
+class UnitCommitter:
+    """Groups finished scenes into commit units and commits them without stopping the model.
+
+    A scene's rows go to an assembly task the moment the scene completes; the unit it joins closes when it holds
+    ``commit_tiles`` tiles or is ``commit_seconds`` old. A closed unit is staged by a Ray task; when the stage task
+    is done the driver writes the ledger record and publishes. One unit stages at a time (a unit that rewrites a
+    superseded scene's files must see the previous unit's published state); more closed units wait, as object
+    references, while the model works on.
+
+    Args:
+        config: The job config.
+        store: The output root.
+        ledger: Its ledger.
+        run_id: This run.
+        settings: Assembly settings.
+        summary: Counted into as units commit.
+        say: Progress lines.
+    """
+
+    def __init__(self, config: InferConfig, store: OutputStore, ledger: Ledger, run_id: str,
+                 settings: AssemblySettings, summary: RunSummary, say: Printer) -> None:
+        import ray
+
+        self._ray = ray
+        self._assemble = ray.remote(num_returns=2, num_cpus=config.actors.read_num_cpus)(_assemble_task)
+        self._stage = ray.remote(num_cpus=config.actors.read_num_cpus, max_retries=2)(stage_unit)
+        self.config = config
+        self.store = store
+        self.ledger = ledger
+        self.run_id = run_id
+        self.settings = settings
+        self.summary = summary
+        self.say = say
+        self.output_key = dict(settings.ids)["output_key"]
+        self.open: _Unit | None = None
+        self.closed: collections.deque[_Unit] = collections.deque()
+        self.staging: _Unit | None = None
+        self.failed_keys: set[str] = set()
+        self.committed_keys: set[str] = set()
+        self.scenes_done = 0
+        self._units = 0
+
+    def add_scene(self, rows: list[dict[str, Any]]) -> None:
+        """Send a complete scene to assembly and add it to the open unit."""
+        refs: Any = self._assemble.remote(rows, self.settings)  # two object refs (num_returns=2)
+        summary_ref, result_ref = refs
+        if self.open is None:
+            self.open = _Unit(unit_id=f"{self.run_id}-u{self._units:05d}")
+            self._units += 1
+        self.open.parts.append((summary_ref, result_ref))
+        self.open.tiles += max(1, int(rows[0]["n_planned"]))
+        self.poll()
+
+    def poll(self, block: bool = False) -> None:
+        """Close the open unit when it is full or old; start staging; commit what finished staging."""
+        out = self.config.output
+        unit = self.open
+        if unit is not None and (
+            (out.commit_tiles is not None and unit.tiles >= out.commit_tiles)
+            or (out.commit_seconds is not None and time.monotonic() - unit.opened >= out.commit_seconds)
+        ):
+            self.closed.append(unit)
+            self.open = None
+        while True:
+            if self.staging is not None:
+                ready, _ = self._ray.wait([self.staging.stage_ref], timeout=None if block else 0)
+                if not ready:
+                    return
+                self._commit(self.staging)
+                self.staging = None
+            if not self.closed:
+                return
+            unit = self.closed.popleft()
+            staging_dir = self.ledger.staging_dir(unit.unit_id)
+            unit.stage_ref = self._stage.remote(self.store.url(), self.store.storage_options, unit.unit_id,
+                                                staging_dir, self.output_key, *[r for _, r in unit.parts])
+            self.staging = unit
+
+    def finish(self) -> None:
+        """Close the last unit and commit everything."""
+        if self.open is not None and self.open.parts:
+            self.closed.append(self.open)
+        self.open = None
+        while self.staging is not None or self.closed:
+            self.poll(block=True)
+
+    def _commit(self, unit: _Unit) -> None:
+        staged = self._ray.get(unit.stage_ref)
+        summaries = self._ray.get([s for s, _ in unit.parts])
+        record = UnitRecord(
+            unit_id=unit.unit_id, run_id=self.run_id, output_key=self.output_key,
+            scenes=[tuple(s) for s in staged["scenes"]],  # type: ignore[misc]
+            publish=[StagedFile(staged=a, final=b) for a, b in staged["publish"]], delete=list(staged["delete"]),
+        )
+        self.ledger.commit(record)
+        s = self.summary
+        s.units_committed += 1
+        for scene in summaries:
+            self.scenes_done += 1
+            s.tiles_planned += scene["tiles_planned"]
+            s.tiles_written += scene["tiles_written"]
+            s.tiles_skipped += scene["tiles_skipped"]
+            s.tiles_failed += scene["tiles_failed"]
+            s.detections += scene["detections"]
+            s.errors += scene["errors"]
+            s.detections_by_label.update(scene["labels"])
+            if scene["committed"]:
+                s.scenes_processed += 1
+                self.committed_keys.add(scene["key"])
+                line = (f"{scene['tiles_written']} tiles, {scene['tiles_skipped']} skipped, "
+                        f"{scene['detections']} detections")
+            else:
+                s.scenes_failed += 1
+                self.failed_keys.add(scene["key"])
+                line = _failure_line(scene)
+            self.say(f"  [{self.scenes_done}] {scene['key']}: {line}")
+        self.say(f"committed unit {unit.unit_id}: {len(summaries)} scenes, {unit.tiles} tiles")
+
+
+# ----------------------------------------------------------------------------------------------------------- the job
+
+
+def _dataset(config: InferConfig, spec: SearchSpec, windows: Sequence[Window], committed_ref: Any,
+             policy: HrefPolicy, stats: Any, retry_after: datetime | None, model_stage: type) -> Any:
+    import ray
+
+    actors = config.actors
+    num_gpus = actors.num_gpus
+    if num_gpus is None:  # one GPU per model replica wherever the cluster has GPUs
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    read = ReadStage(config.tiling.size, config.tiling.overlap, config.tiling.min_valid_fraction,
+                     tiles_per_block=actors.batch_size)
+    parse = ParseStage(config.tasks)
+    model_kwargs = {
+        "model": config.model.name_or_path, "engine": config.model.engine, "dtype": config.model.dtype,
+        "tp_size": config.model.tp_size, "kernel_inject": config.model.kernel_inject, "tasks": config.tasks,
+        "vqa": config.vqa, "max_new_tokens": config.model.max_new_tokens, "seed": config.model.seed,
+        "torch_threads": max(1, int(actors.num_cpus)), "storage_options": config.model.storage_options,
+    }
+    # a stage whose input lacks a column fails here, naming it, not three stages into the run
+    check_chain(SCENE_COLUMNS, [read, _ModelColumns(model_stage, config), parse])
+    ds = ray.data.read_datasource(
+        window_datasource(spec, windows, committed_ref, policy, stats, retry_after=retry_after),
+        override_num_blocks=len(windows), num_cpus=actors.read_num_cpus,
+    )
+    if config.catalog.max_items is not None:
+        ds = ds.limit(config.catalog.max_items)
+    # a read task's small scene rows arrive merged into one block; one scene per block makes one read task per
+    # scene (scenes read in parallel, each one's tiles streaming to the model as soon as it is read)
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(read, batch_size=1, num_cpus=actors.read_num_cpus, batch_format="numpy")
+    ds = ds.map_batches(
+        model_stage, fn_constructor_kwargs=model_kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors),
+        batch_size=actors.batch_size, num_cpus=actors.num_cpus, num_gpus=num_gpus or None, batch_format="numpy",
+    )
+    return ds.map_batches(parse, batch_size=actors.batch_size, num_cpus=actors.read_num_cpus,
+                          batch_format="numpy")
+
+
+class _ModelColumns:
+    """The model stage's declared columns, without building a model (for :func:`check_chain`)."""
+
+    def __init__(self, stage: type, config: InferConfig) -> None:
+        self.needs = getattr(stage, "needs", ())
+        tasks = list(config.tasks)
+        self.adds = (*(c for t in tasks for c in (f"answer_{t}", f"logprob_{t}")), "vqa_json", "embedding",
+                     "tokens_detect", "actor_id", "model_loads", "actor_ready_at")
+
+
+def _finish_quiet(summary: RunSummary, counts: Mapping[str, Any]) -> None:
+    summary.scenes_matched = int(counts["matched"])
+    summary.scenes_skipped = int(counts["skipped"])
+    summary.skip_reasons.update(counts["skip_reasons"])
+    summary.read_tasks = 0
+    summary.status = "ok"
+
+
+def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:
+    finished = datetime.now(timezone.utc)
+    record = {
+        "run_id": summary.run_id, "status": summary.status, "started_at": started, "finished_at": finished,
+        "output_key": config.output_key(), "model": config.model.name_or_path, "engine": config.model.engine,
+        "tasks": list(config.tasks), "collections": list(config.catalog.collections), "config": _redacted(config),
+        "scenes_matched": summary.scenes_matched, "scenes_skipped": summary.scenes_skipped,
+        "scenes_processed": summary.scenes_processed, "scenes_failed": summary.scenes_failed,
+        "tiles_planned": summary.tiles_planned, "tiles_written": summary.tiles_written,
+        "tiles_skipped": summary.tiles_skipped, "tiles_failed": summary.tiles_failed,
+        "detections": summary.detections, "errors": summary.errors, "units_committed": summary.units_committed,
+        "wall_s": summary.wall_s, "tiles_per_s": summary.tiles_per_s, "full_scan": summary.full_scan,
+        "updated_since": summary.updated_since, "watermark": summary.watermark, "read_tasks": summary.read_tasks,
+        "startup_s": summary.startup_s,
+        "model_actors": summary.model_actors, "model_loads": summary.model_loads,
+    }
+    aoi = None
+    if config.catalog.bbox is not None:
+        w, s, e, n = config.catalog.bbox
+        aoi = shapely.box(w, s, e, n) if w <= e else shapely.MultiPolygon(
+            [shapely.box(w, s, 180.0, n), shapely.box(-180.0, s, e, n)])
+    elif config.catalog.intersects is not None:
+        aoi = shapely.geometry.shape(config.catalog.intersects)
+    path = f"{partition_dir('runs', None, started.strftime('%Y-%m-%d'))}/run-{summary.run_id}.parquet"
+    store.write_bytes(path, geoparquet_bytes(build_frame("runs", [record], [aoi])))
+
+
+def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelStage,
+        full_scan: bool = False) -> RunSummary:
+    """Run the archive inference job.
+
+    Args:
+        config: The validated job config.
+        say: Where progress lines go (``print`` by default).
+        model_stage: The model stage's callable class; it is built with :class:`~pipelines.archive.stages.ModelStage`'s
+            keyword arguments and must add the same columns (another engine, or a perfect "oracle" in tests).
+        full_scan: List the whole search (a reconcile) even when an earlier run left a watermark.
+
+    Returns:
+        The run's summary (also written as its ``runs`` row).
+    """
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+
+    # 1. set up: GDAL once, the output root, recovery, the output key, the search's state
+    configure_gdal()
+    store = OutputStore(config.output.root, config.output.storage_options)
+    ledger = Ledger(store)
+    recovery = ledger.recover()
+    if recovery.rolled_forward or recovery.rolled_back:
+        say(f"recovered a crashed run: published units {recovery.rolled_forward}, "
+            f"discarded unfinished units {recovery.rolled_back}")
+    output_key = config.output_key()
+    summary = RunSummary(run_id=new_run_id(), output_root=store.url())
+    policy = HrefPolicy.for_roots(*config.catalog.asset_prefixes) if config.catalog.asset_prefixes else HrefPolicy()
+    started_ray = False
+
+    try:
+        with _catalog_url(config) as url:
+            cat = config.catalog
+            spec = SearchSpec(url=url, collections=tuple(cat.collections), bbox=cat.bbox, intersects=cat.intersects,
+                              datetime=cat.datetime, filter=cat.filter, page_size=cat.page_size)
+            state_name = _state_name(output_key, spec)
+            state = None if (full_scan or not cat.incremental) else ledger.read_state(state_name)
+            watermark = parse_time(state.get("watermark")) if state else None
+            retry = list(state.get("retry", [])) if state else []
+            if watermark is not None:
+                spec = SearchSpec(**{**spec.__dict__, "updated_since": watermark})
+            summary.full_scan = watermark is None
+            summary.updated_since = watermark
+            committed = ledger.committed_table(output_key)
+            say(f"run {summary.run_id}: model {config.model.name_or_path} ({config.model.engine}, "
+                f"{config.model.dtype}), tasks {', '.join(config.tasks)}; output key {output_key}, "
+                f"{committed.num_rows} scenes already committed under {store.url()}")
+
+            # 2. plan the source: disjoint windows of the search (+ the scenes to retry), no listing here
+            from catalogs.search import open_client
+
+            client = open_client(url)  # the driver's few requests share one client (the read tasks open their own)
+            plan = plan_windows(spec, cat.items_per_task, cat.max_read_tasks, client=client)
+            windows = list(plan.windows) + (_retry_windows(retry) if watermark is not None else [])
+            summary.read_tasks = len(windows)
+            listing = ("full listing" if watermark is None
+                       else f"items updated since {watermark:%Y-%m-%dT%H:%M:%SZ} (use --full-scan to reconcile)")
+            say(f"search: {listing}; {plan.matched if plan.matched is not None else 'unknown'} items match, "
+                f"{len(plan.windows)} read tasks" + (f", {len(windows) - len(plan.windows)} retry tasks for "
+                                                     f"{len(retry)} failed scenes" if len(windows) > len(plan.windows)
+                                                     else "") + "".join(f"; {n}" for n in plan.notes))
+
+            # a quiet night: a page at most, all committed -> no Ray, no model, just the bookkeeping
+            if (plan.matched is not None and plan.matched <= cat.page_size and len(windows) == len(plan.windows)
+                    and cat.max_items is None):
+                quick = small_search_counts(spec, committed, policy, client=client)
+                if quick["rows"] == 0:
+                    say(f"nothing to do: {quick['matched']} items listed, all committed")
+                    _finish_quiet(summary, quick)
+                    new_mark = max((t for t in (watermark, quick["max_updated"]) if t is not None), default=None)
+                    summary.watermark = new_mark
+                    if cat.incremental:
+                        ledger.write_state(state_name, {"watermark": new_mark, "retry": [], "run_id": summary.run_id,
+                                                        "output_key": output_key, "search": spec.fingerprint()})
+                    return summary
+
+            # 3. one streaming execution: read → tiles → model actors → parse → collect → assemble → commit
+            started_ray = _start_ray(config)
+            import ray
+
+            stats = ray.remote(SourceStats).options(num_cpus=0).remote()
+            committed_ref = ray.put(committed) if committed.num_rows else None
+            settings = AssemblySettings(
+                tasks=tuple(config.tasks), vqa=tuple(config.vqa), nms_iou=config.detection.nms_iou,
+                containment=config.detection.containment,
+                ids=(("run_id", summary.run_id), ("unit_id", ""), ("output_key", output_key)),
+                model=config.model.name_or_path, tile_size=config.tiling.size,
+            )
+            committer = UnitCommitter(config, store, ledger, summary.run_id, settings, summary, say)
+            collector = SceneCollector()
+            actors: dict[str, int] = {}
+            ds = _dataset(config, spec, windows, committed_ref, policy, stats, watermark, model_stage)
+            t_exec = t_said = time.perf_counter()
+            tiles_seen = 0
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                tiles_seen += len(batch["scene_key"])
+                for actor, loads in zip(batch.get("actor_id", ()), batch.get("model_loads", ()), strict=False):
+                    if str(actor):
+                        actors[str(actor)] = max(actors.get(str(actor), 0), int(loads))
+                if "actor_ready_at" in batch and len(batch["actor_ready_at"]):
+                    # start-up: planning, the pool's start, the first model load (once per run)
+                    ready = float(np.min(batch["actor_ready_at"])) - started.timestamp()
+                    summary.startup_s = ready if summary.startup_s is None else min(summary.startup_s, ready)
+                for _key, rows in collector.add(batch):
+                    committer.add_scene(rows)
+                committer.poll()
+                if time.perf_counter() - t_said > HEARTBEAT_S:  # big archives take hours: show the tiles moving
+                    t_said = time.perf_counter()
+                    say(f"  ... {tiles_seen} tiles through the model ({tiles_seen / (t_said - t_exec):.1f} tiles/s), "
+                        f"{summary.units_committed} units committed")
+            if collector.pending:
+                raise RuntimeError(f"scenes with missing tile rows after the execution: {collector.pending[:10]}")
+            committer.finish()
+            source: dict[str, Any] = ray.get(stats.summary.remote())  # type: ignore[attr-defined,assignment]
+
+        # 4. finish: counts, the next watermark and retry list
+        summary.model_actors = len(actors)
+        summary.model_loads = sum(actors.values())
+        summary.scenes_matched = int(source["matched"])
+        summary.scenes_skipped = int(source["skipped"])
+        summary.skip_reasons.update(source["skip_reasons"])
+        if summary.scenes_skipped:
+            reasons = "; ".join(f"{n} {why}" for why, n in summary.skip_reasons.items())
+            say(f"skipped {summary.scenes_skipped} scenes: {reasons}")
+        summary.status = "ok" if summary.scenes_failed == 0 else "ok_with_errors"
+        new_mark = max((t for t in (watermark, source["max_updated"]) if t is not None), default=None)
+        summary.watermark = new_mark
+        if cat.incremental and cat.max_items is None:  # a truncated listing must not move the watermark
+            seen = set(source["seen_retry"]) | committer.committed_keys
+            still = sorted(committer.failed_keys | (set(retry) - seen))
+            ledger.write_state(state_name, {"watermark": new_mark, "retry": still, "run_id": summary.run_id,
+                                            "output_key": output_key, "search": spec.fingerprint()})
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise
+    except Exception as exc:
+        summary.status = "failed"
+        summary.message = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        # 5. the runs row, whatever happened (a killed process writes none: its units say what it did)
+        summary.wall_s = time.perf_counter() - t0
+        try:
+            _write_run_row(store, config, summary, started)
+            ledger.compact()
+        except Exception:  # never mask the run's own exception
+            log.exception("could not write the runs row")
+        if started_ray:  # a Ray instance this job started ends with it (an attached cluster stays)
+            import ray
+
+            ray.shutdown()
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="earthgpt run",
+        description="Caption and detect objects in every tile of the scenes a STAC search matches; results go to "
+        "GeoParquet tables and a Zarr store under the output root. Reruns process only new or updated scenes.",
+    )
+    parser.add_argument("config", help="job config (YAML), see configs/infer/")
+    parser.add_argument("--output-root", help="override output.root")
+    parser.add_argument("--max-items", type=int, help="override catalog.max_items")
+    parser.add_argument("--full-scan", action="store_true",
+                        help="list the whole search, not only items updated since the last run (a reconcile)")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``earthgpt run CONFIG``: validate the config (refusing it before any work), run the job, print a summary.
+
+    Returns:
+        0 when the run finished (bad scenes are recorded as ``errors`` rows, not failures of the run), 2 for an
+        invalid config, 1 when the run itself failed.
+    """
+    args = _arg_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.output_root:
+        overrides["output.root"] = args.output_root
+    if args.max_items is not None:
+        overrides["catalog.max_items"] = args.max_items
+    try:
+        config = load_config(args.config, overrides)
+        check_inputs(config)
+    except ConfigError as exc:
+        print(f"earthgpt run: invalid config {args.config}:", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    say: Printer = (lambda _line: None) if args.quiet else (lambda line: print(line, flush=True))
+    try:
+        summary = run(config, say=say, full_scan=args.full_scan)
+    except Exception as exc:
+        print(f"earthgpt run: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
