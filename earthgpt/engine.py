@@ -1,8 +1,9 @@
 """One inference adapter over the model: plain PyTorch or DeepSpeed-inference, same ``generate`` either way.
 
-``InferenceEngine(model, processor, kind="deepspeed", dtype=torch.bfloat16, tp_size=1, kernel_inject=True)`` wraps
-the model with ``deepspeed.init_inference`` (tensor parallelism, dtype and kernel injection from the arguments;
-kernel injection and fp16 need a GPU). On CPU, set ``DS_ACCELERATOR=cpu`` (the engine sets it when no CUDA is present
+``InferenceEngine(model, processor, kind="deepspeed", dtype=torch.bfloat16, tp_size=1)`` wraps the model with
+``deepspeed.init_inference`` (tensor parallelism and dtype from the arguments; fp16 needs a GPU). Kernel injection
+(``kernel_inject=True``, GPU only) stays off by default: it failed with transformers 5 on the project's own GPU run
+(benchmarks/results/gpu_generate_h200.txt). On CPU, set ``DS_ACCELERATOR=cpu`` (the engine sets it when no CUDA is present
 and the variable is unset).
 
 Batches: ``generate(images, prompts, image_index=...)`` encodes each image once, however many prompts use it.
