@@ -609,6 +609,9 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 if quick["rows"] == 0:
                     say(f"nothing to do: {quick['matched']} items listed, all committed")
                     _finish_quiet(summary, quick)
+                    if summary.scenes_skipped:
+                        reasons = "; ".join(f"{n} {why}" for why, n in summary.skip_reasons.items())
+                        say(f"skipped {summary.scenes_skipped} scenes: {reasons}")
                     new_mark = max((t for t in (watermark, quick["max_updated"]) if t is not None), default=None)
                     summary.watermark = new_mark
                     if cat.incremental:

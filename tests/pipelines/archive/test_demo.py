@@ -1,5 +1,5 @@
 """``earthgpt demo`` end to end in a fresh folder, then ``python -m pipelines.infer`` (the Ray job form) on its
-outputs: everything is already committed, so it skips every scene and says why."""
+outputs: everything is already committed, so it skips every scene, says why, and starts neither Ray nor the model."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_demo_runs_from_nothing_and_a_rerun_skips_everything(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stdout = proc.stdout
-    for expected in ("[1/3] toy world", "[2/3] archive job", "[1/3] toyworld-", "[3/3] quicklook",
+    for expected in ("[1/3] toy world", "[2/3] archive job", "[1] toyworld-", "committed unit", "[3/3] quicklook",
                      "scenes   matched 3", "tiles/s", "detections"):
         assert expected in stdout, expected
     if not (REPO / "models" / "earthgpt-toy" / "config.json").exists():
@@ -59,6 +59,7 @@ def test_demo_runs_from_nothing_and_a_rerun_skips_everything(tmp_path):
     again = subprocess.run([sys.executable, "-m", "pipelines.infer", str(path)], capture_output=True, text=True,
                            timeout=300, cwd=REPO, env=_env())
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count(": already committed (unit ") == 3
+    # incremental: the items at the last run's watermark are listed again (one page), all committed: no Ray, no model
+    assert "nothing to do: 3 items listed, all committed" in again.stdout, again.stdout
     assert "processed 0" in again.stdout and "skipped 3" in again.stdout
     assert len(read_table(store, "tiles")) == len(tiles)
