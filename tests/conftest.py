@@ -98,10 +98,10 @@ def rustac_server() -> Iterator[Callable[[list[dict], list[dict]], str]]:
 def ray_local(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """One local Ray instance for the session (2 CPUs, 256 MiB object store).
 
-    If the ``s3`` fixture is in use it is started first, so Ray workers inherit its environment.
+    The ``s3`` server is always started first, so Ray workers inherit its environment (the job writes its outputs
+    from Ray tasks; a worker started before the S3 environment existed could not reach it).
     """
-    if "s3" in request.fixturenames or os.environ.get("AWS_S3_ENDPOINT"):
-        request.getfixturevalue("s3")
+    request.getfixturevalue("s3")
     import ray
 
     if not ray.is_initialized():

@@ -573,8 +573,10 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
     try:
         with _catalog_url(config) as url:
             cat = config.catalog
+            source_id = url if cat.embedded is None else f"embedded:{cat.embedded.items.resolve()}"
             spec = SearchSpec(url=url, collections=tuple(cat.collections), bbox=cat.bbox, intersects=cat.intersects,
-                              datetime=cat.datetime, filter=cat.filter, page_size=cat.page_size)
+                              datetime=cat.datetime, filter=cat.filter, page_size=cat.page_size,
+                              source_id=source_id)
             state_name = _state_name(output_key, spec)
             state = None if (full_scan or not cat.incremental) else ledger.read_state(state_name)
             watermark = parse_time(state.get("watermark")) if state else None
@@ -603,10 +605,10 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                                                      else "") + "".join(f"; {n}" for n in plan.notes))
 
             # a quiet night: a page at most, all committed -> no Ray, no model, just the bookkeeping
-            if (plan.matched is not None and plan.matched <= cat.page_size and len(windows) == len(plan.windows)
-                    and cat.max_items is None):
+            if (len(windows) == len(plan.windows) == 1 and cat.max_items is None
+                    and (plan.matched is None or plan.matched <= cat.page_size)):
                 quick = small_search_counts(spec, committed, policy, client=client)
-                if quick["rows"] == 0:
+                if quick is not None and quick["rows"] == 0:
                     say(f"nothing to do: {quick['matched']} items listed, all committed")
                     _finish_quiet(summary, quick)
                     if summary.scenes_skipped:

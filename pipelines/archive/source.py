@@ -86,6 +86,8 @@ class SearchSpec:
         filter: CQL2 (text or JSON), or None.
         updated_since: Only items updated at or after this (the watermark), or None for a full listing.
         page_size: Items per page.
+        source_id: What identifies the catalog across runs (default: ``url``; the embedded catalog's items file,
+            whose server URL changes every run).
     """
 
     url: str
@@ -96,6 +98,7 @@ class SearchSpec:
     filter: dict[str, Any] | str | None = None
     updated_since: _DateTime | None = None
     page_size: int = 100
+    source_id: str = ""
 
     def search_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`catalogs.search.search_items` for the whole search."""
@@ -108,7 +111,7 @@ class SearchSpec:
     def fingerprint(self) -> str:
         """What identifies the search for its watermark (everything but ``updated_since`` and paging)."""
         return json.dumps(
-            {"url": self.url, "collections": sorted(self.collections), "bbox": self.bbox,
+            {"url": self.source_id or self.url, "collections": sorted(self.collections), "bbox": self.bbox,
              "intersects": self.intersects, "datetime": self.datetime, "filter": self.filter},
             sort_keys=True, default=str,
         )
@@ -410,7 +413,7 @@ def scene_rows(
 
 
 def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_policy: HrefPolicy,
-                        client: Any = None) -> dict[str, Any]:
+                        client: Any = None) -> dict[str, Any] | None:
     """List a search known to fit in one page here, and count what a run would do with it (nothing is built).
 
     The nightly run of a quiet catalog matches a handful of items, usually all committed already (the search is
@@ -418,13 +421,18 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
     model for nothing. Only the ledger entries of the listed ids are looked up.
 
     Returns:
-        The counters :func:`scene_rows` fills, plus ``rows``: how many scenes (or failed items) a run would emit.
+        The counters :func:`scene_rows` fills, plus ``rows``: how many scenes (or failed items) a run would emit;
+        ``None`` when the search holds more than a page after all (an API that reports no count).
     """
+    import itertools
+
     import pyarrow.compute as pc
 
     from catalogs.search import search_items
 
-    items = list(search_items(spec.url, client=client, **spec.search_kwargs()))
+    items = list(itertools.islice(search_items(spec.url, client=client, **spec.search_kwargs()), spec.page_size + 1))
+    if len(items) > spec.page_size:
+        return None
     index: Mapping[tuple[str, str], Any] = {}
     if committed is not None and committed.num_rows and items:
         ids = pa.array(sorted({str(i.get("id") or "") for i in items}))

@@ -43,8 +43,15 @@ def truth_stage(truth: list[dict[str, Any]]) -> type:
         by_scene.setdefault(f"{rec['collection']}/{rec['scene_id']}", []).append((rec["label"], rec["pixel_box"]))
 
     class TruthStage:
+        needs = ("scene_key", "status", "row_off", "col_off", "win_h", "win_w", "sensor")
+
         def __init__(self, **_: Any) -> None:
+            import os
+            import time
+
             self.truth = by_scene
+            self.actor_id = f"truth-{os.getpid()}"
+            self.ready_at = time.time()
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             n = len(batch["scene_key"])
@@ -80,6 +87,10 @@ def truth_stage(truth: list[dict[str, Any]]) -> type:
             col = np.empty(n, dtype=object)
             col[:] = embeddings
             out["embedding"] = col
+            out["tokens_detect"] = np.array([""] * n, dtype=object)  # no tokens: each box gets its tile's confidence
+            out["actor_id"] = np.array([self.actor_id] * n, dtype=object)
+            out["model_loads"] = np.ones(n, np.int32)
+            out["actor_ready_at"] = np.full(n, self.ready_at, np.float64)
             return out
 
     return TruthStage
@@ -97,7 +108,7 @@ class ToyOutputs:
     uncommitted_files: list[str]
 
 
-def _config(world: ToyWorld, items: Path, root: Path, wave_size: int) -> Any:
+def _config(world: ToyWorld, items: Path, root: Path, commit_tiles: int | None) -> Any:
     from pipelines.archive.config import parse_config
 
     return parse_config({
@@ -110,7 +121,7 @@ def _config(world: ToyWorld, items: Path, root: Path, wave_size: int) -> Any:
         "tiling": {"size": TILE, "overlap": OVERLAP, "min_valid_fraction": 0.5},
         "model": {"name_or_path": "tiny", "max_new_tokens": 8},
         "actors": {"min_actors": 1, "max_actors": 1, "batch_size": 64, "read_num_cpus": 0.5},
-        "output": {"root": str(root), "wave_size": wave_size},
+        "output": {"root": str(root), "commit_tiles": commit_tiles, "commit_seconds": None},
     })
 
 
@@ -161,7 +172,7 @@ def toy_outputs(tmp_path_factory: pytest.TempPathFactory, ray_for_results: Any) 
     stage = truth_stage(truth)
     root = base / "outputs"
 
-    summary_a = run(_config(world, base / "items-a.ndjson", root, wave_size=2), say=lambda _: None,
+    summary_a = run(_config(world, base / "items-a.ndjson", root, commit_tiles=60), say=lambda _: None,
                     model_stage=stage)
     assert summary_a.scenes_processed == 3 and summary_a.scenes_failed == 1, summary_a.lines()
 
@@ -173,7 +184,7 @@ def toy_outputs(tmp_path_factory: pytest.TempPathFactory, ray_for_results: Any) 
     ledger_module.Ledger.commit = interrupted_commit  # type: ignore[method-assign]
     try:
         with pytest.raises(KeyboardInterrupt):
-            run(_config(world, base / "items-b.ndjson", root, wave_size=8), say=lambda _: None, model_stage=stage)
+            run(_config(world, base / "items-b.ndjson", root, commit_tiles=None), say=lambda _: None, model_stage=stage)
     finally:
         ledger_module.Ledger.commit = original  # type: ignore[method-assign]
 
@@ -187,7 +198,7 @@ def toy_outputs(tmp_path_factory: pytest.TempPathFactory, ray_for_results: Any) 
         Path(store.full(final)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(store.full(path), store.full(final))
         finals.append(final)
-    run_b = unit.rsplit("-w", 1)[0]
+    run_b = unit.rsplit("-u", 1)[0]
     return ToyOutputs(root=root, world=world, run_a=summary_a.run_id, run_b=run_b, uncommitted_unit=unit,
                       uncommitted_files=finals)
 
