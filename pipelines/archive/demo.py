@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "infer" / "demo.yaml"
 TOY_MODEL = REPO / "models" / "earthgpt-toy"
 
