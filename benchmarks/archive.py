@@ -179,7 +179,7 @@ def efficiency(world: Any, tmp: Path, preset: str, max_new_tokens: int) -> dict[
 
 
 def noop(world: Any, n_bulk: int) -> dict[str, Any]:
-    from catalogs.toyworld import load_items
+    from catalogs.toyworld import load_items, replicate_items
     from pipelines.archive.config import parse_config
     from pipelines.archive.job import run
     from pipelines.archive.ledger import Ledger, UnitRecord
@@ -197,15 +197,8 @@ def noop(world: Any, n_bulk: int) -> dict[str, Any]:
         pg.load_collections([json.loads(p.read_text()) for p in world.collection_paths.values()])
         pg.execute("INSERT INTO pgstac.pgstac_settings (name, value) VALUES ('context', 'on') "
                    "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")
-        base = datetime(2023, 1, 1, tzinfo=timezone.utc)
-        bulk = []
-        for k in range(n_bulk):
-            item = copy.deepcopy(items[k % len(items)])
-            item["id"] = f"bulk-{k:05d}"
-            t = base + timedelta(minutes=50 * k)
-            item["properties"]["datetime"] = t.strftime("%Y-%m-%dT%H:%M:%SZ")
-            item["properties"]["updated"] = (t + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            bulk.append(item)
+        bulk = replicate_items(items, n_bulk, prefix="bulk", start=datetime(2023, 1, 1, tzinfo=timezone.utc),
+                               every=timedelta(minutes=50))
         t0 = time.perf_counter()
         pg.load_items(bulk)
         load_s = time.perf_counter() - t0
@@ -292,17 +285,13 @@ def _peak_rss(cmd: list[str]) -> tuple[float, float, int]:
 
 
 def memory(world: Any, tmp: Path, n_items: int) -> dict[str, Any]:
-    from catalogs.toyworld import load_items
+    from catalogs.toyworld import load_items, replicate_items
 
     items = load_items(world.items_path)
     out: dict[str, Any] = {}
     for factor in (1, 10):
         path = tmp / f"items-{factor}.ndjson"
-        with path.open("w") as fh:
-            for k in range(n_items * factor):
-                item = copy.deepcopy(items[k % len(items)])
-                item["id"] = f"copy-{k:05d}"
-                fh.write(json.dumps(item) + "\n")
+        path.write_text("".join(json.dumps(i) + "\n" for i in replicate_items(items, n_items * factor)))
         cfg = tmp / f"job-{factor}.yaml"
         import yaml
 

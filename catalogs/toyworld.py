@@ -790,3 +790,39 @@ def load_items(path: str | Path) -> list[dict[str, Any]]:
 def scene_classes() -> Sequence[str]:
     """All chip scene classes, in a fixed order."""
     return CLASS_NAMES
+
+
+def replicate_items(
+    items: Sequence[dict[str, Any]],
+    n: int,
+    *,
+    prefix: str = "copy",
+    start: dt.datetime | None = None,
+    every: dt.timedelta | None = None,
+) -> list[dict[str, Any]]:
+    """``n`` items cycling over ``items`` under new ids, all pointing at the same COGs: a large catalog for
+    planning and listing tests without writing more rasters.
+
+    Args:
+        items: Template items (e.g. :func:`load_items` of a toy world).
+        n: How many items.
+        prefix: New ids are ``<prefix>-<k:05d>``.
+        start: With ``every``: item ``k`` is acquired at ``start + k * every`` and ``updated`` a day later (an
+            archive whose items arrived over time); without: times are the templates'.
+        every: Spacing of the acquisition times.
+
+    Returns:
+        New item dicts (deep copies).
+    """
+    import copy
+
+    out = []
+    for k in range(n):
+        item = copy.deepcopy(items[k % len(items)])
+        item["id"] = f"{prefix}-{k:05d}"
+        if start is not None and every is not None:
+            t = start + every * k
+            item["properties"]["datetime"] = t.strftime("%Y-%m-%dT%H:%M:%SZ")
+            item["properties"]["updated"] = (t + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out.append(item)
+    return out

@@ -15,7 +15,8 @@ import pytest
 from earthgpt.weights import DIGEST_FILE, fetch_model, is_remote, weights_digest
 
 
-def _folder(path: Path, payload: bytes) -> Path:
+def model_folder(path: Path, payload: bytes) -> Path:
+    """A ``save_pretrained``-shaped folder: a config and one safetensors file (header length, JSON, data)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text('{"model_type": "earthgpt"}')
     header = json.dumps({"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}).encode()
@@ -24,7 +25,7 @@ def _folder(path: Path, payload: bytes) -> Path:
 
 
 def test_digest_follows_content_not_place_or_time(tmp_path):
-    a = _folder(tmp_path / "a", bytes(range(256)) * 4000)
+    a = model_folder(tmp_path / "a", bytes(range(256)) * 4000)
     b = tmp_path / "b"
     shutil.copytree(a, b)
     os.utime(b / "model.safetensors", (1, 1))
@@ -41,7 +42,7 @@ def test_digest_follows_content_not_place_or_time(tmp_path):
 
 
 def test_digest_is_cached_beside_the_weights_and_refreshed_when_they_change(tmp_path):
-    a = _folder(tmp_path / "a", b"x" * 10_000)
+    a = model_folder(tmp_path / "a", b"x" * 10_000)
     first = weights_digest(str(a))
     cached = json.loads((a / DIGEST_FILE).read_text())
     assert cached["digest"] == first
@@ -58,7 +59,7 @@ def test_not_a_safetensors_file_is_refused(tmp_path):
 
 
 def test_local_paths_are_not_fetched(tmp_path):
-    a = _folder(tmp_path / "a", b"x" * 100)
+    a = model_folder(tmp_path / "a", b"x" * 100)
     assert not is_remote(str(a)) and fetch_model(str(a)) == a
     assert is_remote("s3://bucket/model") and not is_remote("file:///x")
 
@@ -69,7 +70,7 @@ def _fetch(url: str, cache: str, queue: multiprocessing.Queue) -> None:
 
 @pytest.mark.integration
 def test_remote_model_is_copied_once_per_node_and_verified(s3, tmp_path):
-    local = _folder(tmp_path / "model", os.urandom(300_000))
+    local = model_folder(tmp_path / "model", os.urandom(300_000))
     s3.make_bucket("models")
     fs = s3.filesystem()
     for f in local.iterdir():

@@ -27,7 +27,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from catalogs.toyworld import load_items
+from catalogs.toyworld import load_items, replicate_items
 from pipelines.archive.config import parse_config
 from pipelines.archive.job import run
 from pipelines.archive.ledger import Ledger, UnitRecord
@@ -189,15 +189,9 @@ N_BULK = 10_000
 
 def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, ray_local, s3):
     _, items = archive
-    base = datetime(2023, 1, 1, tzinfo=timezone.utc)
-    bulk = []
-    for k in range(N_BULK):  # items sharing the toy COGs; times and `updated` spread over a year
-        item = copy.deepcopy(items[k % len(items)])
-        item["id"] = f"bulk-{k:05d}"
-        t = base + timedelta(minutes=50 * k)
-        item["properties"]["datetime"] = t.strftime("%Y-%m-%dT%H:%M:%SZ")
-        item["properties"]["updated"] = (t + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        bulk.append(item)
+    # items sharing the toy COGs; times and `updated` spread over a year
+    bulk = replicate_items(items, N_BULK, prefix="bulk", start=datetime(2023, 1, 1, tzinfo=timezone.utc),
+                           every=timedelta(minutes=50))
     pgstac.load_items(bulk)
     pgstac.execute("INSERT INTO pgstac.pgstac_settings (name, value) VALUES ('context', 'on') "
                    "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")

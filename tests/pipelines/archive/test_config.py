@@ -95,27 +95,17 @@ def test_output_key_changes_with_what_changes_results():
     assert parse_config(_with(actors__batch_size=64, output__commit_tiles=3)).output_key() == base
 
 
-def _weights(folder: Path, payload: bytes) -> Path:
-    """A save_pretrained-shaped folder: a config and one safetensors file (8-byte header length, JSON, data)."""
-    import json as _json
-    import struct
-
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"model_type": "earthgpt"}')
-    header = _json.dumps({"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}).encode()
-    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + payload)
-    return folder
-
-
 def test_output_key_depends_on_weights_content_not_path_or_mtime(tmp_path):
     import os
     import shutil
 
-    a = _weights(tmp_path / "a" / "model", b"x" * 300_000)
+    from tests.earthgpt.test_weights import model_folder
+
+    a = model_folder(tmp_path / "a" / "model", b"x" * 300_000)
     copy = tmp_path / "elsewhere" / "copy"
     shutil.copytree(a, copy)
     os.utime(copy / "model.safetensors", (1, 1))  # a copy has another mtime
-    other = _weights(tmp_path / "b" / "model", b"x" * 299_999 + b"y")
+    other = model_folder(tmp_path / "b" / "model", b"x" * 299_999 + b"y")
     key = parse_config(_with(model__name_or_path=str(a))).output_key()
     assert parse_config(_with(model__name_or_path=str(copy))).output_key() == key
     assert parse_config(_with(model__name_or_path=str(other))).output_key() != key
