@@ -253,23 +253,30 @@ def noop(world: Any, n_bulk: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ 3. memory
 
 
-def _peak_rss(cmd: list[str]) -> tuple[float, float, int]:
+def _peak_rss(cmd: list[str]) -> tuple[float, float, int, dict[str, Any]]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0.0
+    at_peak: dict[str, Any] = {}
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, at_peak
         while not done.is_set():
-            total = 0
+            total, parts = 0, []
             try:
                 for p in [ps, *ps.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
-                        total += p.memory_info().rss
+                        rss = p.memory_info().rss
+                        total += rss
+                        parts.append((rss / 2**20, " ".join(p.cmdline()[:1] + p.cmdline()[1:3])[-60:]))
             except psutil.Error:
                 pass
-            peak = max(peak, total / 2**20)
+            if total / 2**20 > peak:  # what was alive at the peak: how many processes, the largest ones
+                peak = total / 2**20
+                workers = [mb for mb, name in parts if "default_worker" in name or name.startswith("ray::")]
+                at_peak = {"processes": len(parts), "ray_workers": len(workers),
+                           "ray_workers_mb": round(sum(workers)), "largest": sorted(parts, reverse=True)[:4]}
             time.sleep(0.1)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -281,7 +288,7 @@ def _peak_rss(cmd: list[str]) -> tuple[float, float, int]:
     if proc.returncode != 0:
         raise RuntimeError(out[-3000:])
     tiles = next((int(line.split("written ")[1].split()[0]) for line in out.splitlines() if "written " in line), 0)
-    return peak, time.perf_counter() - t0, tiles
+    return peak, time.perf_counter() - t0, tiles, at_peak
 
 
 def memory(world: Any, tmp: Path, n_items: int) -> dict[str, Any]:
@@ -297,8 +304,9 @@ def memory(world: Any, tmp: Path, n_items: int) -> dict[str, Any]:
 
         cfg.write_text(yaml.safe_dump(_config(world, path, str(tmp / f"rss-out-{factor}"), model__name_or_path="tiny",
                                               model__max_new_tokens=6, output__commit_tiles=64)))
-        peak, wall, tiles = _peak_rss([sys.executable, "-m", "pipelines.infer", str(cfg), "--quiet"])
-        out[f"x{factor}"] = {"items": n_items * factor, "tiles": tiles, "peak_rss_mb": peak, "wall_s": wall}
+        peak, wall, tiles, at_peak = _peak_rss([sys.executable, "-m", "pipelines.infer", str(cfg), "--quiet"])
+        out[f"x{factor}"] = {"items": n_items * factor, "tiles": tiles, "peak_rss_mb": peak, "wall_s": wall,
+                             "at_peak": at_peak}
     out["rss_ratio"] = out["x10"]["peak_rss_mb"] / out["x1"]["peak_rss_mb"]
     return out
 
