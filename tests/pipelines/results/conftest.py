@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from catalogs.toyworld import ToyWorld, generate_toyworld, load_items
+from tests.pipelines.oracle import oracle_stage
 
 TILE, OVERLAP = 64, 16  # the demo's tiling, so tile ids match docs/querying.md's examples
 LABELS = ("ship", "building", "airplane", "vehicle")
@@ -35,65 +36,23 @@ BROKEN_SCENE = "toy-broken-000-s0"
 
 
 def truth_stage(truth: list[dict[str, Any]]) -> type:
-    """A model-stage class answering from ground truth, with informative captions, confidences and embeddings."""
-    from earthgpt.tasks import format_answer
+    """The oracle model stage with informative captions, per-tile confidences and count embeddings."""
 
-    by_scene: dict[str, list[tuple[str, list[float]]]] = {}
-    for rec in truth:
-        by_scene.setdefault(f"{rec['collection']}/{rec['scene_id']}", []).append((rec["label"], rec["pixel_box"]))
+    def describe(visible: list[tuple[Any, ...]], batch: dict[str, np.ndarray], i: int) -> tuple:
+        counts = [sum(1 for v in visible if v[0] == lab) for lab in LABELS]
+        if counts[0]:
+            caption = f"harbor with {counts[0]} ships"
+        elif counts[2]:
+            caption = f"airport with {counts[2]} airplanes"
+        else:
+            caption = "farmland"
+        sensor = [0.3 * (str(batch["sensor"][i]) == s) for s in SENSORS]
+        r0, c0 = int(batch["row_off"][i]), int(batch["col_off"][i])
+        # confidence = exp(mean log-probability): vary it per tile, deterministically
+        logprob = float(np.log(0.5 + 0.45 * ((r0 * 7 + c0 * 3) % 97) / 96))
+        return caption, -0.1, logprob, np.array([*counts, *sensor, 0.05], dtype=np.float32)
 
-    class TruthStage:
-        needs = ("scene_key", "status", "row_off", "col_off", "win_h", "win_w", "sensor")
-
-        def __init__(self, **_: Any) -> None:
-            import os
-            import time
-
-            self.truth = by_scene
-            self.actor_id = f"truth-{os.getpid()}"
-            self.ready_at = time.time()
-
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            n = len(batch["scene_key"])
-            answers, captions, logprobs, embeddings = [], [], [], []
-            for i in range(n):
-                r0, c0, h, w = (int(batch[k][i]) for k in ("row_off", "col_off", "win_h", "win_w"))
-                visible = []
-                for label, (x1, y1, x2, y2) in self.truth.get(str(batch["scene_key"][i]), []):
-                    box = (max(x1, c0) - c0, max(y1, r0) - r0, min(x2, c0 + w) - c0, min(y2, r0 + h) - r0)
-                    if box[2] > box[0] and box[3] > box[1]:
-                        visible.append((label, *box))
-                ok = batch["status"][i] == "ok"
-                counts = [sum(1 for v in visible if v[0] == lab) for lab in LABELS]
-                if counts[0]:
-                    caption = f"harbor with {counts[0]} ships"
-                elif counts[2]:
-                    caption = f"airport with {counts[2]} airplanes"
-                else:
-                    caption = "farmland"
-                sensor = [0.3 * (str(batch["sensor"][i]) == s) for s in SENSORS]
-                emb = np.array([*counts, *sensor, 0.05], dtype=np.float32)
-                answers.append(format_answer("detect", visible, (h, w)) if ok else "")
-                captions.append(caption if ok else "")
-                # confidence = exp(mean log-probability): vary it per tile, deterministically
-                logprobs.append(float(np.log(0.5 + 0.45 * ((r0 * 7 + c0 * 3) % 97) / 96)))
-                embeddings.append(emb.tobytes() if ok else b"")
-            out = {k: v for k, v in batch.items() if k != "image"}
-            out["answer_caption"] = np.array(captions, dtype=object)
-            out["logprob_caption"] = np.full(n, -0.1, np.float32)
-            out["answer_detect"] = np.array(answers, dtype=object)
-            out["logprob_detect"] = np.array(logprobs, np.float32)
-            out["vqa_json"] = np.array(["[]"] * n, dtype=object)
-            col = np.empty(n, dtype=object)
-            col[:] = embeddings
-            out["embedding"] = col
-            out["tokens_detect"] = np.array([""] * n, dtype=object)  # no tokens: each box gets its tile's confidence
-            out["actor_id"] = np.array([self.actor_id] * n, dtype=object)
-            out["model_loads"] = np.ones(n, np.int32)
-            out["actor_ready_at"] = np.full(n, self.ready_at, np.float64)
-            return out
-
-    return TruthStage
+    return oracle_stage(truth, describe)
 
 
 @dataclass
