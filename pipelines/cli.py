@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module exposing ``cli(argv) -> int``, one-line help)
@@ -24,6 +25,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("pipelines.submit", "submit the archive or training job to a Ray cluster (Ray Jobs API)"),
     "jobs": ("pipelines.jobs", "list, watch, and stop jobs on a Ray cluster (Ray Jobs API)"),
 }
+
+
+DEFAULT_ROOT = "demo-out/outputs"  # where `earthgpt demo` writes its tables
+
+
+def add_root_argument(parser: argparse.ArgumentParser, *, default_from_env: bool = True, extra: str = "") -> None:
+    """The ``--root`` option shared by the commands that read the output tables.
+
+    Args:
+        parser: The subcommand's parser.
+        default_from_env: Default to ``$EARTHGPT_OUTPUT`` or the demo's root; otherwise ``None`` (the command resolves
+            it, e.g. from a config first).
+        extra: Text put before the environment fallback in the help, e.g. "the config's output.root, else".
+    """
+    parser.add_argument(
+        "--root",
+        default=os.environ.get("EARTHGPT_OUTPUT", DEFAULT_ROOT) if default_from_env else None,
+        help=f"output root (default: {extra + ' ' if extra else ''}$EARTHGPT_OUTPUT or {DEFAULT_ROOT})",
+    )
+
+
+def default_root() -> str:
+    """``$EARTHGPT_OUTPUT``, else the demo's output root."""
+    return os.environ.get("EARTHGPT_OUTPUT", DEFAULT_ROOT)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import duckdb
 
 from pipelines.archive.store import SCHEMAS, TABLES
+from pipelines.cli import add_root_argument
 
 FORMATS = ("table", "csv", "json", "parquet", "geojson")
 
@@ -186,8 +187,7 @@ def cli(argv: list[str] | None = None) -> int:
         "detections, errors, runs. Partition columns: collection, date.",
     )
     parser.add_argument("sql", help='e.g. "SELECT label, count(*) FROM detections GROUP BY label"')
-    parser.add_argument("--root", default=os.environ.get("EARTHGPT_OUTPUT", "demo-out/outputs"),
-                        help="output root (default: $EARTHGPT_OUTPUT or demo-out/outputs)")
+    add_root_argument(parser)
     parser.add_argument("--format", choices=FORMATS, default="table",
                         help="table (default), csv, json (one object per line), parquet (GeoParquet when the "
                         "result has a geometry; needs --out), geojson (needs a geometry column)")

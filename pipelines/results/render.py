@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.cli import add_root_argument
 from pipelines.results.outputs import Outputs
 
 COLOURS = {"ship": "#ff3b30", "building": "#ffcc00", "airplane": "#34c759", "vehicle": "#0a84ff",
@@ -199,8 +199,7 @@ def cli(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("scene", help="scene id")
     parser.add_argument("--tile", help="draw only this tile (e.g. r0002_c0005)")
-    parser.add_argument("--root", default=os.environ.get("EARTHGPT_OUTPUT", "demo-out/outputs"),
-                        help="output root (default: $EARTHGPT_OUTPUT or demo-out/outputs)")
+    add_root_argument(parser)
     parser.add_argument("--out", help="PNG to write (default: SCENE[_TILE].png)")
     parser.add_argument("--collection", help="the scene's collection, if its id is in several")
     parser.add_argument("--output-key", help="the output key, if the scene was processed under several")

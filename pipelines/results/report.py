@@ -15,7 +15,6 @@ import argparse
 import base64
 import html
 import io
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.cli import add_root_argument, default_root
 from pipelines.results.outputs import Outputs
 
 REPORTS_DIR = "reports"
@@ -387,8 +387,7 @@ def cli(argv: list[str] | None = None) -> int:
         "most confident detections. Written next to the outputs (ROOT/reports/) unless --out is given.",
     )
     parser.add_argument("run", nargs="?", default="latest", help="run id, or latest (default)")
-    parser.add_argument("--root", default=None, help="output root (default: the config's output.root, else "
-                        "$EARTHGPT_OUTPUT or demo-out/outputs)")
+    add_root_argument(parser, default_from_env=False, extra="the config's output.root, else")
     parser.add_argument("--config", help="a job config (YAML): report on its output.root, with its storage options")
     parser.add_argument("--out", help="write the page here (a local file) instead of ROOT/reports/")
     parser.add_argument("--per-label", type=int, default=6, help="gallery chips per label (default %(default)s)")
@@ -406,7 +405,7 @@ def cli(argv: list[str] | None = None) -> int:
             return 2
         root = root or config.output.root
         options = dict(config.output.storage_options)
-    root = root or os.environ.get("EARTHGPT_OUTPUT", "demo-out/outputs")
+    root = root or default_root()
     try:
         where = write_report(Outputs(root, options), args.run, args.out, per_label=args.per_label,
                              with_gallery=not args.no_gallery)

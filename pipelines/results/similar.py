@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.cli import add_root_argument
 from pipelines.results.outputs import Outputs, to_area
 
 RESULT_COLUMNS = ["rank", "score", "collection", "scene_id", "tile_id", "caption", "class_label", "detections",
@@ -274,8 +274,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("tile", help="SCENE_ID/TILE_ID, e.g. toy-sar-000-s0/r0002_c0005 (or a tile id with --scene)")
     parser.add_argument("--scene", help="the query tile's scene id (then TILE is a bare tile id)")
     parser.add_argument("-k", type=int, default=10, help="number of results (default %(default)s)")
-    parser.add_argument("--root", default=os.environ.get("EARTHGPT_OUTPUT", "demo-out/outputs"),
-                        help="output root (default: $EARTHGPT_OUTPUT or demo-out/outputs)")
+    add_root_argument(parser)
     parser.add_argument("--collection", action="append", help="search only this collection (repeatable)")
     parser.add_argument("--sensor", action="append", help="search only this sensor (optical, sar, thermal)")
     parser.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"),
