@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import resource
@@ -179,7 +178,7 @@ def efficiency(world: Any, tmp: Path, preset: str, max_new_tokens: int) -> dict[
 
 
 def noop(world: Any, n_bulk: int) -> dict[str, Any]:
-    from catalogs.toyworld import load_items, replicate_items
+    from catalogs.toyworld import changed_items, load_items, replicate_items
     from pipelines.archive.config import parse_config
     from pipelines.archive.job import run
     from pipelines.archive.ledger import Ledger, UnitRecord
@@ -221,13 +220,7 @@ def noop(world: Any, n_bulk: int) -> dict[str, Any]:
         proxy.requests.clear()
         nop = run(config, say=quiet)
         nop_req = len(proxy.requests)
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        changed = [copy.deepcopy(bulk[k]) for k in (17, n_bulk // 2, n_bulk - 2)]
-        for k, item in enumerate(copy.deepcopy(bulk[:2])):
-            item["id"] = f"bulk-new-{k}"
-            changed.append(item)
-        for item in changed:
-            item["properties"]["updated"] = now
+        changed = changed_items(bulk, (17, n_bulk // 2, n_bulk - 2), new=2)
         pg.load_items(changed)
         proxy.requests.clear()
         five = run(config, say=quiet)

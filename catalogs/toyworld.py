@@ -826,3 +826,27 @@ def replicate_items(
             item["properties"]["updated"] = (t + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
         out.append(item)
     return out
+
+
+def changed_items(
+    items: Sequence[dict[str, Any]], indices: Sequence[int], *, new: int = 0, prefix: str = "new",
+    updated: dt.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """A night's changes to a catalog: ``items[k]`` for each ``k`` in ``indices`` updated, plus ``new`` new items
+    (copies of the first items under ids ``<first id's prefix>-<prefix>-<j>``), all with ``updated`` set to
+    ``updated`` (default now).
+
+    Returns:
+        The changed and new item dicts (deep copies), to load into the catalog.
+    """
+    import copy
+
+    stamp = (updated or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = [copy.deepcopy(items[k]) for k in indices]
+    for j in range(new):
+        item = copy.deepcopy(items[j % len(items)])
+        item["id"] = f"{item['id'].split('-')[0]}-{prefix}-{j}"
+        out.append(item)
+    for item in out:
+        item["properties"]["updated"] = stamp
+    return out
