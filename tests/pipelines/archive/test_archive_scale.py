@@ -91,9 +91,9 @@ def assert_same_rows(store: OutputStore, ref: OutputStore, table: str) -> None:
     if mine != theirs:
         frame = read_table(store, table)
         names = [c for c in frame.columns if c not in VOLATILE]
-        extra = [dict(zip(names, r)) for r in sorted(mine - theirs)[:3]]
-        lost = [dict(zip(names, r)) for r in sorted(theirs - mine)[:3]]
-        diff = [{k: (a[k], b[k]) for k in names if a[k] != b[k]} for a, b in zip(extra, lost)]
+        extra = [dict(zip(names, r, strict=True)) for r in sorted(mine - theirs)[:3]]
+        lost = [dict(zip(names, r, strict=True)) for r in sorted(theirs - mine)[:3]]
+        diff = [{k: (a[k], b[k]) for k in names if a[k] != b[k]} for a, b in zip(extra, lost, strict=False)]
         pytest.fail(f"{table}: {len(mine - theirs)} rows only here, {len(theirs - mine)} only in the reference; "
                     f"first differences (here, reference): {diff}")
 
