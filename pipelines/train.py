@@ -709,11 +709,13 @@ def run_training(cfg: TrainConfig, *, init_ray: bool = True) -> TrainResult:
     sizes = source_sizes(cfg.data.train)
     if cfg.data.eval:
         source_sizes(cfg.data.eval)
-    if init_ray and not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
-        # a cluster (e.g. under `ray job submit`): join it; sizing arguments are refused when connecting
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    elif init_ray and not ray.is_initialized():
-        ray.init(
+    if init_ray and not ray.is_initialized():
+        from pipelines.raylocal import init_ray as _init_ray
+
+        # a cluster (RAY_ADDRESS, e.g. under `ray job submit`) is joined without the sizing arguments; a local
+        # instance listens on 127.0.0.1 only
+        _init_ray(
+            os.environ.get("RAY_ADDRESS"),
             num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=256 * 2**20,
             logging_level=logging.WARNING, log_to_driver=True,
             # keep a few idle worker processes: record-reading tasks then reuse them (and their parsed-file cache)

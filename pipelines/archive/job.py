@@ -169,18 +169,13 @@ def _start_ray(config: InferConfig) -> bool:
     # Ray Data logs each execution at INFO and warns that its progress bars are off: the job prints its own lines
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
-        address = config.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            if config.ray.object_store_mb:
-                kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
-            ray.init(num_cpus=config.ray.num_cpus, **kwargs)
-        started = True
-    else:
-        started = False
+    from pipelines.raylocal import init_ray
+
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False,
+                              "num_cpus": config.ray.num_cpus}
+    if config.ray.object_store_mb:
+        kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
+    started = init_ray(config.ray.address or os.environ.get("RAY_ADDRESS"), **kwargs)  # local: 127.0.0.1 only
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress lines
     ctx.print_on_execution_start = False
