@@ -283,8 +283,9 @@ def check_redirects(url: str, *, allowed_hosts: Iterable[str] = (), timeout: flo
             return current  # network trouble: GDAL reports it
         target = urllib.parse.urljoin(current, location)
         parts = urlsplit(target)
-        same = (parts.scheme, parts.netloc.lower()) == (first.scheme, first.netloc.lower())
-        if not same and parts.netloc.lower() not in hosts and (parts.hostname or "").lower() not in hosts:
+        host = (parts.hostname or "").lower()
+        same = host == (first.hostname or "").lower()
+        if not same and host not in hosts and parts.netloc.lower() not in hosts:
             raise HrefNotAllowed(
                 f"{redact_url(current)} redirects to another host ({redact_url(target)}); allowed: its own host"
                 + (f" and {sorted(hosts)}" if hosts else ""),

@@ -1,0 +1,212 @@
+"""Security: hrefs outside the allow-list refused (redirects included), no secret in any output, log or Ray's records,
+pickle checkpoints refused, every server the project starts on loopback only and gone when its starter is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import psutil
+import pytest
+
+from catalogs.access import resolve_access
+from catalogs.errors import HrefNotAllowed
+from catalogs.hrefs import to_gdal_path
+from catalogs.io import read_header
+from tests.catalogs.blobserver import RangeServer, _Server
+from tests.catalogs.cogs import write_cog
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+class RedirectServer(_Server):
+    """Answers every request with ``302 Location: {target}{path}`` (a loopback HTTP server)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(302)
+                self.send_header("Location", server.target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET  # noqa: N815
+
+        super().__init__(Handler)
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    """``(address, port, process name)`` of every listening TCP socket of ``pids``."""
+    out = []
+    for conn in psutil.net_connections("inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            out.append((conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name()))
+    return out
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
+
+
+def _tree(pid: int) -> set[int]:
+    proc = psutil.Process(pid)
+    return {pid} | {p.pid for p in proc.children(recursive=True)}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# ------------------------------------------------------------------------------------------- redirects to other hosts
+
+
+@pytest.fixture(scope="module")
+def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RangeServer]:
+    tmp = tmp_path_factory.mktemp("redirect")
+    data = write_cog(tmp / "x.tif", 7, dtype="uint16", nodata=0, crs="EPSG:32633",
+                     transform=(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0), size=256, block=128)
+    server = RangeServer({"/cogs/x.tif": data})
+    yield server
+    server.stop()
+
+
+def test_redirect_to_another_host_refused(cog_server: RangeServer) -> None:
+    # the same server under another host name: GDAL alone would follow the redirect and read it
+    other = cog_server.url.replace("127.0.0.1", "localhost")
+    hop = RedirectServer(other)
+    try:
+        href = f"{hop.url}/cogs/x.tif"
+        assert read_header(to_gdal_path(href)).shape == (256, 256)  # what happens without the check
+        with pytest.raises(HrefNotAllowed, match="redirects to another host") as err:
+            resolve_access(href, item_id="item-r", asset="red")
+        record = err.value.record()
+        assert record["error_type"] == "HrefNotAllowed" and record["item_id"] == "item-r"
+    finally:
+        hop.stop()
+
+
+def test_redirect_within_the_host_or_to_a_listed_host_followed(cog_server: RangeServer) -> None:
+    hop = RedirectServer(cog_server.url)  # same host name (another port): allowed
+    try:
+        access = resolve_access(f"{hop.url}/cogs/x.tif")
+        assert access.path == f"/vsicurl/{cog_server.url}/cogs/x.tif"  # GDAL opens the final URL, no redirect left
+        assert read_header(access.path).shape == (256, 256)
+        hop.target = cog_server.url.replace("127.0.0.1", "localhost")
+        os.environ["EARTHGPT_REDIRECT_HOSTS"] = "mirror.example, localhost"
+        try:
+            assert resolve_access(f"{hop.url}/cogs/x.tif").path.startswith("/vsicurl/http://localhost:")
+        finally:
+            del os.environ["EARTHGPT_REDIRECT_HOSTS"]
+    finally:
+        hop.stop()
+
+
+# --------------------------------------------------------------------------------- servers: loopback, no orphans
+
+
+_DRIVER = textwrap.dedent("""
+    import json, sys, time
+    from pipelines.embedded import serve_stac
+    with serve_stac([sys.argv[1]], sys.argv[2]) as url:
+        import psutil
+        kids = [p.pid for p in psutil.Process().children() if p.name() == "rustac"]
+        print(json.dumps({"url": url, "pids": kids}), flush=True)
+        time.sleep(120)
+""")
+
+
+@pytest.fixture(scope="module")
+def stac_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("stac")
+    collection = {
+        "type": "Collection", "stac_version": "1.0.0", "id": "c", "description": "c", "license": "proprietary",
+        "links": [], "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]},
+                                "temporal": {"interval": [["2020-01-01T00:00:00Z", None]]}},
+    }
+    (tmp / "collection.json").write_text(json.dumps(collection))
+    (tmp / "items.ndjson").write_text("")
+    return tmp / "collection.json", tmp / "items.ndjson"
+
+
+@pytest.mark.integration
+def test_embedded_stac_server_dies_with_a_killed_driver(stac_files: tuple[Path, Path]) -> None:
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, *map(str, stac_files)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = driver.stdout.readline() if driver.stdout else ""
+        started = json.loads(line)
+        (server,) = started["pids"]
+        listening = _listening({server})
+        assert listening and all(_is_loopback(ip) for ip, _, _ in listening), listening
+        driver.send_signal(signal.SIGKILL)  # no finally, no atexit: only the kernel can stop the server now
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while not _gone(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(server), f"rustac serve (pid {server}) outlived its SIGKILLed driver"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if "server" in locals() and not _gone(server):
+            psutil.Process(server).kill()
+
+
+_RAY_DRIVER = textwrap.dedent("""
+    import json, os, time
+    import psutil, ray
+    from pipelines.archive.config import parse_config
+    from pipelines.archive.job import _start_ray
+    config = parse_config({"catalog": {"url": "http://127.0.0.1:9/", "collections": ["c"]},
+                           "output": {"root": "/tmp/unused"}, "ray": {"num_cpus": 1, "object_store_mb": 80}})
+    assert _start_ray(config)
+
+    @ray.remote
+    class Probe:
+        def ping(self):
+            return os.getpid()
+
+    actor = Probe.remote()
+    ray.get(actor.ping.remote())
+    ray.get(ray.remote(lambda: 1).remote())
+    time.sleep(2)  # the agents open their ports after the node is up
+    pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+    sockets = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in psutil.net_connections("inet")
+               if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    print(json.dumps(sockets), flush=True)
+    ray.shutdown()
+""")
+
+
+@pytest.mark.integration
+def test_local_ray_listens_on_loopback_only() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", _RAY_DRIVER], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sockets = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets  # the check saw Ray's servers
+    exposed = [s for s in sockets if not _is_loopback(s[0])]
+    assert not exposed, f"Ray listens beyond loopback: {exposed}"
