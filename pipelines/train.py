@@ -228,7 +228,10 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     from earthgpt.stages import set_trainable
 
     if cfg.model.init_from:
-        model = EarthGPTForConditionalGeneration.from_pretrained(cfg.model.init_from)
+        from earthgpt.weights import require_safetensors
+
+        require_safetensors(cfg.model.init_from)  # never unpickle weights
+        model = EarthGPTForConditionalGeneration.from_pretrained(cfg.model.init_from, use_safetensors=True)
         processor = EarthGPTProcessor.from_pretrained(cfg.model.init_from)
     else:
         config = preset_config(cfg.model.preset, **cfg.model.overrides)
@@ -408,7 +411,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            from earthgpt.weights import weights_only_loads
+
+            with weights_only_loads():  # DeepSpeed unpickles its files: only tensors and its own state classes
+                engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
             saved = json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())
         state = TrainerState(**{**saved, "restored_from": saved["step"]})
         if rank == 0:
@@ -608,15 +614,16 @@ def export_checkpoint(checkpoint: Any, out_dir: str | Path) -> Path:
         state = json.loads((root / TRAINER_STATE).read_text())
         config = EarthGPTConfig.from_pretrained(str(root / MODEL_DIR))
         processor = EarthGPTProcessor.from_pretrained(str(root / MODEL_DIR))
+        from earthgpt.weights import weights_only_loads
+
         if int(state["zero_stage"]) == 0:
-            weights = torch.load(
-                root / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-            )
+            with weights_only_loads():
+                weights = torch.load(root / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu")
             state_dict = weights["module"]
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
                 state_dict = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=DS_TAG)
     model = EarthGPTForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)

@@ -210,3 +210,61 @@ def test_local_ray_listens_on_loopback_only() -> None:
     assert {"gcs_server", "raylet"} <= names, sockets  # the check saw Ray's servers
     exposed = [s for s in sockets if not _is_loopback(s[0])]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
+
+
+# -------------------------------------------------------------------------------------------- safetensors only
+
+
+class _Payload:
+    """Unpickling this runs code (here: it writes a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_model_folder_with_only_pickle_weights_refused(tmp_path: Path) -> None:
+    import torch
+
+    from earthgpt.engine import InferenceEngine
+    from earthgpt.modeling import EarthGPTForConditionalGeneration
+    from earthgpt.presets import build_model, preset_config
+    from earthgpt.processor import EarthGPTProcessor
+    from earthgpt.weights import UnsafeWeightsError
+
+    config = preset_config("tiny")
+    folder = tmp_path / "model"
+    model = build_model(config, seed=0)
+    model.save_pretrained(str(folder))
+    EarthGPTProcessor.from_config(config).save_pretrained(str(folder))
+    for weights in folder.glob("*.safetensors"):  # the same weights as a pickle, as older tools write them
+        weights.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeWeightsError, match="only safetensors are loaded"):
+        InferenceEngine.from_pretrained(folder)
+    # converted to safetensors (where the files are trusted), the folder loads
+    model.save_pretrained(str(folder))
+    engine = InferenceEngine.from_pretrained(folder)
+    assert isinstance(engine.model, EarthGPTForConditionalGeneration)
+
+
+def test_checkpoint_loads_are_weights_only(tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from earthgpt.weights import weights_only_loads
+
+    good, bad, marker = tmp_path / "optim_states.pt", tmp_path / "planted.pt", tmp_path / "marker"
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "state": {"w": torch.ones(2)}, "step": 3}, good)
+    torch.save({"module": {"w": torch.ones(2)}, "x": _Payload(marker)}, bad)
+    with weights_only_loads():  # DeepSpeed's own call, verbatim: weights_only=False
+        state = torch.load(good, map_location="cpu", weights_only=False)
+        assert state["zero_stage"] == ZeroStageEnum.gradients and state["step"] == 3
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(bad, map_location="cpu", weights_only=False)
+    assert not marker.exists()
+    assert torch.load.__name__ == "load" and torch.load(good, weights_only=False)["step"] == 3  # restored after
