@@ -305,6 +305,7 @@ REDACTED = "***"
 # environment variables whose values are secrets: any name containing one of these words
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|SUBSCRIPTION_KEY|ACCESS_KEY|PRIVATE_KEY|API_KEY",
                           re.IGNORECASE)
+_SCHEME_FIRST = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 _MIN_SECRET_LEN = 6  # shorter values ("1", "YES") would blank ordinary words
 
@@ -317,6 +318,8 @@ def redact_url(url: str | None) -> str | None:
     """
     if not url or "://" not in url:
         return url
+    if not _SCHEME_FIRST.match(url):  # a GDAL path (/vsicurl/https://...) or text around a URL
+        return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)) or "", url)
     try:
         parts = urlsplit(url)
         netloc = parts.netloc

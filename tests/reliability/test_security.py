@@ -268,3 +268,138 @@ def test_checkpoint_loads_are_weights_only(tmp_path: Path) -> None:
             torch.load(bad, map_location="cpu", weights_only=False)
     assert not marker.exists()
     assert torch.load.__name__ == "load" and torch.load(good, weights_only=False)["step"] == 3  # restored after
+
+
+# ------------------------------------------------------------------- the archive job: hostile hrefs, planted secrets
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-planted-4a1b"  # one value planted everywhere a secret can enter
+
+
+def _scan(paths: list[Path], secret: str) -> list[str]:
+    """Files under ``paths`` whose bytes contain ``secret`` (parquet, zarr chunks, JSON, logs: raw bytes)."""
+    hits = []
+    needle = secret.encode()
+    for root in paths:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for f in files:
+            try:
+                if needle in f.read_bytes():
+                    hits.append(str(f))
+            except OSError:
+                continue
+    return hits
+
+
+@pytest.mark.integration
+def test_archive_job_refuses_hostile_hrefs_and_leaks_no_secret(
+    tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+    import shutil
+
+    import geopandas as gpd
+
+    from catalogs.tiling import plan_tiles
+    from catalogs.toyworld import generate_toyworld, load_items
+    from pipelines.archive.config import parse_config
+    from pipelines.archive.job import run
+    from pipelines.results.outputs import Outputs
+    from tests.pipelines.oracle import oracle_stage
+    from tests.reliability.outcomes import check_exactly_once, record
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("PC_SDK_SUBSCRIPTION_KEY", SECRET)
+    world = generate_toyworld(tmp_path / "world", scenes=2, seed=41, chips_per_scene=1,
+                              href_base=(tmp_path / "world").as_uri())
+    cogs = world.root / "cogs"
+    items = load_items(world.items_path)
+    base = items[0]
+    files = {Path(a["href"]).name for a in base["assets"].values() if a["href"].endswith(".tif")}
+    private = tmp_path / "private"
+    private.mkdir()
+    for name in files:
+        shutil.copy(cogs / name, private / name)
+        (cogs / f"link-{name}").symlink_to(private / name)
+    blobs = RangeServer({f"/cogs/{n}": (cogs / n).read_bytes() for n in files})
+    hop = RedirectServer(blobs.url.replace("127.0.0.1", "localhost"))
+
+    def variant(suffix: str, href_of) -> dict:
+        item = json.loads(json.dumps(base))
+        item["id"] = f"{base['id']}-{suffix}"
+        for asset in item["assets"].values():
+            if asset["href"].endswith(".tif"):
+                asset["href"] = href_of(Path(asset["href"]).name)
+        return item
+
+    hostile = {
+        "dotdot": lambda n: f"{cogs.as_uri()}/../../private/{n}",
+        "symlink": lambda n: f"{cogs.as_uri()}/link-{n}",
+        "vsicurl": lambda n: f"/vsicurl/{blobs.url}/cogs/{n}",
+        "redirect": lambda n: f"{hop.url}/cogs/{n}?sig={SECRET}",
+        "userinfo": lambda n: f"http://reader:{SECRET}@{blobs.url.removeprefix('http://')}/cogs/{n}",
+        "outside": lambda n: f"https://elsewhere.example/cogs/{n}?X-Amz-Signature={SECRET}",
+    }
+    signed = variant("signed", lambda n: f"{blobs.url}/cogs/{n}?token={SECRET}")  # allowed: it is read
+    missing = variant("missing", lambda n: f"{blobs.url}/nothing/{n}?sig={SECRET}")  # allowed, answers 404
+    all_items = [*items, signed, missing, *(variant(k, f) for k, f in hostile.items())]
+    items_path = tmp_path / "items.ndjson"
+    items_path.write_text("".join(json.dumps(i) + "\n" for i in all_items))
+
+    root = tmp_path / "out"
+    config = parse_config({
+        "catalog": {"embedded": {"collections": [str(p) for p in world.collection_paths.values()],
+                                 "items": str(items_path)},
+                    "collections": sorted({i["collection"] for i in items}),
+                    "asset_prefixes": [cogs.as_uri(), f"{blobs.url}/", f"{hop.url}/"]},
+        "tiling": {"size": 64, "overlap": 0, "min_valid_fraction": 0.5},
+        "actors": {"read_num_cpus": 0.5},
+        "output": {"root": str(root), "commit_tiles": 1000, "commit_seconds": None},
+    })
+    truth = gpd.read_parquet(world.ground_truth_path).drop(columns="geometry").to_dict("records")
+    caplog.set_level(logging.INFO)
+    try:
+        summary = run(config, model_stage=oracle_stage(truth))
+    finally:
+        hop.stop()
+        blobs.stop()
+    out, err = capsys.readouterr()
+
+    errors = Outputs(str(root)).read("errors")
+    by_scene = {str(r["scene_id"]): r for r in errors.to_dict("records")}
+    for key in hostile:
+        row = by_scene[f"{base['id']}-{key}"]
+        assert row["error_type"] == "HrefNotAllowed", (key, row)
+        assert row["message"], key
+    assert "redirects to another host" in by_scene[f"{base['id']}-redirect"]["message"]
+    assert "symlink" in by_scene[f"{base['id']}-symlink"]["message"]
+    assert f"{base['id']}-signed" not in by_scene and f"{base['id']}-missing" in by_scene
+
+    # planned: every tile of each readable scene; a refused or missing scene is one unit (its scene-level error)
+    planned: dict[tuple[str, str], list[str]] = {}
+    for item in all_items:
+        readable = item["id"] in {i["id"] for i in items} or item["id"] == signed["id"]
+        h, w = item["properties"]["proj:shape"]
+        planned[(item["collection"], item["id"])] = [t.tile_id for t in plan_tiles(h, w, 64, 0)] if readable else []
+    outcome = check_exactly_once(
+        str(root), planned, scenario="security-hostile-hrefs",
+        guarantee="hrefs outside the allow-list (.., symlink, /vsicurl/, user-info, redirect to another host) are "
+        "errors rows HrefNotAllowed; the other scenes are processed; no planted secret in any output or log",
+        details={"hostile_items": len(hostile), "tiles_written": summary.tiles_written},
+    )
+
+    # the planted secret: nowhere in the tables, the ledger, the state documents, the logs, Ray's job records
+    leaks = _scan([root], SECRET)
+    assert not leaks, f"secret written to {leaks}"
+    logged = out + err + "\n".join(r.getMessage() for r in caplog.records)
+    assert SECRET not in logged
+    import ray
+
+    jobs = ray._private.state.state.job_table()  # what Ray keeps of each driver (entrypoint, runtime env, config)
+    assert jobs and SECRET not in json.dumps(jobs, default=str)
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    ray_leaks = _scan([session / "logs"], SECRET)
+    assert not ray_leaks, f"secret in Ray's logs: {ray_leaks}"
+
+    assert outcome.exactly_once, outcome
+    record(outcome)
