@@ -403,3 +403,32 @@ def test_archive_job_refuses_hostile_hrefs_and_leaks_no_secret(
 
     assert outcome.exactly_once, outcome
     record(outcome)
+
+
+def _sockets_of_processes_naming(marker: str) -> list[tuple[str, int, str]]:
+    pids: set[int] = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in arg for arg in proc.info["cmdline"] or []):
+                pids |= _tree(proc.pid)
+        except psutil.Error:
+            continue
+    return _listening(pids)
+
+
+@pytest.mark.integration
+def test_local_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
+    temp_dir = f"/tmp/earthgpt-ray-sec-{os.getpid()}"
+    env = dict(os.environ, EARTHGPT_RAY_PORT="26879", EARTHGPT_DASHBOARD_PORT="28865", EARTHGPT_RAY_TEMP_DIR=temp_dir,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    try:
+        up = subprocess.run([str(ROOT / "cluster/local/up.sh"), "1"], env=env, capture_output=True, text=True,
+                            timeout=240)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        sockets = _sockets_of_processes_naming(temp_dir)
+    finally:
+        subprocess.run([str(ROOT / "cluster/local/down.sh")], env=env, capture_output=True, timeout=120)
+    assert sum(name == "raylet" for _, _, name in sockets) >= 2, sockets  # both nodes were seen
+    exposed = [s for s in sockets if not _is_loopback(s[0])]
+    assert not exposed, f"the local cluster listens beyond loopback: {exposed}"
