@@ -15,8 +15,8 @@ pattern and says how to read them:
 
 Hrefs no store matches are read as before: ``s3://`` through ``/vsis3/`` with the process-wide AWS settings,
 ``http(s)://`` through ``/vsicurl/`` (GDAL's retry and caching settings come from :func:`catalogs.io.configure_gdal`).
-Every ``http(s)`` URL's redirects are checked before GDAL opens it (:func:`catalogs.hrefs.check_redirects`): a
-redirect to another host is refused as ``HrefNotAllowed``.
+The redirects of an ``http(s)`` URL no store matches are checked before GDAL opens it
+(:func:`catalogs.hrefs.check_redirects`): a redirect to another host is refused as ``HrefNotAllowed``.
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ def resolve_access(
     if scheme in ("http", "https") and store.endpoint_env and os.environ.get(store.endpoint_env):
         url = _redirect(url, os.environ[store.endpoint_env])
     if scheme != "s3" or store.s3 is None:
-        return AssetAccess(path=to_gdal_path(check_redirects(url, item_id=item_id, asset=asset)), store=store.name)
+        # a known store's hosts are configuration, not catalog input: its URLs are opened without a redirect probe
+        return AssetAccess(path=to_gdal_path(url), store=store.name)
     return _s3_access(url, store)
 
 
