@@ -15,6 +15,8 @@ pattern and says how to read them:
 
 Hrefs no store matches are read as before: ``s3://`` through ``/vsis3/`` with the process-wide AWS settings,
 ``http(s)://`` through ``/vsicurl/`` (GDAL's retry and caching settings come from :func:`catalogs.io.configure_gdal`).
+The redirects of an ``http(s)`` URL no store matches are checked before GDAL opens it
+(:func:`catalogs.hrefs.check_redirects`): a redirect to another host is refused as ``HrefNotAllowed``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from catalogs.errors import AssetAccessDenied
-from catalogs.hrefs import to_gdal_path
+from catalogs.hrefs import check_redirects, redact_text, redact_url, to_gdal_path
 
 
 class S3Options(BaseModel):
@@ -192,7 +194,7 @@ def resolve_access(
     """
     store = store_for(href, stores)
     if store is None:
-        return AssetAccess(path=to_gdal_path(href))
+        return AssetAccess(path=to_gdal_path(check_redirects(href, item_id=item_id, asset=asset)))
     url = href
     if store.sign == "planetary-computer":
         url = _sign_planetary_computer(url, item_id=item_id, asset=asset)
@@ -200,6 +202,7 @@ def resolve_access(
     if scheme in ("http", "https") and store.endpoint_env and os.environ.get(store.endpoint_env):
         url = _redirect(url, os.environ[store.endpoint_env])
     if scheme != "s3" or store.s3 is None:
+        # a known store's hosts are configuration, not catalog input: its URLs are opened without a redirect probe
         return AssetAccess(path=to_gdal_path(url), store=store.name)
     return _s3_access(url, store)
 
@@ -260,7 +263,8 @@ def _sign_planetary_computer(url: str, *, item_id: str | None, asset: str | None
         return str(planetary_computer.sign_url(url))
     except Exception as exc:
         raise AssetAccessDenied(
-            f"could not get a Planetary Computer SAS token: {exc}", item_id=item_id, asset=asset, href=url
+            f"could not get a Planetary Computer SAS token: {redact_text(str(exc))}", item_id=item_id, asset=asset,
+            href=redact_url(url),
         ) from exc
 
 

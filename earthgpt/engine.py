@@ -312,7 +312,10 @@ class InferenceEngine:
             model = build_model(config, seed=seed)
             processor = EarthGPTProcessor.from_config(config)
         else:
-            model = EarthGPTForConditionalGeneration.from_pretrained(name)
+            from earthgpt.weights import require_safetensors
+
+            require_safetensors(name)  # never unpickle weights
+            model = EarthGPTForConditionalGeneration.from_pretrained(name, use_safetensors=True)
             processor = EarthGPTProcessor.from_pretrained(name)
         return cls(model, processor, **kwargs)
 

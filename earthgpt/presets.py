@@ -316,8 +316,11 @@ def from_backbones(
     from transformers import AutoTokenizer, ConvNextModel, Dinov2Model, LlamaForCausalLM
 
     from earthgpt.processor import IMAGE_END, IMAGE_START, IMAGE_TOKEN, EarthGPTProcessor
+    from earthgpt.weights import require_safetensors
 
-    kw: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    for folder in (vit_dir, cnn_dir, llm_dir):
+        require_safetensors(folder)  # never unpickle weights
+    kw: dict[str, Any] = {"use_safetensors": True} if dtype is None else {"dtype": dtype, "use_safetensors": True}
     vit = Dinov2Model.from_pretrained(str(vit_dir), **kw)
     cnn = ConvNextModel.from_pretrained(str(cnn_dir), **kw)
     llm = LlamaForCausalLM.from_pretrained(str(llm_dir), **kw)

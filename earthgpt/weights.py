@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+# the classes DeepSpeed's own checkpoint files hold besides tensors and containers (seen in ZeRO 0-3 checkpoints);
+# anything else in a checkpoint is refused
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 DIGEST_FILE = ".earthgpt-digest.json"
 DIGEST_VERSION = 1
@@ -193,3 +204,69 @@ def fetch_model(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+class UnsafeWeightsError(ValueError):
+    """A model folder holds its weights only in a pickle format (``.bin``, ``.pt`` ...), which is never loaded."""
+
+
+def require_safetensors(folder: str | Path) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files.
+
+    Args:
+        folder: A ``save_pretrained`` folder (anything that is not a local folder is left to its loader).
+
+    Raises:
+        UnsafeWeightsError: The folder has ``.bin``/``.pt``/... files and no ``.safetensors`` file.
+    """
+    path = Path(str(folder).removeprefix("file://"))
+    if not path.is_dir() or any(path.rglob("*.safetensors")):
+        return
+    pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeWeightsError(
+            f"model folder {path} holds its weights only as pickle files ({', '.join(pickles[:5])}); loading a "
+            "pickle runs any code it contains, so only safetensors are loaded. Convert the folder once, on a "
+            "machine where you trust the files: `from_pretrained(folder)` then `save_pretrained(folder, "
+            "safe_serialization=True)`"
+        )
+
+
+def _resolve_global(name: str) -> Any:
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def weights_only_loads(extra_globals: tuple[str, ...] = DEEPSPEED_CHECKPOINT_GLOBALS) -> Iterator[None]:
+    """Within the block, every ``torch.load`` (DeepSpeed's included) is a ``weights_only=True`` load.
+
+    DeepSpeed reads its checkpoint files with ``torch.load(..., weights_only=False)``, i.e. full unpickling: a file
+    planted in a run's checkpoint folder would run code in every training worker that resumes from it. Here such a
+    file fails with ``pickle.UnpicklingError`` naming the refused global; DeepSpeed's own state (tensors, containers,
+    and the classes in ``extra_globals``) loads as before.
+
+    Args:
+        extra_globals: Dotted names of the classes allowed besides torch's own safe set.
+    """
+    import torch
+
+    allowed = [g for g in map(_resolve_global, extra_globals) if g is not None]
+    original = torch.load
+
+    @functools.wraps(original)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = original

@@ -2,12 +2,18 @@
 
 It holds the items in memory and has no filter extension (``catalogs.search`` then filters client-side), which is
 right for the demo and for small local archives; a real archive sits behind a real STAC API.
+
+The server binds to 127.0.0.1 only and never outlives the process that started it: on Linux the kernel sends it
+SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so even a driver killed with SIGKILL leaves no server behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +40,37 @@ def _rustac() -> str:
     if not found:
         raise EmbeddedServerError("the `rustac` executable was not found (pip install rustac)")
     return found
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """In a child process (a ``preexec_fn``): ask the kernel for SIGTERM when the parent process dies.
+
+    Without it a server started by a driver that is killed with SIGKILL (an OOM kill, a preempted node, a ``kill -9``)
+    keeps running, orphaned, holding its port. A no-op where ``prctl`` does not exist (not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def popen_child_server(cmd: Sequence[str], **kwargs: object) -> subprocess.Popen:
+    """Start a server subprocess that dies with this process (see :func:`die_with_parent`).
+
+    Args:
+        cmd: The command line.
+        **kwargs: Passed to :class:`subprocess.Popen`.
+
+    Returns:
+        The process.
+    """
+    # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits: a server started from a short-lived
+    # thread would die with that thread, so start servers from long-lived threads only (the job starts it from the
+    # driver's main thread)
+    return subprocess.Popen(list(cmd), preexec_fn=die_with_parent, **kwargs)  # type: ignore[call-overload]
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -65,7 +102,7 @@ def serve_stac(collections: Sequence[str | Path], items: str | Path, timeout: fl
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [_rustac(), "serve", *map(str, collections), str(items), "--addr", f"127.0.0.1:{port}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = popen_child_server(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -228,7 +228,10 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     from earthgpt.stages import set_trainable
 
     if cfg.model.init_from:
-        model = EarthGPTForConditionalGeneration.from_pretrained(cfg.model.init_from)
+        from earthgpt.weights import require_safetensors
+
+        require_safetensors(cfg.model.init_from)  # never unpickle weights
+        model = EarthGPTForConditionalGeneration.from_pretrained(cfg.model.init_from, use_safetensors=True)
         processor = EarthGPTProcessor.from_pretrained(cfg.model.init_from)
     else:
         config = preset_config(cfg.model.preset, **cfg.model.overrides)
@@ -408,7 +411,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            from earthgpt.weights import weights_only_loads
+
+            with weights_only_loads():  # DeepSpeed unpickles its files: only tensors and its own state classes
+                engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
             saved = json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())
         state = TrainerState(**{**saved, "restored_from": saved["step"]})
         if rank == 0:
@@ -608,15 +614,16 @@ def export_checkpoint(checkpoint: Any, out_dir: str | Path) -> Path:
         state = json.loads((root / TRAINER_STATE).read_text())
         config = EarthGPTConfig.from_pretrained(str(root / MODEL_DIR))
         processor = EarthGPTProcessor.from_pretrained(str(root / MODEL_DIR))
+        from earthgpt.weights import weights_only_loads
+
         if int(state["zero_stage"]) == 0:
-            weights = torch.load(
-                root / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-            )
+            with weights_only_loads():
+                weights = torch.load(root / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu")
             state_dict = weights["module"]
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
                 state_dict = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=DS_TAG)
     model = EarthGPTForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
@@ -709,11 +716,13 @@ def run_training(cfg: TrainConfig, *, init_ray: bool = True) -> TrainResult:
     sizes = source_sizes(cfg.data.train)
     if cfg.data.eval:
         source_sizes(cfg.data.eval)
-    if init_ray and not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
-        # a cluster (e.g. under `ray job submit`): join it; sizing arguments are refused when connecting
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    elif init_ray and not ray.is_initialized():
-        ray.init(
+    if init_ray and not ray.is_initialized():
+        from pipelines.raylocal import init_ray as _init_ray
+
+        # a cluster (RAY_ADDRESS, e.g. under `ray job submit`) is joined without the sizing arguments; a local
+        # instance listens on 127.0.0.1 only
+        _init_ray(
+            os.environ.get("RAY_ADDRESS"),
             num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=256 * 2**20,
             logging_level=logging.WARNING, log_to_driver=True,
             # keep a few idle worker processes: record-reading tasks then reuse them (and their parsed-file cache)

@@ -10,6 +10,12 @@
 # 28265; override with EARTHGPT_RAY_PORT / EARTHGPT_DASHBOARD_PORT. Every other port of every node is derived from
 # the GCS port, never Ray's defaults: another Ray instance on this machine (e.g. a local `ray.init()`) already holds
 # those, and a head whose job agent cannot bind answers "No available agent to submit job".
+#
+# Every node listens on 127.0.0.1 only. Ray turns a 127.0.0.1 node address into the machine's network address (and
+# then binds its servers, the metrics export port included, to every interface) unless it runs in its single-machine
+# mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), which in turn refuses to start worker nodes; so the nodes start in that
+# mode (every process of the cluster, job drivers included, inherits it), and worker nodes through `ray_start`, which
+# lets `ray start --address` run in it and keeps the 127.0.0.1 it is given.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -24,6 +30,23 @@ temp_dir=${EARTHGPT_RAY_TEMP_DIR:-/tmp/earthgpt-ray}
 if [ -x "$repo/.venv/bin/python" ]; then export PATH="$repo/.venv/bin:$PATH"; fi
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1
 [ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+
+ray_start() {
+  python - "$@" <<'PY'
+import sys
+
+import ray._private.ray_constants as constants
+import ray._private.services as services
+
+constants.ENABLE_RAY_CLUSTER = True  # let `ray start --address` add a node; the node itself keeps the mode
+services.resolve_ip_for_localhost = lambda host: host  # keep --node-ip-address=127.0.0.1 as given
+from ray.scripts.scripts import main
+
+sys.argv = ["ray", "start", *sys.argv[1:]]
+sys.exit(main())
+PY
+}
 
 ray start --head --node-ip-address=127.0.0.1 --port="$gcs_port" --num-cpus="$cpus_per_node" \
   --dashboard-host=127.0.0.1 --dashboard-port="$dash_port" --ray-client-server-port=$((gcs_port + 1)) \
@@ -35,7 +58,7 @@ ray start --head --node-ip-address=127.0.0.1 --port="$gcs_port" --num-cpus="$cpu
 
 for i in $(seq 1 "$workers"); do
   base=$((gcs_port + 20 + 10 * i))
-  ray start --address="127.0.0.1:$gcs_port" --node-ip-address=127.0.0.1 --num-cpus="$cpus_per_node" \
+  ray_start --address="127.0.0.1:$gcs_port" --node-ip-address=127.0.0.1 --num-cpus="$cpus_per_node" \
     --object-store-memory="$store" --node-manager-port=$base --object-manager-port=$((base + 1)) \
     --dashboard-agent-listen-port=$((base + 2)) --dashboard-agent-grpc-port=$((base + 3)) \
     --metrics-export-port=$((base + 4)) --runtime-env-agent-port=$((base + 5)) \

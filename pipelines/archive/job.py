@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from catalogs.hrefs import HrefPolicy
+from catalogs.hrefs import HrefPolicy, redact_text, redact_url
 from catalogs.io import configure_gdal
 from pipelines.archive.config import ConfigError, InferConfig, load_config
 from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
@@ -169,18 +169,13 @@ def _start_ray(config: InferConfig) -> bool:
     # Ray Data logs each execution at INFO and warns that its progress bars are off: the job prints its own lines
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
-        address = config.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            if config.ray.object_store_mb:
-                kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
-            ray.init(num_cpus=config.ray.num_cpus, **kwargs)
-        started = True
-    else:
-        started = False
+    from pipelines.raylocal import init_ray
+
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False,
+                              "num_cpus": config.ray.num_cpus}
+    if config.ray.object_store_mb:
+        kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
+    started = init_ray(config.ray.address or os.environ.get("RAY_ADDRESS"), **kwargs)  # local: 127.0.0.1 only
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress lines
     ctx.print_on_execution_start = False
@@ -191,7 +186,7 @@ def _redacted(config: InferConfig) -> str:
     data = config.model_dump(mode="json")
     data["output"]["storage_options"] = dict.fromkeys(data["output"]["storage_options"], "***")
     data["model"]["storage_options"] = dict.fromkeys(data["model"]["storage_options"], "***")
-    return json.dumps(data, sort_keys=True)
+    return redact_text(json.dumps(data, sort_keys=True))  # URLs (a catalog's API key in its query) and secrets
 
 
 def check_inputs(config: InferConfig) -> None:
@@ -517,7 +512,8 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
     finished = datetime.now(timezone.utc)
     record = {
         "run_id": summary.run_id, "status": summary.status, "started_at": started, "finished_at": finished,
-        "output_key": config.output_key(), "model": config.model.name_or_path, "engine": config.model.engine,
+        "output_key": config.output_key(), "model": redact_url(config.model.name_or_path),
+        "engine": config.model.engine,
         "tasks": list(config.tasks), "collections": list(config.catalog.collections), "config": _redacted(config),
         "scenes_matched": summary.scenes_matched, "scenes_skipped": summary.scenes_skipped,
         "scenes_processed": summary.scenes_processed, "scenes_failed": summary.scenes_failed,
@@ -586,7 +582,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             summary.full_scan = watermark is None
             summary.updated_since = watermark
             committed = ledger.committed_table(output_key)
-            say(f"run {summary.run_id}: model {config.model.name_or_path} ({config.model.engine}, "
+            say(f"run {summary.run_id}: model {redact_url(config.model.name_or_path)} ({config.model.engine}, "
                 f"{config.model.dtype}), tasks {', '.join(config.tasks)}; output key {output_key}, "
                 f"{committed.num_rows} scenes already committed under {store.url()}")
 
@@ -618,7 +614,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                     summary.watermark = new_mark
                     if cat.incremental:
                         ledger.write_state(state_name, {"watermark": new_mark, "retry": [], "run_id": summary.run_id,
-                                                        "output_key": output_key, "search": spec.fingerprint()})
+                                                        "output_key": output_key, "search": redact_text(spec.fingerprint())})
                     return summary
 
             # 3. one streaming execution: read → tiles → model actors → parse → collect → assemble → commit
@@ -676,13 +672,13 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             seen = set(source["seen_retry"]) | committer.committed_keys
             still = sorted(committer.failed_keys | (set(retry) - seen))
             ledger.write_state(state_name, {"watermark": new_mark, "retry": still, "run_id": summary.run_id,
-                                            "output_key": output_key, "search": spec.fingerprint()})
+                                            "output_key": output_key, "search": redact_text(spec.fingerprint())})
     except KeyboardInterrupt:
         summary.status = "interrupted"
         raise
     except Exception as exc:
         summary.status = "failed"
-        summary.message = f"{type(exc).__name__}: {exc}"
+        summary.message = redact_text(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         # 5. the runs row, whatever happened (a killed process writes none: its units say what it did)
@@ -743,7 +739,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         summary = run(config, say=say, full_scan=args.full_scan)
     except Exception as exc:
-        print(f"earthgpt run: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"earthgpt run: failed: {redact_text(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1
     print("\n".join(summary.lines()))
     return 0

@@ -31,6 +31,7 @@ import numpy as np
 import shapely
 
 from catalogs.errors import SceneError
+from catalogs.hrefs import redact_text, redact_url
 from catalogs.scene import Scene
 from catalogs.tiling import plan_tiles
 from pipelines.archive.georef import (
@@ -781,8 +782,9 @@ def _grid(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], settings: 
 def _error(common: Mapping[str, Any], r: Mapping[str, Any], tile_id: str | None, now: datetime) -> dict[str, Any]:
     return {
         **common, "tile_id": tile_id, "stage": str(r["error_stage"]), "error_type": str(r["error_type"]),
-        "message": str(r["error_message"]), "asset": str(r["error_asset"]) or None,
-        "href": str(r["error_href"]) or None, "occurred_at": now,
+        # a message quotes what failed (GDAL names the signed URL): no signature or credential reaches a table
+        "message": redact_text(str(r["error_message"])), "asset": str(r["error_asset"]) or None,
+        "href": redact_url(str(r["error_href"])) or None, "occurred_at": now,
     }
 
 
