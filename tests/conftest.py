@@ -104,14 +104,15 @@ def ray_local(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     request.getfixturevalue("s3")
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # never attach to a cluster started with `ray start` on this machine
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=256 * 2**20,
-            logging_level="warning",
-            log_to_driver=False,
-        )
+    from pipelines.raylocal import init_ray
+
+    # "local": never attach to a cluster started with `ray start` on this machine; on 127.0.0.1 like the jobs' Ray
+    init_ray(
+        "local",
+        num_cpus=2,
+        object_store_memory=256 * 2**20,
+        logging_level="warning",
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
