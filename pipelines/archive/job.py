@@ -508,10 +508,11 @@ class _ModelColumns:
 
 def _merged_plan(plans: Sequence[str]) -> str | None:
     """The model actors' batch plans as one JSON object: the smallest batches, the halvings summed over actors."""
-    parsed = [json.loads(p) for p in plans if p]
+    parsed: list[dict[str, Any]] = [json.loads(p) for p in plans if p]
     if not parsed:
         return None
-    merged = dict(min(parsed, key=lambda p: (p.get("decode_batch") or 0, p.get("tile_batch") or 0)))
+    smallest = min(parsed, key=lambda p: (p.get("decode_batch") or 0, p.get("tile_batch") or 0))
+    merged = dict(smallest)
     for key in ("oom_halvings", "tile_oom_halvings"):
         merged[key] = sum(int(p.get(key) or 0) for p in parsed)
     merged["actors"] = len(parsed)
