@@ -167,7 +167,8 @@ def plan_batch(
     }
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (or the host) ran out of memory: what a smaller batch may fix."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc)
@@ -527,7 +528,7 @@ class InferenceEngine:
                 with torch.inference_mode():  # no autograd bookkeeping at all: less work per dispatched op
                     self._run_static(todo, rows, index, features, max_new_tokens, sampling, plan, results)
             except Exception as exc:
-                if not _is_out_of_memory(exc):
+                if not is_out_of_memory(exc):
                     raise
                 if plan["decode_batch"] == 1 and plan["prefill_batch"] == 1:
                     raise
@@ -538,9 +539,13 @@ class InferenceEngine:
                 }
                 self._oom_halvings += 1
                 del exc
-                gc.collect()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                self.release_memory()
+
+    def release_memory(self) -> None:
+        """Frees what a failed batch left behind (garbage, and on CUDA the allocator's cached blocks)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _run_static(
         self,

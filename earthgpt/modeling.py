@@ -305,11 +305,15 @@ class StaticKVCache:
         self.key = torch.zeros(shape, device=device, dtype=dtype)
         self.value = torch.zeros(shape, device=device, dtype=dtype)
         self._all_rows = torch.arange(slots, device=device)
+        # flat offset of (slot, head) rows in a layer's (slots * kv_heads * max_len, head_dim) view
+        self._head_rows = torch.arange(kv_heads, device=device) * max_len
         self._rows: int | torch.Tensor = 0
-        self._positions = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self._flat = torch.zeros(0, dtype=torch.long, device=device)
         self._span = 0
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         """``(cos, sin)`` tables ``(max_len, head_dim)`` of the rotary embedding, set by the model."""
+        self.rope_sin_signed: torch.Tensor | None = None
+        """``sin`` with its first half negated: ``rotate_half(x) * sin == flip_halves(x) * sin_signed`` exactly."""
 
     @property
     def slots(self) -> int:
@@ -336,16 +340,19 @@ class StaticKVCache:
         """
         if span > self.max_len:
             raise ValueError(f"span {span} exceeds the cache's {self.max_len} positions")
-        self._rows, self._positions, self._span = rows, positions, int(span)
+        index = self._all_rows[:rows] if isinstance(rows, int) else rows
+        # one flat index per (row, chunk token, head), computed once for every layer: each layer's write is then a
+        # single index_copy_ (advanced-index assignment over dims 0 and 2 was the prefill's slowest op)
+        base = index * (self._head_rows.numel() * self.max_len)
+        self._flat = (base[:, None, None] + positions[:, :, None] + self._head_rows).reshape(-1)
+        self._rows, self._span = rows, int(span)
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
         """Writes one layer's ``(B, C, H, D)`` chunk keys/values at the bound rows and positions."""
-        key, value = self.key[layer_idx], self.value[layer_idx]
-        rows = self._rows
-        index = self._all_rows[:rows] if isinstance(rows, int) else rows
-        where = (index[:, None], slice(None), self._positions)
-        key[where] = key_states.to(key.dtype)
-        value[where] = value_states.to(value.dtype)
+        d = self.key.shape[-1]
+        key, value = self.key[layer_idx].view(-1, d), self.value[layer_idx].view(-1, d)
+        key.index_copy_(0, self._flat, key_states.reshape(-1, d).to(key.dtype))
+        value.index_copy_(0, self._flat, value_states.reshape(-1, d).to(value.dtype))
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
@@ -939,6 +946,8 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         positions = torch.arange(max_len, device=weight.device)[None]
         cos, sin = decoder.rotary_emb(torch.empty(0, device=weight.device, dtype=weight.dtype), positions)
         cache.rope = (cos[0], sin[0])
+        half = int(sin.shape[-1]) // 2
+        cache.rope_sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         return cache
 
     @torch.no_grad()
@@ -1003,8 +1012,9 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         fresh = c > 1 and span == c and not bool(start.any())
         keys = torch.arange(span, device=start.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, C, span): causal per row
-        assert cache.rope is not None
-        cos, sin = cache.rope[0][positions][:, :, None], cache.rope[1][positions][:, :, None]  # (B, C, 1, D)
+        assert cache.rope is not None and cache.rope_sin_signed is not None
+        # (B, C, 1, D); a decode step's positions are one per row: plain row gathers
+        cos, sin = cache.rope[0][positions][:, :, None], cache.rope_sin_signed[positions][:, :, None]
         hidden = inputs_embeds
         # the decoder layers' own submodules, called directly: the same arithmetic as LlamaDecoderLayer (whose
         # wrappers cost more than the arithmetic at small sizes), and still their hooks (stage-3 shift parameters) and
@@ -1018,11 +1028,11 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
                 qkv = F.linear(normed, fused[0]).view(b, c, -1, head_dim)  # (B, C, heads + 2 kv_heads, D)
                 kv_heads = attn.k_proj.out_features // head_dim
                 n_q = qkv.shape[2] - 2 * kv_heads
-                qk = _apply_rotary(qkv[:, :, : n_q + kv_heads], cos, sin)  # queries and keys rotated at once
+                qk = _rotate(qkv[:, :, : n_q + kv_heads], cos, sin)  # queries and keys rotated at once
                 q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + kv_heads :]
             else:
-                q = _apply_rotary(attn.q_proj(normed).view(b, c, -1, head_dim), cos, sin)
-                k = _apply_rotary(attn.k_proj(normed).view(b, c, -1, head_dim), cos, sin)
+                q = _rotate(attn.q_proj(normed).view(b, c, -1, head_dim), cos, sin)
+                k = _rotate(attn.k_proj(normed).view(b, c, -1, head_dim), cos, sin)
                 v = attn.v_proj(normed).view(b, c, -1, head_dim)
             q = q.transpose(1, 2)
             if fresh:
@@ -1044,18 +1054,20 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
                     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
                 else:
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, c, -1))
+            hidden = hidden + _linear(attn.o_proj, out.transpose(1, 2).reshape(b, c, -1))
             normed = _rms_norm(layer.post_attention_layernorm, hidden, fused is not None)
             if fused is not None:
                 gate, up = F.linear(normed, fused[1]).chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+            act = F.silu(gate) if type(mlp.act_fn) is nn.SiLU or _is_hf_silu(mlp.act_fn) else mlp.act_fn(gate)
+            hidden = hidden + _linear(mlp.down_proj, act * up)
         if last is None:
             return None
-        hidden = decoder.norm(hidden[torch.arange(b, device=hidden.device), last])
+        hidden = hidden[:, 0] if c == 1 else hidden[torch.arange(b, device=hidden.device), last]
+        hidden = _rms_norm(decoder.norm, hidden, projections is not None)
         # (B, 1, D): DeepSpeed's tensor-parallel LM head slices a 3-D input
-        return self.language_model.lm_head(hidden[:, None])[:, 0].float()
+        return _linear(self.language_model.lm_head, hidden[:, None])[:, 0].float()
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
@@ -1069,10 +1081,29 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
     return norm(x)
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """LLaMA's rotary embedding (``x * cos + rotate_half(x) * sin``, as transformers' ``apply_rotary_pos_emb``)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """LLaMA's rotary embedding, ``x * cos + rotate_half(x) * sin`` (transformers' ``apply_rotary_pos_emb``), bit for
+    bit: ``rotate_half(x) = cat(-x2, x1)`` times ``sin`` equals the halves swapped times ``sin`` with its first half
+    negated (a sign flip rounds the same), in fewer ops."""
+    shape = x.shape
+    swapped = x.reshape(*shape[:-1], 2, shape[-1] // 2).flip(-2).reshape(shape)
+    return x * cos + swapped * sin_signed
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; ``F.linear`` directly for a hook-free, bias-free ``nn.Linear`` (no module-call overhead)."""
+    if (
+        type(module) is nn.Linear
+        and module.bias is None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    ):
+        return F.linear(x, module.weight)
+    return module(x)
+
+
+def _is_hf_silu(act: nn.Module) -> bool:
+    return type(act).__name__ == "SiLUActivation" and not act._forward_hooks
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -110,6 +110,7 @@ class RunSummary:
     startup_s: float | None = None
     model_actors: int = 0
     model_loads: int = 0
+    batch_plan: str | None = None
     detections_by_label: Counter[str] = field(default_factory=Counter)
     skip_reasons: Counter[str] = field(default_factory=Counter)
     message: str = ""
@@ -497,7 +498,20 @@ class _ModelColumns:
         self.needs = getattr(stage, "needs", ())
         tasks = list(config.tasks)
         self.adds = (*(c for t in tasks for c in (f"answer_{t}", f"logprob_{t}")), "vqa_json", "embedding",
-                     "tokens_detect", "actor_id", "model_loads", "actor_ready_at")
+                     "tokens_detect", "actor_id", "model_loads", "actor_ready_at", "batch_plan")
+
+
+def _merged_plan(plans: Sequence[str]) -> str | None:
+    """The model actors' batch plans as one JSON object: the smallest batches, the halvings summed over actors."""
+    parsed: list[dict[str, Any]] = [json.loads(p) for p in plans if p]
+    if not parsed:
+        return None
+    smallest = min(parsed, key=lambda p: (p.get("decode_batch") or 0, p.get("tile_batch") or 0))
+    merged = dict(smallest)
+    for key in ("oom_halvings", "tile_oom_halvings"):
+        merged[key] = sum(int(p.get(key) or 0) for p in parsed)
+    merged["actors"] = len(parsed)
+    return json.dumps(merged)
 
 
 def _finish_quiet(summary: RunSummary, counts: Mapping[str, Any]) -> None:
@@ -523,7 +537,7 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
         "wall_s": summary.wall_s, "tiles_per_s": summary.tiles_per_s, "full_scan": summary.full_scan,
         "updated_since": summary.updated_since, "watermark": summary.watermark, "read_tasks": summary.read_tasks,
         "startup_s": summary.startup_s,
-        "model_actors": summary.model_actors, "model_loads": summary.model_loads,
+        "model_actors": summary.model_actors, "model_loads": summary.model_loads, "batch_plan": summary.batch_plan,
     }
     aoi = None
     if config.catalog.bbox is not None:
@@ -632,6 +646,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             committer = UnitCommitter(config, store, ledger, summary.run_id, settings, summary, say)
             collector = SceneCollector()
             actors: dict[str, int] = {}
+            plans: dict[str, str] = {}
             ds = _dataset(config, spec, windows, committed_ref, policy, stats, watermark, model_stage)
             t_exec = t_said = time.perf_counter()
             tiles_seen = 0
@@ -640,6 +655,8 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 for actor, loads in zip(batch.get("actor_id", ()), batch.get("model_loads", ()), strict=False):
                     if str(actor):
                         actors[str(actor)] = max(actors.get(str(actor), 0), int(loads))
+                for actor, plan in zip(batch.get("actor_id", ()), batch.get("batch_plan", ()), strict=False):
+                    plans[str(actor)] = str(plan)  # each actor's latest plan
                 if "actor_ready_at" in batch and len(batch["actor_ready_at"]):
                     # start-up: planning, the pool's start, the first model load (once per run)
                     ready = float(np.min(batch["actor_ready_at"])) - started.timestamp()
@@ -659,6 +676,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
         # 4. finish: counts, the next watermark and retry list
         summary.model_actors = len(actors)
         summary.model_loads = sum(actors.values())
+        summary.batch_plan = _merged_plan(list(plans.values()))
         summary.scenes_matched = int(source["matched"])
         summary.scenes_skipped = int(source["skipped"])
         summary.skip_reasons.update(source["skip_reasons"])

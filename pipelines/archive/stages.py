@@ -55,6 +55,7 @@ MODEL_SENSOR = {"optical": "optical", "sar": "sar", "thermal": "infrared"}
 
 _ERROR_COLUMNS = ("error_stage", "error_type", "error_message", "error_asset", "error_href")
 _MODEL_LOADS = 0  # models built in this process (an actor is a process: > 1 would mean a reload)
+_PLAN_KEYS = ("decoding", "decode_batch", "prefill_batch", "memory_bytes", "memory_source", "oom_halvings", "dtype")
 
 
 class MissingColumns(KeyError):
@@ -257,7 +258,11 @@ class ModelStage:
 
     Images are encoded once per batch; all tasks' prompts (``image_index``) and the pooled visual embedding
     (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises marks its tiles
-    ``failed`` (stage ``model``); the actor lives on. The model is built once per actor, in ``__init__``; a remote
+    ``failed`` (stage ``model``); the actor lives on. Out of memory is not a failure: the tiles are split in halves
+    and retried (down to one tile; this batch and later ones keep the smaller size), so no tile is lost to a batch
+    that did not fit; each row's ``batch_plan`` (JSON) says what the engine planned (decode / prefill batches from
+    the memory budget, see ``InferenceEngine.batch_plan``), the tiles per model call and the halvings so far. The
+    model is built once per actor, in ``__init__``; a remote
     ``model`` (``s3://...``) is first copied to the node's cache (once per node, see
     :func:`earthgpt.weights.fetch_model`). Every row says which actor answered it and how many times that actor's
     process has loaded a model (``actor_id``, ``model_loads``): the job's proof that nothing reloads.
@@ -314,12 +319,18 @@ class ModelStage:
         _MODEL_LOADS += 1
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ready_at = time.time()  # when this actor could answer its first tile (model built)
+        self.tile_batch: int | None = None  # tiles per model call once a batch ran out of memory (None: all)
+        self.tile_oom_halvings = 0
 
     @property
     def adds(self) -> tuple[str, ...]:
         """Answer columns per task, the VQA answers, the embedding, the detection tokens and the actor counters."""
         return (*(c for t in self.tasks for c in (f"answer_{t}", f"logprob_{t}")), "vqa_json", "embedding",
-                "tokens_detect", "actor_id", "model_loads", "actor_ready_at")
+                "tokens_detect", "actor_id", "model_loads", "actor_ready_at", "batch_plan")
+
+    def _batch_plan(self) -> str:
+        plan = {k: v for k, v in self.engine.batch_plan.items() if k in _PLAN_KEYS}
+        return json.dumps({**plan, "tile_batch": self.tile_batch, "tile_oom_halvings": self.tile_oom_halvings})
 
     def _prompts(self, sensor: str) -> list[str]:
         from earthgpt.tasks import build_prompt
@@ -340,12 +351,18 @@ class ModelStage:
         status = [str(s) for s in batch["status"]]
         errors = {c: [str(v) for v in batch[c]] for c in _ERROR_COLUMNS}
         todo = [i for i in range(n) if status[i] == "ok"]
-        if todo:
+        size = self.tile_batch or max(len(todo), 1)
+        pending = [todo[k : k + size] for k in range(0, len(todo), size)]
+        while pending:
+            part = pending.pop(0)
+            if self.tile_batch and len(part) > self.tile_batch:  # cut after an earlier halving
+                pending[:0] = [part[k : k + self.tile_batch] for k in range(0, len(part), self.tile_batch)]
+                continue
             try:
-                images = [decode_image(batch["image"][i], batch["image_h"][i], batch["image_w"][i]) for i in todo]
+                images = [decode_image(batch["image"][i], batch["image_h"][i], batch["image_w"][i]) for i in part]
                 prompts: list[str] = []
                 index: list[int] = []
-                for j, i in enumerate(todo):
+                for j, i in enumerate(part):
                     for prompt in self._prompts(str(batch["sensor"][i])):
                         prompts.append(prompt)
                         index.append(j)
@@ -354,7 +371,7 @@ class ModelStage:
                 gens = self.engine.generate(images, prompts, max_new_tokens=self.max_new_tokens, image_index=index,
                                             image_features=features)
                 per_tile = len(self.tasks) + len(self.vqa)
-                for j, i in enumerate(todo):
+                for j, i in enumerate(part):
                     mine = gens[j * per_tile : (j + 1) * per_tile]
                     for t, gen in zip(self.tasks, mine, strict=False):
                         answers[t][i] = gen.text
@@ -364,11 +381,21 @@ class ModelStage:
                             tokens_detect[i] = json.dumps([ends, [round(x, 5) for x in gen.token_logprobs]])
                     vqa[i] = [g.text for g in mine[len(self.tasks) :]]
                 emb = self.engine.embed(image_features=features)
-                for j, i in enumerate(todo):
+                for j, i in enumerate(part):
                     embeddings[i] = np.ascontiguousarray(emb[j], dtype=np.float32).tobytes()
             except Exception as exc:  # one bad batch must not end the run: record it, keep the actor
+                from earthgpt.engine import is_out_of_memory
+
+                if is_out_of_memory(exc) and len(part) > 1:
+                    # too big for the device: halve it (later batches too) and retry, losing no tile
+                    self.tile_batch = max(1, len(part) // 2)
+                    self.tile_oom_halvings += 1
+                    del exc
+                    self.engine.release_memory()
+                    pending.insert(0, part)
+                    continue
                 fields = _error_fields(exc, "model")
-                for i in todo:
+                for i in part:
                     status[i] = "failed"
                     for c in _ERROR_COLUMNS:
                         errors[c][i] = fields[c]
@@ -380,6 +407,7 @@ class ModelStage:
         out["actor_id"] = np.asarray([self.actor_id] * n, dtype=object)
         out["model_loads"] = np.full(n, _MODEL_LOADS, dtype=np.int32)
         out["actor_ready_at"] = np.full(n, self.ready_at, dtype=np.float64)
+        out["batch_plan"] = np.asarray([self._batch_plan()] * n, dtype=object)
         emb_col = np.empty(n, dtype=object)
         emb_col[:] = embeddings
         out["embedding"] = emb_col

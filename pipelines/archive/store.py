@@ -156,6 +156,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("startup_s", pa.float64()),
             ("model_actors", pa.int64()),
             ("model_loads", pa.int64()),
+            ("batch_plan", pa.string()),
         ]
     ),
 }
