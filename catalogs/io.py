@@ -34,6 +34,7 @@ from catalogs.errors import (
     AssetNotFound,
     BandShapeMismatch,
     CorruptRaster,
+    NetworkError,
     NoGeoreference,
     SceneError,
     UnsupportedDataType,
@@ -85,6 +86,27 @@ def configure_gdal(overrides: dict[str, str] | None = None) -> dict[str, str]:
 
 
 _HTTP_CODE = re.compile(r"HTTP (?:response )?code:?\s*(\d{3})", re.IGNORECASE)
+# curl's and GDAL's words for a failure to reach the server (not a property of the file)
+_NETWORK = re.compile(
+    r"Could not resolve host|Couldn't resolve|Could not connect|Failed to connect|Connection (?:refused|reset|timed "
+    r"out)|Operation timed out|timed out|SSL connect error|Empty reply from server|Recv failure|Send failure",
+    re.IGNORECASE,
+)
+NETWORK_RETRIES = 3  # further attempts after a network failure, GDAL's own HTTP retries aside
+NETWORK_BACKOFF_S = 0.5  # sleeps 0.5, 1, 2 s between them
+
+
+def _error_text(exc: BaseException) -> str:
+    """The exception's message with the GDAL messages rasterio chains under it ("Read failed. See previous
+    exception for details." alone names no cause)."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 5:
+        text = str(seen).strip()
+        if text and text not in parts:
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    return ": ".join(parts)
 
 
 def classify_raster_error(
@@ -100,11 +122,14 @@ def classify_raster_error(
         stage: ``open`` or ``read``.
 
     Returns:
-        ``AssetNotFound`` (404, no such file/key), ``AssetAccessDenied`` (403, permission), or ``CorruptRaster``.
+        ``NetworkError`` (DNS, connection, timeout, 5xx/429), ``AssetNotFound`` (404, no such file/key),
+        ``AssetAccessDenied`` (401/403, permission), or ``CorruptRaster``; the message keeps GDAL's cause.
     """
-    text = str(exc)
+    text = _error_text(exc)
     code = _HTTP_CODE.search(text)
     kw: dict[str, Any] = {"item_id": item_id, "asset": asset, "href": href, "stage": stage}
+    if _NETWORK.search(text) or (code and (code.group(1).startswith("5") or code.group(1) == "429")):
+        return NetworkError(f"network failure: {text}", **kw)
     if code and code.group(1) in ("401", "403") or "Access Denied" in text or "Permission denied" in text:
         return AssetAccessDenied(f"access denied: {text}", **kw)
     if (code and code.group(1) == "404") or "No such file" in text or "does not exist" in text:
@@ -163,10 +188,30 @@ def open_raster(path: str, *, item_id: str | None = None, asset: str | None = No
         AssetNotFound, AssetAccessDenied, CorruptRaster: When the file cannot be opened.
     """
     configure_gdal()
-    try:
-        return rasterio.open(path)
-    except RasterioError as exc:
-        raise classify_raster_error(exc, item_id=item_id, asset=asset, href=path, stage="open") from exc
+    return _with_network_retries(lambda: rasterio.open(path), item_id=item_id, asset=asset, href=path, stage="open")
+
+
+def _with_network_retries(call: Any, *, item_id: str | None, asset: str | None, href: str | None, stage: str) -> Any:
+    """Run a GDAL call; retry it with exponential backoff while it fails for network reasons, then raise the typed
+    error (a DNS hiccup is not a property of the file)."""
+    import time
+
+    for attempt in range(NETWORK_RETRIES + 1):
+        # GDAL remembers a failed /vsicurl/ or /vsis3/ path as missing: a retry must bypass that cache
+        prefix = href.split("/", 2)[1] if href and href.startswith("/vsi") else ""
+        retry_env = rasterio.Env(CPL_VSIL_CURL_NON_CACHED=f"/{prefix}/") if attempt and prefix else None
+        try:
+            with retry_env or contextlib.nullcontext():
+                return call()
+        except RasterioError as exc:
+            error = classify_raster_error(exc, item_id=item_id, asset=asset, href=href, stage=stage)
+            if not isinstance(error, NetworkError) or attempt == NETWORK_RETRIES:
+                if isinstance(error, NetworkError):
+                    error.message += f" (after {attempt + 1} attempts)"
+                raise error from exc
+            log.info("%s: %s; retrying in %.1f s", href, error.message, NETWORK_BACKOFF_S * 2**attempt)
+            time.sleep(NETWORK_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def read_header(path: str, *, item_id: str | None = None, asset: str | None = None) -> RasterHeader:
@@ -373,21 +418,19 @@ class SceneReader:
     ) -> np.ndarray:
         """Read one band over a reference-grid window lying inside the scene, as stored."""
         ds = band.ds
-        env = band.access.env() if band.access is not None else contextlib.nullcontext()
-        try:
+
+        def read() -> np.ndarray:
+            env = band.access.env() if band.access is not None else contextlib.nullcontext()
             with env:
                 if band.same_grid:
-                    data = ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
-                else:
-                    bounds = window_bounds(window, self.transform)
-                    src = from_bounds(*bounds, transform=ds.transform)
-                    data = ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling,
-                                   boundless=False)
-        except RasterioError as exc:
-            asset = self.scene.bands[band.name]
-            raise classify_raster_error(
-                exc, item_id=self.scene.id, asset=asset.key, href=asset.href, stage="read"
-            ) from exc
+                    return ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
+                bounds = window_bounds(window, self.transform)
+                src = from_bounds(*bounds, transform=ds.transform)
+                return ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling, boundless=False)
+
+        asset = self.scene.bands[band.name]
+        data: np.ndarray = _with_network_retries(read, item_id=self.scene.id, asset=asset.key, href=asset.href,
+                                                 stage="read")
         return data
 
     def _read_decoded(
