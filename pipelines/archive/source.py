@@ -35,6 +35,7 @@ import shapely
 from catalogs.errors import InvalidItem, SceneError
 from catalogs.hrefs import HrefPolicy
 from catalogs.scene import Scene
+from catalogs.search import FILTER_ERROR_KEY
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,7 @@ def read_window(
     href_policy: HrefPolicy,
     *,
     retry_after: datetime | None = None,
+    quarantined: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[pa.Table | None, dict[str, Any]]]:
     """Page one window's sub-search and yield blocks of scene rows, then the window's counters.
 
@@ -299,23 +301,27 @@ def read_window(
         committed: The ledger index (``collection, scene_id, date, updated, unit_id``) for the output key.
         href_policy: Which asset hrefs may be read.
         retry_after: For a retry window: items updated at or after this are left to the incremental windows.
+        quarantined: ``scene_key -> {"updated": ...}`` of quarantined scenes (see :func:`scene_rows`).
 
     Yields:
         ``(block, {})`` for each block of :data:`SCENE_COLUMNS` rows, then ``(None, counters)`` once.
     """
     from catalogs.search import search_items
 
+    search_stats: dict[str, int] = {}
     if window.ids:
         items = search_items(spec.url, collections=[window.collection] if window.collection
-                             else list(spec.collections), ids=list(window.ids), page_size=spec.page_size)
+                             else list(spec.collections), ids=list(window.ids), page_size=spec.page_size,
+                             on_filter_error="yield", stats=search_stats)
     else:
         kwargs = spec.search_kwargs()
         kwargs["datetime"] = window.datetime_param(spec.datetime)
-        items = search_items(spec.url, **kwargs)
+        items = search_items(spec.url, **kwargs, on_filter_error="yield", stats=search_stats)
     counts: dict[str, Any] = {}
     for block in scene_rows(items, window, _window_index(committed, window), href_policy, counts,
-                            retry_after=retry_after):
+                            retry_after=retry_after, quarantined=quarantined):
         yield block, {}
+    counts["filter_errors"] = search_stats.get("filter_errors", 0)
     yield None, counts
 
 
@@ -329,6 +335,7 @@ def scene_rows(
     retry_after: datetime | None = None,
     block_scenes: int = _BLOCK_SCENES,
     build_scenes: bool = True,
+    quarantined: Mapping[str, Any] | None = None,
 ) -> Iterator[pa.Table]:
     """Items → blocks of scene rows: keep the window's own items, drop repeats and committed scenes, turn the rest
     into scenes. An item that cannot become one (no asset, a refused href, no id, a timestamp that does not parse,
@@ -344,6 +351,10 @@ def scene_rows(
         retry_after: For a retry window: items updated at or after this are left to the incremental windows.
         block_scenes: Rows per block.
         build_scenes: Build each item's scene (``False``: only decide which items need work).
+        quarantined: ``scene_key -> {"updated": ...}``: scenes that failed too many runs in a row; skipped
+            (reason ``quarantined``) until the item's ``updated`` changes. A retry window (by ids) processes its
+            scenes whatever the ledger and the quarantine say: it is how failed tiles of a committed scene and
+            ``--retry-quarantined`` are tried again (the new version supersedes the committed one).
 
     Yields:
         Arrow tables of :data:`SCENE_COLUMNS`.
@@ -352,6 +363,7 @@ def scene_rows(
 
     counts.update({"matched": 0, "skipped": 0, "planned": 0, "failed_items": 0, "max_updated": None,
                    "skip_reasons": Counter(), "seen_retry": []})
+    quarantined = quarantined or {}
     seen: set[str] = set()
     rows: list[dict[str, Any]] = []
     for item in items:
@@ -379,7 +391,10 @@ def scene_rows(
         if window.ids and retry_after is not None and updated is not None and updated >= retry_after:
             continue  # listed by the incremental windows of this run
         prev = index.get((collection, item_id))
-        reason = skip_reason(prev, updated) if prev is not None else None
+        reason = skip_reason(prev, updated) if prev is not None and not window.ids else None
+        held = quarantined.get(key)
+        if held is not None and not window.ids and _iso(updated) == (held.get("updated") or None):
+            reason = f"quarantined (failed {held.get('attempts', '?')} runs in a row; --retry-quarantined)"
         if reason:
             counts["skipped"] += 1
             counts["skip_reasons"][reason.split(" (")[0]] += 1
@@ -392,6 +407,8 @@ def scene_rows(
                 raise InvalidItem("item has no id")
             if time_error is not None:
                 raise InvalidItem(f"item {item_id}: unreadable datetime ({time_error})")
+            if FILTER_ERROR_KEY in item:
+                raise InvalidItem(str(item[FILTER_ERROR_KEY]), item_id=item_id, stage="search")
             if build_scenes:
                 row["scene"] = Scene.from_item(dict(item), href_policy=href_policy).model_dump_json()
             counts["planned"] += 1
@@ -500,6 +517,7 @@ def window_datasource(
     href_policy: HrefPolicy,
     stats: Any,
     retry_after: datetime | None = None,
+    quarantined: Mapping[str, Any] | None = None,
 ) -> Any:
     """A Ray Data datasource with one read task per window (``ray.data.read_datasource(...)``).
 
@@ -510,6 +528,7 @@ def window_datasource(
         href_policy: Which asset hrefs may be read.
         stats: A :class:`SourceStats` actor; each task reports its counters there when it ends.
         retry_after: The watermark, for retry windows.
+        quarantined: Quarantined scenes, skipped until their item is updated.
     """
     import ray
     from ray.data.block import BlockMetadata
@@ -529,7 +548,7 @@ def window_datasource(
                 def read(window: Window = window) -> Iterator[pa.Table]:
                     committed = ray.get(committed_ref) if committed_ref is not None else None
                     for block, counts in read_window(spec, window, committed, href_policy,
-                                                     retry_after=retry_after):
+                                                     retry_after=retry_after, quarantined=quarantined):
                         if block is None:
                             ray.get(stats.add.remote(counts))
                         else:
@@ -551,6 +570,7 @@ class SourceStats:
         self.skipped = 0
         self.planned = 0
         self.failed_items = 0
+        self.filter_errors = 0
         self.tasks = 0
         self.max_updated: datetime | None = None
         self.skip_reasons: Counter[str] = Counter()
@@ -563,6 +583,7 @@ class SourceStats:
         self.skipped += int(counts.get("skipped", 0))
         self.planned += int(counts.get("planned", 0))
         self.failed_items += int(counts.get("failed_items", 0))
+        self.filter_errors += int(counts.get("filter_errors", 0))
         self.skip_reasons.update(counts.get("skip_reasons") or {})
         self.seen_retry.extend(counts.get("seen_retry") or [])
         mu = counts.get("max_updated")
@@ -573,7 +594,7 @@ class SourceStats:
         """Everything counted so far."""
         return {
             "matched": self.matched, "skipped": self.skipped, "planned": self.planned,
-            "failed_items": self.failed_items, "tasks": self.tasks,
+            "failed_items": self.failed_items, "filter_errors": self.filter_errors, "tasks": self.tasks,
             "max_updated": self.max_updated, "skip_reasons": dict(self.skip_reasons),
             "seen_retry": list(self.seen_retry),
         }

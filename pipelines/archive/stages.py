@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from catalogs.errors import SceneError
+from catalogs.errors import ModelError, ParseError, SceneError
 from catalogs.scene import Scene
 from catalogs.tiling import plan_tiles
 from pipelines.archive.georef import (
@@ -193,6 +193,28 @@ class ReadStage:
             "scene_h": scene.height if scene else 0, "scene_w": scene.width if scene else 0, **_no_error(),
         }
 
+    def _check_grid(self, scene: Scene, header_shape: tuple[int, int]) -> None:
+        """Refuse a scene no tile of which could ever be used: a grid the item and its raster disagree on (an item
+        claiming ``proj:shape [1, 1]`` for a 512² raster), or one too small to hold ``min_valid_fraction`` of a tile.
+
+        Raises:
+            UnsupportedScene: Naming the sizes.
+        """
+        from catalogs.errors import UnsupportedScene
+
+        if (scene.height, scene.width) != tuple(header_shape):
+            raise UnsupportedScene(
+                f"item proj:shape {[scene.height, scene.width]} contradicts the raster header "
+                f"({header_shape[0]} x {header_shape[1]} pixels)", item_id=scene.id, stage="plan",
+            )
+        needed = max(1, math.ceil(self.min_valid_fraction * self.tile_size**2))
+        if scene.height * scene.width < needed:
+            raise UnsupportedScene(
+                f"the scene is {scene.height} x {scene.width} pixels: no tile can hold the {needed} valid pixels "
+                f"that tiling.min_valid_fraction ({self.min_valid_fraction}) of a {self.tile_size}-px tile needs",
+                item_id=scene.id, stage="plan",
+            )
+
     def _read_scene(self, key: str, scene: Scene, source_meta: dict[str, Any]) -> Iterator[Batch]:
         from catalogs.io import SceneReader
 
@@ -215,6 +237,7 @@ class ReadStage:
         reader = SceneReader(scene)
         try:
             reader.open()
+            self._check_grid(scene, reader.shape)
             _ = reader.stretch  # one overview read per scene, before the first window
         except SceneError as exc:
             reader.close()
@@ -255,8 +278,9 @@ class ModelStage:
     """Tile rows → answers: one EarthGPT replica per actor asks every task of every ``ok`` tile.
 
     Images are encoded once per batch; all tasks' prompts (``image_index``) and the pooled visual embedding
-    (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises marks its tiles
-    ``failed`` (stage ``model``); the actor lives on. The model is built once per actor, in ``__init__``; a remote
+    (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises is split in halves and
+    retried until the tile that fails is alone; that tile is marked ``failed`` (``ModelError``, stage ``model``),
+    its batch-mates are answered, and the actor lives on. The model is built once per actor, in ``__init__``; a remote
     ``model`` (``s3://...``) is first copied to the node's cache (once per node, see
     :func:`earthgpt.weights.fetch_model`). Every row says which actor answered it and how many times that actor's
     process has loaded a model (``actor_id``, ``model_loads``): the job's proof that nothing reloads.
@@ -339,12 +363,14 @@ class ModelStage:
         status = [str(s) for s in batch["status"]]
         errors = {c: [str(v) for v in batch[c]] for c in _ERROR_COLUMNS}
         todo = [i for i in range(n) if status[i] == "ok"]
-        if todo:
+        groups = [todo] if todo else []
+        while groups:  # a batch that raises is split in halves until the tile that fails is alone
+            group = groups.pop()
             try:
-                images = [decode_image(batch["image"][i], batch["image_h"][i], batch["image_w"][i]) for i in todo]
+                images = [decode_image(batch["image"][i], batch["image_h"][i], batch["image_w"][i]) for i in group]
                 prompts: list[str] = []
                 index: list[int] = []
-                for j, i in enumerate(todo):
+                for j, i in enumerate(group):
                     for prompt in self._prompts(str(batch["sensor"][i])):
                         prompts.append(prompt)
                         index.append(j)
@@ -353,7 +379,7 @@ class ModelStage:
                 gens = self.engine.generate(images, prompts, max_new_tokens=self.max_new_tokens, image_index=index,
                                             image_features=features)
                 per_tile = len(self.tasks) + len(self.vqa)
-                for j, i in enumerate(todo):
+                for j, i in enumerate(group):
                     mine = gens[j * per_tile : (j + 1) * per_tile]
                     for t, gen in zip(self.tasks, mine, strict=False):
                         answers[t][i] = gen.text
@@ -363,11 +389,15 @@ class ModelStage:
                             tokens_detect[i] = json.dumps([ends, [round(x, 5) for x in gen.token_logprobs]])
                     vqa[i] = [g.text for g in mine[len(self.tasks) :]]
                 emb = self.engine.embed(image_features=features)
-                for j, i in enumerate(todo):
+                for j, i in enumerate(group):
                     embeddings[i] = np.ascontiguousarray(emb[j], dtype=np.float32).tobytes()
-            except Exception as exc:  # one bad batch must not end the run: record it, keep the actor
-                fields = _error_fields(exc, "model")
-                for i in todo:
+            except Exception as exc:  # one bad tile must not fail its batch, nor end the run: keep the actor
+                if len(group) > 1:
+                    half = len(group) // 2
+                    groups += [group[half:], group[:half]]
+                    continue
+                fields = _error_fields(ModelError(f"{type(exc).__name__}: {str(exc)[:2000]}"), "model")
+                for i in group:
                     status[i] = "failed"
                     for c in _ERROR_COLUMNS:
                         errors[c][i] = fields[c]
@@ -407,7 +437,8 @@ class ParseStage:
     flagged when a tile edge inside the scene cuts them (for the per-scene NMS). Each box's ``confidence`` is
     ``exp`` of the mean log-probability of the tokens that wrote its coordinates
     (:func:`earthgpt.tasks.span_confidence`). The tile footprint is added as a WGS84 polygon. A row whose parsing
-    raises becomes ``failed`` (stage ``parse``).
+    raises becomes ``failed`` (stage ``parse``), and so does a tile whose answers are not valid UTF-8 text or all
+    parse to nothing (``ParseError``): such text never reaches the tables.
 
     Args:
         tasks: The tasks the model stage answered.
@@ -448,6 +479,7 @@ class ParseStage:
                 if status[i] != "ok":
                     continue
                 hw = (int(batch["image_h"][i]), int(batch["image_w"][i]))
+                self._check_text(batch, i)
                 if "caption" in self.tasks:
                     caption[i] = parse_answer("caption", str(batch["answer_caption"][i])).text
                 if "classify" in self.tasks:
@@ -457,6 +489,9 @@ class ParseStage:
                     parsed[i], malformed[i] = len(det.boxes), det.n_malformed
                     boxes_json[i] = json.dumps(self._georef(det.boxes, self._confidences(batch, i, det), (r0, c0),
                                                             hw, geo))
+                if not (caption[i] or label[i] or parsed[i] or malformed[i] or self._said_none(batch, i)):
+                    raise ParseError("the model's answers parse to nothing: " + ", ".join(
+                        f"{t} {str(batch[f'answer_{t}'][i])[:80]!r}" for t in self.tasks))
             except Exception as exc:  # model text never raises in parse_answer; this guards georef edge cases
                 status[i] = "failed"
                 fields = _error_fields(exc, "parse")
@@ -474,6 +509,32 @@ class ParseStage:
         for c in _ERROR_COLUMNS:
             out[c] = np.asarray(errors[c], dtype=object)
         return out
+
+    def _check_text(self, batch: Batch, i: int) -> None:
+        """Refuse answers that are not valid UTF-8 text (raw bytes, lone surrogates, U+FFFD from a byte-level
+        decode): parquet would reject them, and nothing readable can be parsed from them."""
+        for t in self.tasks:
+            value = batch[f"answer_{t}"][i]
+            try:
+                text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                text.encode("utf-8")
+                bad = "\ufffd" in text
+            except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+                raise ParseError(f"answer to {t} is not valid UTF-8 ({exc.reason} at byte {exc.start}): "
+                                 f"{ascii(value)[:120]}") from exc
+            if bad:
+                raise ParseError(f"answer to {t} holds bytes that are not UTF-8 (U+FFFD): {ascii(value)[:120]}")
+            if isinstance(value, bytes):
+                batch[f"answer_{t}"][i] = text
+
+    def _said_none(self, batch: Batch, i: int) -> bool:
+        """Whether the detection answer is the template's "none" sentence (an empty parse that is an answer)."""
+        if "detect" not in self.tasks:
+            return False
+        from earthgpt.tasks import format_answer
+
+        none = format_answer("detect", [], (1, 1)).rstrip(".").lower()
+        return str(batch["answer_detect"][i]).strip().rstrip(".").lower().startswith(none)
 
     @staticmethod
     def _confidences(batch: Batch, i: int, det: Any) -> list[float]:
@@ -514,8 +575,9 @@ class ParseStage:
 class SceneResult:
     """Everything one finished scene contributes to the outputs.
 
-    ``committed`` is False when any of its tiles failed (or it could not be opened): then only its ``errors``
-    rows are written, and the next run tries the scene again.
+    ``committed`` is False when the scene could not be opened or every tile failed: then only its ``errors`` rows
+    are written. With some tiles failed (``tiles_failed``) the other tiles are committed and the failed ones are
+    ``errors`` rows; either way the next run tries the whole scene again (see docs/outputs.md).
     """
 
     meta: dict[str, Any]
@@ -676,12 +738,15 @@ def assemble_scene(rows: list[dict[str, Any]], settings: AssemblySettings) -> Sc
     rows = sorted(rows, key=lambda r: (int(r["row"]), int(r["col"])))
     planned = int(rows[0]["n_planned"])
     failed = [r for r in rows if str(r["status"]) == "failed"]
-    result = SceneResult(meta=meta, committed=not failed, tiles_planned=planned)
-    if failed:
-        result.tiles_failed = planned
-        for r in failed:
-            result.error_rows.append((_error(common, r, str(r["tile_id"]), now), _wkb(r["footprint_wkb"]) or footprint))
+    # a failed tile is an errors row; the scene's other tiles are committed all the same (and the whole scene is
+    # tried again next run, its new version replacing this one): a scene with no tile left is not committed
+    result = SceneResult(meta=meta, committed=len(failed) < len(rows), tiles_planned=planned)
+    result.tiles_failed = len(failed)
+    for r in failed:
+        result.error_rows.append((_error(common, r, str(r["tile_id"]), now), _wkb(r["footprint_wkb"]) or footprint))
+    if not result.committed:
         return result
+    rows = [r for r in rows if str(r["status"]) != "failed"]
     result.tiles_written = sum(1 for r in rows if str(r["status"]) == "ok")
     result.tiles_skipped = sum(1 for r in rows if str(r["status"]) == "skipped")
     kept = _nms(rows, settings)
