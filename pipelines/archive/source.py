@@ -430,7 +430,7 @@ def scene_rows(
 
 
 def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_policy: HrefPolicy,
-                        client: Any = None) -> dict[str, Any] | None:
+                        client: Any = None, quarantined: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """List a search known to fit in one page here, and count what a run would do with it (nothing is built).
 
     The nightly run of a quiet catalog matches a handful of items, usually all committed already (the search is
@@ -447,7 +447,8 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
 
     from catalogs.search import search_items
 
-    items = list(itertools.islice(search_items(spec.url, client=client, **spec.search_kwargs()), spec.page_size + 1))
+    items = list(itertools.islice(search_items(spec.url, client=client, **spec.search_kwargs(),
+                                               on_filter_error="yield"), spec.page_size + 1))
     if len(items) > spec.page_size:
         return None
     index: Mapping[tuple[str, str], Any] = {}
@@ -456,7 +457,8 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
         index = _window_index(committed.filter(pc.is_in(committed["scene_id"], value_set=ids)), Window(ids=("*",)))
     counts: dict[str, Any] = {}
     # scenes are not built here (no header reads): only whether any item needs work
-    rows = sum(b.num_rows for b in scene_rows(items, Window(), index, href_policy, counts, build_scenes=False))
+    rows = sum(b.num_rows for b in scene_rows(items, Window(), index, href_policy, counts, build_scenes=False,
+                                              quarantined=quarantined))
     counts["rows"] = rows
     return counts
 
@@ -598,3 +600,53 @@ class SourceStats:
             "max_updated": self.max_updated, "skip_reasons": dict(self.skip_reasons),
             "seen_retry": list(self.seen_retry),
         }
+
+
+# ------------------------------------------------------------------------------------------------- quarantine
+
+
+def next_attempts(
+    state: Mapping[str, Any] | None,
+    failed: Mapping[str, Mapping[str, Any]],
+    succeeded: Iterable[str],
+    *,
+    max_attempts: int,
+    run_id: str,
+) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """The state document's ``attempts`` and ``quarantined`` after a run.
+
+    A scene (or an item that could not become one) that failed ``max_attempts`` runs in a row is quarantined: the
+    state keeps its attempt count, its item's ``updated``, and its last error; the source skips it until the item
+    is updated (its ``updated`` differs from the one kept) or the user runs with ``--retry-quarantined``. A scene
+    that succeeds leaves both maps; one whose item was updated since it was quarantined counts again from zero.
+
+    Args:
+        state: The previous state document (``attempts``: key → failed runs in a row; ``quarantined``).
+        failed: ``scene_key -> {"updated", "error_type", "message"}`` of the scenes that failed in this run (a scene
+            with some failed tiles included).
+        succeeded: Keys of the scenes this run committed whole.
+        max_attempts: Failed runs in a row that quarantine a scene.
+        run_id: This run.
+
+    Returns:
+        ``(attempts, quarantined)``.
+    """
+    attempts: dict[str, int] = {str(k): int(v) for k, v in ((state or {}).get("attempts") or {}).items()}
+    quarantined: dict[str, dict[str, Any]] = dict((state or {}).get("quarantined") or {})
+    for key in succeeded:
+        attempts.pop(key, None)
+        quarantined.pop(key, None)
+    for key, info in failed.items():
+        updated = info.get("updated")
+        updated = updated if isinstance(updated, str) or updated is None else _iso(updated)
+        held = quarantined.get(key)
+        if held is not None and held.get("updated") != updated:
+            attempts.pop(key, None)  # a new version of the item: its failures count afresh
+        n = attempts.get(key, 0) + 1
+        attempts[key] = n
+        if n >= max_attempts:
+            quarantined[key] = {"attempts": n, "updated": updated, "error_type": str(info.get("error_type") or ""),
+                                "message": str(info.get("message") or "")[:500], "run_id": run_id}
+        else:
+            quarantined.pop(key, None)
+    return attempts, quarantined
