@@ -63,6 +63,8 @@ GDAL_CLOUD_DEFAULTS: dict[str, str] = {
     "CPL_VSIL_CURL_USE_HEAD": "NO",  # the first ranged GET tells the size; a HEAD is one request more
 }
 
+_MAX_DECIMATION = 16  # a whole-scene read decimated more than this, with no overviews, is sampled instead
+_SAMPLES_PER_SIDE = 4
 SUPPORTED_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 
 def configure_gdal(overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -126,6 +128,8 @@ def classify_raster_error(
         ``AssetAccessDenied`` (401/403, permission), or ``CorruptRaster``; the message keeps GDAL's cause.
     """
     text = _error_text(exc)
+    if href and href not in text:  # S3 says "The specified key does not exist." without naming it
+        text = f"{href}: {text}"
     code = _HTTP_CODE.search(text)
     kw: dict[str, Any] = {"item_id": item_id, "asset": asset, "href": href, "stage": stage}
     if _NETWORK.search(text) or (code and (code.group(1).startswith("5") or code.group(1) == "429")):
@@ -406,12 +410,33 @@ class SceneReader:
         h, w = self.shape
         factor = max(1, math.ceil(max(h, w) / spec.overview_size))
         out_shape = (max(1, math.ceil(h / factor)), max(1, math.ceil(w / factor)))
-        values, valid = self._read_decoded(Window(0, 0, w, h), out_shape=out_shape, resampling=Resampling.nearest)
+        ref = self._bands.get(self.recipe.reference_band)
+        if factor > _MAX_DECIMATION and ref is not None and not ref.ds.overviews(1):
+            values, valid = self._sampled_values(spec.overview_size)
+        else:
+            values, valid = self._read_decoded(Window(0, 0, w, h), out_shape=out_shape,
+                                               resampling=Resampling.nearest)
         try:
             return self.recipe.compute_stretch(values, valid)
         except AllNodata as exc:
             exc.item_id = self.scene.id
             raise
+
+    def _sampled_values(self, overview_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Band values from a grid of small windows spread over the scene, side by side in one row.
+
+        A large raster without overviews (not a COG) would have every block read by a decimated whole-scene read
+        (a header claiming 200,000 x 200,000 pixels: ~10^10 pixels); the sample costs ``overview_size``² pixels.
+        """
+        h, w = self.shape
+        side = max(1, overview_size // _SAMPLES_PER_SIDE)
+        rows = np.linspace(0, max(0, h - side), _SAMPLES_PER_SIDE).astype(int)
+        cols = np.linspace(0, max(0, w - side), _SAMPLES_PER_SIDE).astype(int)
+        parts = [self._read_decoded(Window(int(c), int(r), min(side, w), min(side, h)),
+                                    out_shape=(min(side, h), min(side, w))) for r in rows for c in cols]
+        values = {name: np.concatenate([v[name].reshape(1, -1) for v, _ in parts], axis=1) for name in parts[0][0]}
+        valid = np.concatenate([ok.reshape(1, -1) for _, ok in parts], axis=1)
+        return values, valid
 
     def _read_band(
         self, band: _Band, window: Window, out_shape: tuple[int, int], resampling: Resampling

@@ -260,6 +260,23 @@ def _edge_time(client: Any, kwargs: dict[str, Any], direction: str) -> datetime 
 # ------------------------------------------------------------------------------------------------- the read task
 
 
+def _missing_fields(item: Mapping[str, Any]) -> list[str]:
+    """The fields the STAC item spec requires that the item lacks (``geometry`` may be null, not absent; an item
+    needs ``datetime`` or both ``start_datetime`` and ``end_datetime``)."""
+    missing = [f for f in ("id", "geometry", "properties", "assets") if f not in item]
+    props = item.get("properties")
+    if isinstance(props, Mapping) and props.get("datetime") is None and not (
+            props.get("start_datetime") and props.get("end_datetime")):
+        missing.append("properties.datetime (or start_datetime and end_datetime)")
+    elif props is not None and not isinstance(props, Mapping):
+        missing.append("properties (an object)")
+    assets = item.get("assets")
+    if isinstance(assets, Mapping):
+        missing += [f"assets.{key}.href" for key, asset in assets.items()
+                    if not isinstance(asset, Mapping) or not asset.get("href")]
+    return missing
+
+
 def _meta(item: Mapping[str, Any], prev: tuple[str, str] | None) -> dict[str, Any]:
     """What the rest of the job needs of an item that did not become a scene, plus its superseded version."""
     props = item.get("properties") or {}
@@ -384,8 +401,9 @@ def scene_rows(
             counts["seen_retry"].append(key)
         try:
             updated = parse_time((item.get("properties") or {}).get("updated"))
-        except (ValueError, TypeError):
-            updated = None
+            updated_error = None
+        except (ValueError, TypeError) as exc:
+            updated, updated_error = None, exc
         if updated is not None and (counts["max_updated"] is None or updated > counts["max_updated"]):
             counts["max_updated"] = updated
         if window.ids and retry_after is not None and updated is not None and updated >= retry_after:
@@ -405,8 +423,14 @@ def scene_rows(
         try:
             if not item_id:
                 raise InvalidItem("item has no id")
+            missing = _missing_fields(item)
+            if missing:
+                raise InvalidItem(f"item {item_id}: missing required STAC field(s): {', '.join(missing)}")
             if time_error is not None:
                 raise InvalidItem(f"item {item_id}: unreadable datetime ({time_error})")
+            if updated_error is not None:
+                raise InvalidItem(f"item {item_id}: unreadable updated "
+                                  f"{(item.get('properties') or {}).get('updated')!r} ({updated_error})")
             if FILTER_ERROR_KEY in item:
                 raise InvalidItem(str(item[FILTER_ERROR_KEY]), item_id=item_id, stage="search")
             if build_scenes:

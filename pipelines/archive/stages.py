@@ -229,7 +229,7 @@ class ReadStage:
             return out
 
         try:
-            tiles = plan_tiles(scene.height, scene.width, self.tile_size, self.overlap)
+            tiles = _lazy_tiles(scene.height, scene.width, self.tile_size, self.overlap)
         except (SceneError, ValueError) as exc:
             yield _columns([row(0, status="scene_failed", **_error_fields(exc, "plan"))], self.adds)
             return
@@ -269,6 +269,30 @@ class ReadStage:
             reader.close()
         if rows:
             yield _columns(rows, self.adds)
+
+
+class _lazy_tiles(Sequence[Any]):  # noqa: N801 - used like plan_tiles
+    """:func:`catalogs.tiling.plan_tiles` without the list: a header claiming 200,000 x 200,000 pixels plans ~10^7
+    tiles, which are counted and made one at a time, never held together."""
+
+    def __init__(self, height: int, width: int, size: int, overlap: int) -> None:
+        self._rows = [t.window.row_off for t in plan_tiles(height, size, size, overlap)]
+        self._cols = [t.window.col_off for t in plan_tiles(size, width, size, overlap)]
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._rows) * len(self._cols)
+
+    def __getitem__(self, k: Any) -> Any:
+        from rasterio.windows import Window
+
+        from catalogs.tiling import Tile
+
+        i, j = divmod(int(k), len(self._cols))
+        if not 0 <= i < len(self._rows):
+            raise IndexError(k)
+        return Tile(row=i, col=j, window=Window(col_off=self._cols[j], row_off=self._rows[i], width=self._size,
+                                                height=self._size))
 
 
 # -------------------------------------------------------------------------------------------------------- model
