@@ -279,3 +279,73 @@ def test_every_planned_tile_exactly_once(zoo):
     print(outcome)
     assert outcome.exactly_once, outcome
     assert outcome.unexpected == 0 and outcome.written > 0 and outcome.errored > 0
+
+
+def test_a_scene_failing_max_attempts_runs_in_a_row_is_quarantined(ray_local, tmp_path):
+    """Quarantine on the embedded catalog (``rustac serve``) with local outputs: a scene whose asset is missing fails
+    two runs in a row (``output.max_attempts: 2``), is quarantined with its attempt count, skipped by a full scan,
+    tried again by ``--retry-quarantined``, and committed once its asset appears; ``errors`` keeps only its latest
+    attempt, so the tables stay exactly once through all five runs."""
+    from catalogs.toyworld import generate_toyworld
+    from pipelines.archive.job import _state_name
+    from pipelines.archive.ledger import Ledger
+    from pipelines.archive.source import SearchSpec
+
+    world = generate_toyworld(tmp_path / "world", scenes=1, seed=41, chips_per_scene=1,
+                              href_base=(tmp_path / "world").as_uri())
+    (item,) = load_items(world.items_path)
+    good_href = item["assets"]["red"]["href"]
+    bad = _variant(item, "q-bad")
+    bad["assets"]["red"]["href"] = good_href.replace(".tif", "-late.tif")  # not there yet
+    items_path = tmp_path / "items.ndjson"
+    items_path.write_text("".join(json.dumps(i) + "\n" for i in (item, bad)))
+    root = tmp_path / "out"
+    config = parse_config({
+        "catalog": {"embedded": {"collections": [str(p) for p in world.collection_paths.values()],
+                                 "items": str(items_path)},
+                    "collections": ["toyworld-optical"], "asset_prefixes": [(world.root / "cogs").as_uri()]},
+        "tiling": {"size": TILE, "overlap": 0, "min_valid_fraction": 0.25},
+        "actors": {"read_num_cpus": 0.5, "batch_size": 16},
+        "output": {"root": str(root), "max_attempts": 2},
+    })
+    store = OutputStore(str(root))
+    spec = SearchSpec(url="", collections=("toyworld-optical",), page_size=config.catalog.page_size,
+                      source_id=f"embedded:{items_path.resolve()}")
+    state_name = _state_name(config.output_key(), spec)
+    model = stand_in_model()
+
+    def state() -> dict[str, Any]:
+        return Ledger(store).read_state(state_name) or {}
+
+    def bad_errors() -> list[str]:
+        errors = read_table(store, "errors")
+        return [] if errors is None or errors.empty else list(errors[errors["scene_id"] == "q-bad"]["error_type"])
+
+    first = run(config, model_stage=model)
+    assert first.scenes_processed == 1 and first.scenes_failed == 1
+    assert state()["attempts"] == {"toyworld-optical/q-bad": 1} and state()["retry"] == ["toyworld-optical/q-bad"]
+    second = run(config, model_stage=model)  # the retry list brings it back: a second failure in a row
+    assert second.scenes_failed == 1
+    held = state()["quarantined"]["toyworld-optical/q-bad"]
+    assert held["attempts"] == 2 and held["error_type"] == "AssetNotFound" and state()["retry"] == []
+    assert bad_errors() == ["AssetNotFound"]  # the latest attempt only: the first run's row was replaced
+    third = run(config, model_stage=model, full_scan=True)  # listed again, and skipped
+    assert third.scenes_failed == 0 and third.skip_reasons["quarantined"] == 1
+    fourth = run(config, model_stage=model, retry_quarantined=True)  # tried on request; fails: quarantined again
+    assert fourth.scenes_failed == 1 and state()["quarantined"]["toyworld-optical/q-bad"]["attempts"] == 3
+    Path(bad["assets"]["red"]["href"].removeprefix("file://")).write_bytes(
+        Path(good_href.removeprefix("file://")).read_bytes())
+    fifth = run(config, model_stage=model, retry_quarantined=True)
+    assert fifth.scenes_processed == 1 and fifth.scenes_failed == 0
+    assert state()["quarantined"] == {} and state()["attempts"] == {} and bad_errors() == []
+    h, w = item["properties"]["proj:shape"]
+    tile_ids = [t.tile_id for t in plan_tiles(h, w, TILE, 0)]
+    outcome = check_exactly_once(
+        str(root), {("toyworld-optical", item["id"]): tile_ids, ("toyworld-optical", "q-bad"): tile_ids},
+        scenario="zoo-quarantine",
+        guarantee="a scene failing max_attempts runs in a row is quarantined, retried on request, then committed "
+                  "once; errors keep its latest attempt",
+        details={"runs": 5, "max_attempts": 2},
+    )
+    record(outcome)
+    assert outcome.exactly_once, outcome
