@@ -770,6 +770,7 @@ def assemble_scene(rows: list[dict[str, Any]], settings: AssemblySettings) -> Sc
         result.error_rows.append((_error(common, r, str(r["tile_id"]), now), _wkb(r["footprint_wkb"]) or footprint))
     if not result.committed:
         return result
+    grid_rows = rows  # the tile grid keeps a failed tile's cell (NaN)
     rows = [r for r in rows if str(r["status"]) != "failed"]
     result.tiles_written = sum(1 for r in rows if str(r["status"]) == "ok")
     result.tiles_skipped = sum(1 for r in rows if str(r["status"]) == "skipped")
@@ -799,7 +800,7 @@ def assemble_scene(rows: list[dict[str, Any]], settings: AssemblySettings) -> Sc
             record.update(_answers(r, kept_per_tile.get(str(r["tile_id"]), 0), settings))
         result.tile_rows.append((record, _wkb(r["footprint_wkb"])))
     output_key = ids.get("output_key", "")
-    result.grid = _grid(meta, rows, settings, output_key)
+    result.grid = _grid(meta, grid_rows, settings, output_key)
     result.scene_row = {
         **common, "updated": _time(meta.get("updated")), "sensor": meta.get("sensor"), "crs": meta.get("crs"),
         "height": meta.get("height"), "width": meta.get("width"), "transform": list(meta.get("transform") or ()),

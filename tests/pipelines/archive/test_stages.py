@@ -206,6 +206,8 @@ def test_assembler_waits_for_all_tiles_and_commits_a_scene_without_its_failed_ti
     (err, _), = result.error_rows
     assert err["tile_id"] == "t2" and err["error_type"] == "CorruptRaster" and err["stage"] == "read"
     assert result.summary()["tiles_failed"] == 1 and result.scene_row is not None
+    emb = result.grid.embedding  # the failed tile keeps its cell in the grid, as NaN
+    assert emb.shape[:2] == (2, 2) and np.isnan(emb[1, 0]).all() and not np.isnan(emb[0, 0]).any()
 
 
 def test_assembler_does_not_commit_a_scene_whose_every_tile_failed(world_scenes):
