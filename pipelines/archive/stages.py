@@ -858,7 +858,7 @@ def _grid(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], settings: 
         i, j = row_index[int(r["row_off"])], col_index[int(r["col_off"])]
         valid[i, j] = float(r["valid_fraction"])
         buf = r.get("embedding", b"")
-        if dim and len(buf):
+        if dim and len(buf) and str(r["status"]) != "failed":  # a failed tile: NaN, whatever it carries
             emb[i, j] = np.frombuffer(buf, dtype=np.float32)
     return SceneGrid(
         collection=str(meta.get("collection") or ""), scene_id=str(meta.get("id") or ""),
