@@ -1,8 +1,13 @@
 """Typed errors for bad scenes, so a job can record them as ``errors`` rows and go on with the next scene or tile.
 
 Every error a scene can cause derives from :class:`SceneError`, which carries the STAC item id, the stage that failed
-(``"scene"``, ``"open"``, ``"read"``, ``"recipe"``, ``"search"``, ``"ingest"``), and optionally the asset key and href.
-``error.record()`` gives the row the pipeline writes.
+(``"scene"``, ``"open"``, ``"read"``, ``"recipe"``, ``"search"``, ``"ingest"``, ``"model"``, ``"parse"``), and
+optionally the asset key and href. ``error.record()`` gives the row the pipeline writes.
+
+The ``error_type`` column is the class name; each class belongs to one **category** (:data:`ERROR_CATEGORIES`,
+documented in docs/outputs.md): ``network`` (transient: retried with backoff, then recorded), ``access`` (refused or
+absent: 401/403/404, an href outside the allow-list), ``corrupt`` (bytes or metadata that are broken), ``unsupported``
+(valid data the job cannot describe), ``model`` (the model stage failed or its text could not be used).
 """
 
 from __future__ import annotations
@@ -128,6 +133,58 @@ class AllNodata(SceneError):
     """A window holds no valid pixel in any band the recipe uses."""
 
     default_stage = "read"
+
+
+class NetworkError(SceneError):
+    """A transient failure reaching the data (DNS, refused or dropped connection, timeout, 5xx/429 after GDAL's own
+    retries); retried with backoff before it is recorded, and the scene is tried again on the next run."""
+
+    default_stage = "open"
+
+
+class UnsupportedScene(SceneError):
+    """The scene's grid cannot give a single usable tile (e.g. a 1x1-pixel scene), or the item's ``proj:shape``
+    contradicts the raster it describes."""
+
+    default_stage = "plan"
+
+
+class ModelError(SceneError):
+    """The model stage raised on a tile (the message keeps the original exception's type and text)."""
+
+    default_stage = "model"
+
+
+class ParseError(SceneError):
+    """The model's text could not be used: it parses to nothing, or it is not valid UTF-8."""
+
+    default_stage = "parse"
+
+
+ERROR_CATEGORIES: dict[str, str] = {
+    "NetworkError": "network",
+    "AssetAccessDenied": "access",
+    "AssetNotFound": "access",
+    "HrefNotAllowed": "access",
+    "CorruptRaster": "corrupt",
+    "InvalidItem": "corrupt",
+    "BandShapeMismatch": "corrupt",
+    "UnsupportedDataType": "unsupported",
+    "NoGeoreference": "unsupported",
+    "UnsupportedGeoreference": "unsupported",
+    "UnknownCollection": "unsupported",
+    "MissingAsset": "unsupported",
+    "UnsupportedScene": "unsupported",
+    "AllNodata": "unsupported",
+    "ModelError": "model",
+    "ParseError": "model",
+}
+"""``error_type`` → category; every :class:`SceneError` subclass is listed (a test checks it)."""
+
+
+def error_category(error_type: str) -> str:
+    """The category of an ``error_type`` value (``"other"`` for a type outside the vocabulary)."""
+    return ERROR_CATEGORIES.get(error_type, "other")
 
 
 class SearchError(Exception):

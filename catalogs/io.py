@@ -34,6 +34,7 @@ from catalogs.errors import (
     AssetNotFound,
     BandShapeMismatch,
     CorruptRaster,
+    NetworkError,
     NoGeoreference,
     SceneError,
     UnsupportedDataType,
@@ -62,6 +63,8 @@ GDAL_CLOUD_DEFAULTS: dict[str, str] = {
     "CPL_VSIL_CURL_USE_HEAD": "NO",  # the first ranged GET tells the size; a HEAD is one request more
 }
 
+_MAX_DECIMATION = 16  # a whole-scene read decimated more than this, with no overviews, is sampled instead
+_SAMPLES_PER_SIDE = 4
 SUPPORTED_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 
 def configure_gdal(overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -85,6 +88,27 @@ def configure_gdal(overrides: dict[str, str] | None = None) -> dict[str, str]:
 
 
 _HTTP_CODE = re.compile(r"HTTP (?:response )?code:?\s*(\d{3})", re.IGNORECASE)
+# curl's and GDAL's words for a failure to reach the server (not a property of the file)
+_NETWORK = re.compile(
+    r"Could not resolve host|Couldn't resolve|Could not connect|Failed to connect|Connection (?:refused|reset|timed "
+    r"out)|Operation timed out|timed out|SSL connect error|Empty reply from server|Recv failure|Send failure",
+    re.IGNORECASE,
+)
+NETWORK_RETRIES = 3  # further attempts after a network failure, GDAL's own HTTP retries aside
+NETWORK_BACKOFF_S = 0.5  # sleeps 0.5, 1, 2 s between them
+
+
+def _error_text(exc: BaseException) -> str:
+    """The exception's message with the GDAL messages rasterio chains under it ("Read failed. See previous
+    exception for details." alone names no cause)."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 5:
+        text = str(seen).strip()
+        if text and text not in parts:
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    return ": ".join(parts)
 
 
 def classify_raster_error(
@@ -100,11 +124,16 @@ def classify_raster_error(
         stage: ``open`` or ``read``.
 
     Returns:
-        ``AssetNotFound`` (404, no such file/key), ``AssetAccessDenied`` (403, permission), or ``CorruptRaster``.
+        ``NetworkError`` (DNS, connection, timeout, 5xx/429), ``AssetNotFound`` (404, no such file/key),
+        ``AssetAccessDenied`` (401/403, permission), or ``CorruptRaster``; the message keeps GDAL's cause.
     """
-    text = str(exc)
+    text = _error_text(exc)
+    if href and href not in text:  # S3 says "The specified key does not exist." without naming it
+        text = f"{href}: {text}"
     code = _HTTP_CODE.search(text)
     kw: dict[str, Any] = {"item_id": item_id, "asset": asset, "href": href, "stage": stage}
+    if _NETWORK.search(text) or (code and (code.group(1).startswith("5") or code.group(1) == "429")):
+        return NetworkError(f"network failure: {text}", **kw)
     if code and code.group(1) in ("401", "403") or "Access Denied" in text or "Permission denied" in text:
         return AssetAccessDenied(f"access denied: {text}", **kw)
     if (code and code.group(1) == "404") or "No such file" in text or "does not exist" in text:
@@ -163,10 +192,30 @@ def open_raster(path: str, *, item_id: str | None = None, asset: str | None = No
         AssetNotFound, AssetAccessDenied, CorruptRaster: When the file cannot be opened.
     """
     configure_gdal()
-    try:
-        return rasterio.open(path)
-    except RasterioError as exc:
-        raise classify_raster_error(exc, item_id=item_id, asset=asset, href=path, stage="open") from exc
+    return _with_network_retries(lambda: rasterio.open(path), item_id=item_id, asset=asset, href=path, stage="open")
+
+
+def _with_network_retries(call: Any, *, item_id: str | None, asset: str | None, href: str | None, stage: str) -> Any:
+    """Run a GDAL call; retry it with exponential backoff while it fails for network reasons, then raise the typed
+    error (a DNS hiccup is not a property of the file)."""
+    import time
+
+    for attempt in range(NETWORK_RETRIES + 1):
+        # GDAL remembers a failed /vsicurl/ or /vsis3/ path as missing: a retry must bypass that cache
+        prefix = href.split("/", 2)[1] if href and href.startswith("/vsi") else ""
+        retry_env = rasterio.Env(CPL_VSIL_CURL_NON_CACHED=f"/{prefix}/") if attempt and prefix else None
+        try:
+            with retry_env or contextlib.nullcontext():
+                return call()
+        except RasterioError as exc:
+            error = classify_raster_error(exc, item_id=item_id, asset=asset, href=href, stage=stage)
+            if not isinstance(error, NetworkError) or attempt == NETWORK_RETRIES:
+                if isinstance(error, NetworkError):
+                    error.message += f" (after {attempt + 1} attempts)"
+                raise error from exc
+            log.info("%s: %s; retrying in %.1f s", href, error.message, NETWORK_BACKOFF_S * 2**attempt)
+            time.sleep(NETWORK_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def read_header(path: str, *, item_id: str | None = None, asset: str | None = None) -> RasterHeader:
@@ -361,33 +410,52 @@ class SceneReader:
         h, w = self.shape
         factor = max(1, math.ceil(max(h, w) / spec.overview_size))
         out_shape = (max(1, math.ceil(h / factor)), max(1, math.ceil(w / factor)))
-        values, valid = self._read_decoded(Window(0, 0, w, h), out_shape=out_shape, resampling=Resampling.nearest)
+        ref = self._bands.get(self.recipe.reference_band)
+        if factor > _MAX_DECIMATION and ref is not None and not ref.ds.overviews(1):
+            values, valid = self._sampled_values(spec.overview_size)
+        else:
+            values, valid = self._read_decoded(Window(0, 0, w, h), out_shape=out_shape,
+                                               resampling=Resampling.nearest)
         try:
             return self.recipe.compute_stretch(values, valid)
         except AllNodata as exc:
             exc.item_id = self.scene.id
             raise
 
+    def _sampled_values(self, overview_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Band values from a grid of small windows spread over the scene, side by side in one row.
+
+        A large raster without overviews (not a COG) would have every block read by a decimated whole-scene read
+        (a header claiming 200,000 x 200,000 pixels: ~10^10 pixels); the sample costs ``overview_size``² pixels.
+        """
+        h, w = self.shape
+        side = max(1, overview_size // _SAMPLES_PER_SIDE)
+        rows = np.linspace(0, max(0, h - side), _SAMPLES_PER_SIDE).astype(int)
+        cols = np.linspace(0, max(0, w - side), _SAMPLES_PER_SIDE).astype(int)
+        parts = [self._read_decoded(Window(int(c), int(r), min(side, w), min(side, h)),
+                                    out_shape=(min(side, h), min(side, w))) for r in rows for c in cols]
+        values = {name: np.concatenate([v[name].reshape(1, -1) for v, _ in parts], axis=1) for name in parts[0][0]}
+        valid = np.concatenate([ok.reshape(1, -1) for _, ok in parts], axis=1)
+        return values, valid
+
     def _read_band(
         self, band: _Band, window: Window, out_shape: tuple[int, int], resampling: Resampling
     ) -> np.ndarray:
         """Read one band over a reference-grid window lying inside the scene, as stored."""
         ds = band.ds
-        env = band.access.env() if band.access is not None else contextlib.nullcontext()
-        try:
+
+        def read() -> np.ndarray:
+            env = band.access.env() if band.access is not None else contextlib.nullcontext()
             with env:
                 if band.same_grid:
-                    data = ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
-                else:
-                    bounds = window_bounds(window, self.transform)
-                    src = from_bounds(*bounds, transform=ds.transform)
-                    data = ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling,
-                                   boundless=False)
-        except RasterioError as exc:
-            asset = self.scene.bands[band.name]
-            raise classify_raster_error(
-                exc, item_id=self.scene.id, asset=asset.key, href=asset.href, stage="read"
-            ) from exc
+                    return ds.read(1, window=window, out_shape=out_shape, resampling=resampling)
+                bounds = window_bounds(window, self.transform)
+                src = from_bounds(*bounds, transform=ds.transform)
+                return ds.read(1, window=src, out_shape=out_shape, resampling=self._resampling, boundless=False)
+
+        asset = self.scene.bands[band.name]
+        data: np.ndarray = _with_network_retries(read, item_id=self.scene.id, asset=asset.key, href=asset.href,
+                                                 stage="read")
         return data
 
     def _read_decoded(

@@ -8,13 +8,17 @@
 - ``updated_since`` (for incremental runs) is sent as a text comparison on ``updated`` with a bound one second early
   (servers hold ``updated`` as a string; pgstac fails on a timestamp literal for it), and the exact condition
   ``updated >= T`` is always checked client-side.
+- A client-side filter that cannot be *evaluated* on an item (a property of the wrong type, a timestamp that does
+  not parse) is not taken as "no match": the item is counted (``stats["filter_errors"]``) and, with
+  ``on_filter_error="yield"``, passed on with :data:`FILTER_ERROR_KEY` set so that a job records it as an ``errors``
+  row. A property the item lacks (or holds as null) is a plain non-match, as CQL2 says.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import cql2
@@ -26,7 +30,7 @@ from pystac_client.stac_api_io import StacApiIO
 from requests.exceptions import RequestException
 from urllib3.util.retry import Retry
 
-from catalogs.errors import SceneError, SearchError
+from catalogs.errors import InvalidItem, SceneError, SearchError
 from catalogs.hrefs import HrefPolicy
 from catalogs.recipes import Recipe
 from catalogs.scene import Scene
@@ -34,6 +38,7 @@ from catalogs.scene import Scene
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
+FILTER_ERROR_KEY = "earthgpt:filter_error"  # set on an item whose client-side filter could not be evaluated
 _warned_client_side: set[str] = set()
 
 BBox = Sequence[float]
@@ -111,11 +116,36 @@ def _and(*parts: dict[str, Any] | None) -> dict[str, Any] | None:
     return args[0] if len(args) == 1 else {"op": "and", "args": args}
 
 
-def _matches(expr: cql2.Expr, item: dict[str, Any]) -> bool:
+def _properties(expr: Any) -> set[str]:
+    """The property names a CQL2-JSON expression reads."""
+    if isinstance(expr, dict):
+        if set(expr) == {"property"}:
+            return {str(expr["property"])}
+        return {name for v in expr.values() for name in _properties(v)}
+    if isinstance(expr, list):
+        return {name for v in expr for name in _properties(v)}
+    return set()
+
+
+_TOP_LEVEL = {"id", "collection", "geometry", "bbox"}
+
+
+class FilterEvaluationError(ValueError):
+    """A CQL2 filter could not be evaluated on an item whose properties are all present (a malformed value)."""
+
+
+def _matches(expr: cql2.Expr, item: dict[str, Any], names: set[str]) -> bool:
     try:
         return bool(expr.matches(item))
-    except Exception:  # a property the item lacks: CQL2 comparisons with null are not true
-        return False
+    except Exception as exc:
+        props = item.get("properties") or {}
+        absent = [n for n in names if (item.get(n) if n in _TOP_LEVEL else props.get(n)) is None]
+        if absent:  # a property the item lacks: CQL2 comparisons with null are not true
+            return False
+        raise FilterEvaluationError(
+            f"CQL2 filter {expr.to_text()!r} cannot be evaluated on item {item.get('id')!r} "
+            f"({', '.join(f'{n}={props.get(n, item.get(n))!r}' for n in sorted(names))}): {exc}"
+        ) from exc
 
 
 def search_items(
@@ -134,6 +164,8 @@ def search_items(
     retries: int = 4,
     backoff: float = 0.5,
     timeout: float = 30.0,
+    on_filter_error: str = "drop",
+    stats: MutableMapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield STAC item dicts matching a search, one page at a time.
 
@@ -152,6 +184,9 @@ def search_items(
         retries: Retries per request.
         backoff: Backoff factor in seconds.
         timeout: Seconds per request.
+        on_filter_error: An item the client-side filter cannot be evaluated on is counted and logged, then
+            ``"drop"``-ped or ``"yield"``-ed with :data:`FILTER_ERROR_KEY` holding the reason.
+        stats: Counters filled here: ``filter_errors``.
 
     Yields:
         Item dicts (as the API returned them).
@@ -160,6 +195,10 @@ def search_items(
         SearchError: When the API fails after the retries.
         ValueError: On an invalid filter.
     """
+    if on_filter_error not in ("drop", "yield"):
+        raise ValueError("on_filter_error must be 'drop' or 'yield'")
+    stats = stats if stats is not None else {}
+    stats.setdefault("filter_errors", 0)
     client = client or open_client(url, retries=retries, backoff=backoff, timeout=timeout)
     user_filter = to_cql2_json(filter)
     since = server_since = None
@@ -180,6 +219,7 @@ def search_items(
     # updated_since is always re-checked here: some servers compare timestamps as text.
     local = _and(None if server_side else user_filter, since)
     local_expr = cql2.Expr(local) if local else None
+    local_names = _properties(local)
     geo = getattr(intersects, "__geo_interface__", None)
     if geo is not None:
         intersects = geo
@@ -204,8 +244,16 @@ def search_items(
     try:
         for page in search.pages_as_dicts():
             for feature in page.get("features", []):
-                if local_expr is not None and not _matches(local_expr, feature):
-                    continue
+                if local_expr is not None:
+                    try:
+                        if not _matches(local_expr, feature, local_names):
+                            continue
+                    except FilterEvaluationError as exc:
+                        stats["filter_errors"] += 1
+                        log.warning("%s", exc)
+                        if on_filter_error == "drop":
+                            continue
+                        feature = {**feature, FILTER_ERROR_KEY: str(exc)}
                 yield feature
                 yielded += 1
                 if max_items is not None and yielded >= max_items:
@@ -258,9 +306,12 @@ def search_scenes(
     items = search_items(
         url, collections=collections, bbox=bbox, intersects=intersects, datetime=datetime, filter=filter,
         updated_since=updated_since, max_items=max_items, page_size=page_size, client=client,
+        on_filter_error="yield",
     )
     for item in items:
         try:
+            if FILTER_ERROR_KEY in item:
+                raise InvalidItem(str(item[FILTER_ERROR_KEY]), item_id=item.get("id"), stage="search")
             yield Scene.from_item(
                 item, recipes=recipes, href_policy=href_policy, read_header_if_missing=read_header_if_missing
             )
@@ -269,3 +320,11 @@ def search_scenes(
             if on_error == "raise":
                 raise
             yield exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # a malformed item from a catalog nobody here controls (e.g. `updated: "not-a-date"`) is a bad item,
+            # never the end of the search
+            error = InvalidItem(f"item {item.get('id')!r} is malformed: {type(exc).__name__}: {str(exc)[:500]}",
+                                item_id=item.get("id"))
+            if on_error == "raise":
+                raise error from exc
+            yield error

@@ -269,12 +269,15 @@ class OutputConfig(_Strict):
         commit_seconds: ... or once its oldest finished scene has waited this long. ``None``: no time limit. With
             both ``None`` the whole run is one unit. Commits never stop the model: it works on while a unit is
             staged and committed, and a crash loses only the scenes not yet committed.
+        max_attempts: A scene (or item) that failed this many runs in a row is quarantined: skipped until its item
+            is updated or the run is given ``--retry-quarantined`` (see docs/outputs.md).
     """
 
     root: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
     commit_tiles: int | None = Field(default=2048, ge=1)
     commit_seconds: float | None = Field(default=300.0, gt=0.0)
+    max_attempts: int = Field(default=3, ge=1)
 
     @model_validator(mode="before")
     @classmethod

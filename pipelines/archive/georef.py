@@ -5,7 +5,8 @@ Conventions:
 - Pixel boxes are ``[x1, y1, x2, y2]`` in pixel *edges* (column, row), so a box covering pixel (0, 0) alone is
   ``[0, 0, 1, 1]``; the scene's affine ``transform`` maps edge coordinates to the CRS, like rasterio's.
 - WGS84 geometries follow RFC 7946: longitude first, and a footprint crossing the antimeridian is split into a
-  MultiPolygon on either side of ±180° rather than wrapping the long way round the globe.
+  MultiPolygon on either side of ±180° rather than wrapping the long way round the globe. A footprint containing a
+  pole (polar stereographic scenes, EPSG:3413 / EPSG:3031) becomes one polygon from -180° to 180° reaching ±90°.
 """
 
 from __future__ import annotations
@@ -115,22 +116,86 @@ def _to_wgs84_transformer(crs_key: str) -> Transformer:
     return Transformer.from_crs(CRS.from_user_input(crs_key), CRS.from_epsg(4326), always_xy=True)
 
 
-def _split_antimeridian(geom: shapely.Geometry) -> shapely.Geometry:
-    """Split a lon/lat polygon whose longitudes jump across ±180° into parts on either side."""
-    coords = shapely.get_coordinates(geom)
-    if len(coords) == 0 or np.ptp(coords[:, 0]) <= 180.0:
+@lru_cache(maxsize=64)
+def _poles_in_crs(crs_key: str) -> tuple[tuple[float, float, float], ...]:
+    """The poles a CRS can represent: ``(x, y, latitude)`` of each pole with finite coordinates in it."""
+    to_crs = Transformer.from_crs(CRS.from_epsg(4326), CRS.from_user_input(crs_key), always_xy=True)
+    poles = []
+    for lat in (90.0, -90.0):
+        try:
+            x, y = to_crs.transform(0.0, lat, errcheck=True)
+        except Exception:  # a pole outside the projection's domain (e.g. the south pole in EPSG:3413)
+            continue
+        if np.isfinite(x) and np.isfinite(y):
+            poles.append((float(x), float(y), lat))
+    return tuple(poles)
+
+
+def _unwrap(lon: np.ndarray) -> np.ndarray:
+    """Longitudes along a ring made continuous: each step is taken the short way round (|step| <= 180°)."""
+    step = (np.diff(lon) + 180.0) % 360.0 - 180.0
+    return np.concatenate([lon[:1], lon[0] + np.cumsum(step)])
+
+
+def _cut_at_antimeridian(poly: shapely.Polygon) -> list[shapely.Polygon]:
+    """A polygon with continuous (possibly out-of-range) longitudes cut into parts inside [-180°, 180°]."""
+    minx, _, maxx, _ = poly.bounds
+    parts: list[shapely.Polygon] = []
+    for k in range(int(np.floor((minx + 180.0) / 360.0)), int(np.ceil((maxx - 180.0) / 360.0)) + 1):
+        piece = shapely.intersection(poly, shapely.box(360.0 * k - 180.0, -90.0, 360.0 * k + 180.0, 90.0))
+        if k:
+            piece = shapely.transform(piece, lambda xy, k=k: xy - [360.0 * k, 0.0])
+        parts += [p for p in shapely.get_parts(piece) if isinstance(p, shapely.Polygon) and p.area > 0]
+    return parts
+
+
+def _polar_cap(lon: np.ndarray, lat: np.ndarray, pole_lat: float) -> shapely.Polygon:
+    """The polygon of a ring that winds once round a pole: cut where it crosses ±180°, closed along the pole.
+
+    ``lon`` is unwrapped, so its last value is its first ± 360°; the result runs from -180° to 180° and reaches
+    ``pole_lat`` (the polygon contains the pole, as the ring in the projected CRS does).
+    """
+    turn = lon[-1] - lon[0]
+    lo, hi = min(lon[0], lon[-1]), max(lon[0], lon[-1])
+    cut = 180.0 + 360.0 * np.ceil((lo - 180.0) / 360.0)  # a longitude ≡ 180° that the ring passes
+    if cut > hi:
+        cut -= 360.0
+    i = next(k for k in range(len(lon) - 1)
+             if min(lon[k], lon[k + 1]) <= cut <= max(lon[k], lon[k + 1]) and lon[k] != lon[k + 1])
+    f = (cut - lon[i]) / (lon[i + 1] - lon[i])
+    cross_lat = lat[i] + f * (lat[i + 1] - lat[i])
+    seq_lon = np.concatenate([[cut], lon[i + 1 :], lon[1 : i + 1] + turn, [cut + turn]])
+    seq_lat = np.concatenate([[cross_lat], lat[i + 1 :], lat[1 : i + 1], [cross_lat]])
+    shift = (-180.0 - cut) if turn > 0 else (180.0 - cut)
+    seq_lon = np.clip(seq_lon + shift, -180.0, 180.0)
+    ring = np.column_stack([seq_lon, seq_lat])
+    end, start = seq_lon[-1], seq_lon[0]
+    ring = np.vstack([ring, [[end, pole_lat], [start, pole_lat]], ring[:1]])
+    return shapely.Polygon(ring)
+
+
+def _wrap_lonlat(geom: shapely.Geometry, source: shapely.Geometry,
+                 poles: Sequence[tuple[float, float, float]]) -> shapely.Geometry:
+    """Fix a reprojected polygon whose ring jumps across ±180° or winds round a pole.
+
+    A ring whose unwrapped longitudes return to their start is cut at the antimeridian into a MultiPolygon; one
+    that winds once round the globe holds a pole (found in the source CRS, where the ring really contains it) and
+    becomes a polygon reaching that pole's latitude.
+    """
+    if not isinstance(geom, shapely.Polygon) or geom.is_empty:
         return geom
-    # unwrap onto [0, 360): the footprint becomes contiguous, then cut at 180 and shift the east part back
-    unwrapped = shapely.transform(geom, lambda xy: np.where(xy[:, :1] < 0, xy + [360.0, 0.0], xy))
-    west = shapely.intersection(unwrapped, shapely.box(-180.0, -90.0, 180.0, 90.0))
-    east = shapely.intersection(unwrapped, shapely.box(180.0, -90.0, 540.0, 90.0))
-    east = shapely.transform(east, lambda xy: xy - [360.0, 0.0])
-    parts = [
-        p
-        for g in (west, east)
-        for p in (shapely.get_parts(g) if not g.is_empty else [])
-        if isinstance(p, shapely.Polygon) and p.area > 0
-    ]
+    ring = shapely.get_coordinates(geom.exterior)
+    lon = _unwrap(ring[:, 0])
+    if np.allclose(lon, ring[:, 0]):
+        return geom  # no jump across ±180°
+    turn = lon[-1] - lon[0]
+    if abs(turn) > 180.0:
+        inside = [lat for x, y, lat in poles if shapely.contains_xy(source, x, y)]
+        pole_lat = inside[0] if inside else (90.0 if float(np.mean(ring[:, 1])) >= 0 else -90.0)
+        return _polar_cap(lon, ring[:, 1], pole_lat)
+    parts = _cut_at_antimeridian(shapely.Polygon(np.column_stack([lon, ring[:, 1]])))
+    if not parts:
+        return geom
     return shapely.MultiPolygon(parts) if len(parts) > 1 else parts[0]
 
 
@@ -156,9 +221,11 @@ def to_wgs84(geoms: np.ndarray | Sequence[shapely.Geometry], crs: str | CRS) -> 
 
     out = shapely.transform(geoms, reproject)
     bounds = shapely.bounds(out)
-    crossing = (bounds[:, 2] - bounds[:, 0]) > 180.0
-    for i in np.flatnonzero(crossing):
-        out[i] = _split_antimeridian(out[i])
+    crossing = (bounds[:, 2] - bounds[:, 0]) > 180.0  # a jump across ±180°, or a ring round a pole
+    if crossing.any():
+        poles = _poles_in_crs(key)
+        for i in np.flatnonzero(crossing):
+            out[i] = _wrap_lonlat(out[i], geoms[i], poles)
     invalid = ~shapely.is_valid(out)
     if invalid.any():
         out[invalid] = shapely.make_valid(out[invalid])

@@ -50,6 +50,7 @@ from pipelines.archive.source import (
     SearchSpec,
     SourceStats,
     Window,
+    next_attempts,
     parse_time,
     plan_windows,
     small_search_counts,
@@ -262,6 +263,7 @@ def stage_unit(
     staging_dir: str,
     output_key: str,
     *results: SceneResult,
+    retried: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Write one unit's files under its staging folder: table rows, rewritten copies of superseded files, and the
     Zarr group of each committed scene. Runs in a Ray task; returns only paths and ids (the driver commits).
@@ -273,6 +275,8 @@ def stage_unit(
         staging_dir: Where to stage.
         output_key: The config's output key.
         *results: The unit's finished scenes.
+        retried: Keys of scenes that failed in earlier runs: their old ``errors`` rows are replaced by this
+            attempt's (the ``errors`` table holds each scene's latest attempt).
 
     Returns:
         ``publish`` (staged, final) pairs, ``delete`` paths, and the committed ``scenes``.
@@ -296,6 +300,18 @@ def stage_unit(
     if superseded:
         publish, delete = rewrite_without(store, staging_dir, unit_id, ("scenes", "tiles", "detections"),
                                           superseded, output_key)
+    old_errors: dict[tuple[str, str], set[str]] = {}
+    for r in results:
+        for date in {str(r.meta.get("prev_date") or ""), r.date} if r.key in retried else ():
+            if date:
+                old_errors.setdefault((r.collection, date), set()).add(r.scene_id)
+    for r in ok:  # a superseded version's errors go with its rows
+        if r.meta.get("prev_date"):
+            old_errors.setdefault((r.collection, str(r.meta["prev_date"])), set()).add(r.scene_id)
+    if old_errors:
+        more, gone = rewrite_without(store, staging_dir, unit_id, ("errors",), old_errors, output_key)
+        publish += more
+        delete += gone
     publish += stage_table(store, staging_dir, "scenes", unit_id,
                            [(r.collection, r.date, r.scene_row, _geometry(r)) for r in ok if r.scene_row])
     publish += stage_table(store, staging_dir, "tiles", unit_id,
@@ -369,7 +385,9 @@ class UnitCommitter:
         self.closed: collections.deque[_Unit] = collections.deque()
         self.staging: _Unit | None = None
         self.failed_keys: set[str] = set()
+        self.failed_info: dict[str, dict[str, Any]] = {}  # key -> updated, first error (for the quarantine)
         self.committed_keys: set[str] = set()
+        self.retried: frozenset[str] = frozenset()  # scenes that failed before (their old errors rows go)
         self.scenes_done = 0
         self._units = 0
 
@@ -406,7 +424,8 @@ class UnitCommitter:
             unit = self.closed.popleft()
             staging_dir = self.ledger.staging_dir(unit.unit_id)
             unit.stage_ref = self._stage.remote(self.store.url(), self.store.storage_options, unit.unit_id,
-                                                staging_dir, self.output_key, *[r for _, r in unit.parts])
+                                                staging_dir, self.output_key, *[r for _, r in unit.parts],
+                                                retried=self.retried)
             self.staging = unit
 
     def finish(self) -> None:
@@ -437,24 +456,36 @@ class UnitCommitter:
             s.detections += scene["detections"]
             s.errors += scene["errors"]
             s.detections_by_label.update(scene["labels"])
-            if scene["committed"]:
+            if scene["committed"] and scene["tiles_failed"]:  # committed without its failed tiles: retried
+                s.scenes_processed += 1
+                self._failed(scene)
+                line = (f"{scene['tiles_written']} tiles, {scene['tiles_skipped']} skipped, {scene['tiles_failed']} "
+                        f"FAILED, {scene['detections']} detections; " + _failure_line(scene).split("; ")[0])
+            elif scene["committed"]:
                 s.scenes_processed += 1
                 self.committed_keys.add(scene["key"])
                 line = (f"{scene['tiles_written']} tiles, {scene['tiles_skipped']} skipped, "
                         f"{scene['detections']} detections")
             else:
                 s.scenes_failed += 1
-                self.failed_keys.add(scene["key"])
+                self._failed(scene)
                 line = _failure_line(scene)
             self.say(f"  [{self.scenes_done}] {scene['key']}: {line}")
         self.say(f"committed unit {unit.unit_id}: {len(summaries)} scenes, {unit.tiles} tiles")
+
+    def _failed(self, scene: Mapping[str, Any]) -> None:
+        first = scene.get("first_error") or {}
+        self.failed_keys.add(scene["key"])
+        self.failed_info[scene["key"]] = {"updated": scene.get("updated"), "error_type": first.get("error_type"),
+                                          "message": first.get("message")}
 
 
 # ----------------------------------------------------------------------------------------------------------- the job
 
 
 def _dataset(config: InferConfig, spec: SearchSpec, windows: Sequence[Window], committed_ref: Any,
-             policy: HrefPolicy, stats: Any, retry_after: datetime | None, model_stage: type) -> Any:
+             policy: HrefPolicy, stats: Any, retry_after: datetime | None, model_stage: type,
+             quarantined: Mapping[str, Any] | None = None) -> Any:
     import ray
 
     actors = config.actors
@@ -473,7 +504,8 @@ def _dataset(config: InferConfig, spec: SearchSpec, windows: Sequence[Window], c
     # a stage whose input lacks a column fails here, naming it, not three stages into the run
     check_chain(SCENE_COLUMNS, [read, _ModelColumns(model_stage, config), parse])
     ds = ray.data.read_datasource(
-        window_datasource(spec, windows, committed_ref, policy, stats, retry_after=retry_after),
+        window_datasource(spec, windows, committed_ref, policy, stats, retry_after=retry_after,
+                          quarantined=quarantined),
         override_num_blocks=len(windows), num_cpus=actors.read_num_cpus,
     )
     if config.catalog.max_items is not None:
@@ -551,7 +583,7 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
 
 
 def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelStage,
-        full_scan: bool = False) -> RunSummary:
+        full_scan: bool = False, retry_quarantined: bool = False) -> RunSummary:
     """Run the archive inference job.
 
     Args:
@@ -560,6 +592,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
         model_stage: The model stage's callable class; it is built with :class:`~pipelines.archive.stages.ModelStage`'s
             keyword arguments and must add the same columns (another engine, or a perfect "oracle" in tests).
         full_scan: List the whole search (a reconcile) even when an earlier run left a watermark.
+        retry_quarantined: Try the quarantined scenes again (they are skipped otherwise until their item changes).
 
     Returns:
         The run's summary (also written as its ``runs`` row).
@@ -591,6 +624,16 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             state = None if (full_scan or not cat.incremental) else ledger.read_state(state_name)
             watermark = parse_time(state.get("watermark")) if state else None
             retry = list(state.get("retry", [])) if state else []
+            # the quarantine outlives --full-scan: it is read even when the watermark is not
+            held = ledger.read_state(state_name) if cat.incremental else None
+            quarantined: dict[str, Any] = dict((held or {}).get("quarantined") or {})
+            if retry_quarantined and quarantined:
+                retry = sorted(set(retry) | set(quarantined))
+                say(f"retrying {len(quarantined)} quarantined scenes")
+                quarantined = {}
+            elif quarantined:
+                say(f"{len(quarantined)} scenes quarantined (failed {config.output.max_attempts} runs in a row); "
+                    "skipped until their item is updated, or run with --retry-quarantined")
             if watermark is not None:
                 spec = SearchSpec(**{**spec.__dict__, "updated_since": watermark})
             summary.full_scan = watermark is None
@@ -617,7 +660,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             # a quiet night: a page at most, all committed -> no Ray, no model, just the bookkeeping
             if (len(windows) == len(plan.windows) == 1 and cat.max_items is None
                     and (plan.matched is None or plan.matched <= cat.page_size)):
-                quick = small_search_counts(spec, committed, policy, client=client)
+                quick = small_search_counts(spec, committed, policy, client=client, quarantined=quarantined)
                 if quick is not None and quick["rows"] == 0:
                     say(f"nothing to do: {quick['matched']} items listed, all committed")
                     _finish_quiet(summary, quick)
@@ -628,7 +671,10 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                     summary.watermark = new_mark
                     if cat.incremental:
                         ledger.write_state(state_name, {"watermark": new_mark, "retry": [], "run_id": summary.run_id,
-                                                        "output_key": output_key, "search": redact_text(spec.fingerprint())})
+                                                        "output_key": output_key,
+                                                        "search": redact_text(spec.fingerprint()),
+                                                        "attempts": (held or {}).get("attempts") or {},
+                                                        "quarantined": (held or {}).get("quarantined") or {}})
                     return summary
 
             # 3. one streaming execution: read → tiles → model actors → parse → collect → assemble → commit
@@ -644,10 +690,12 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 model=config.model.name_or_path, tile_size=config.tiling.size,
             )
             committer = UnitCommitter(config, store, ledger, summary.run_id, settings, summary, say)
+            committer.retried = frozenset((held or {}).get("attempts") or {}) | frozenset(retry)
             collector = SceneCollector()
             actors: dict[str, int] = {}
             plans: dict[str, str] = {}
-            ds = _dataset(config, spec, windows, committed_ref, policy, stats, watermark, model_stage)
+            ds = _dataset(config, spec, windows, committed_ref, policy, stats, watermark, model_stage,
+                          quarantined=quarantined)
             t_exec = t_said = time.perf_counter()
             tiles_seen = 0
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -688,9 +736,15 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
         summary.watermark = new_mark
         if cat.incremental and cat.max_items is None:  # a truncated listing must not move the watermark
             seen = set(source["seen_retry"]) | committer.committed_keys
-            still = sorted(committer.failed_keys | (set(retry) - seen))
+            attempts, now_held = next_attempts(held, committer.failed_info, committer.committed_keys,
+                                               max_attempts=config.output.max_attempts, run_id=summary.run_id)
+            still = sorted((committer.failed_keys | (set(retry) - seen)) - set(now_held))
+            for key in sorted(set(now_held) & committer.failed_keys):
+                say(f"  quarantined {key}: failed {now_held[key]['attempts']} runs in a row "
+                    f"({now_held[key]['error_type']})")
             ledger.write_state(state_name, {"watermark": new_mark, "retry": still, "run_id": summary.run_id,
-                                            "output_key": output_key, "search": redact_text(spec.fingerprint())})
+                                            "output_key": output_key, "search": redact_text(spec.fingerprint()),
+                                            "attempts": attempts, "quarantined": now_held})
     except KeyboardInterrupt:
         summary.status = "interrupted"
         raise
@@ -727,6 +781,8 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-items", type=int, help="override catalog.max_items")
     parser.add_argument("--full-scan", action="store_true",
                         help="list the whole search, not only items updated since the last run (a reconcile)")
+    parser.add_argument("--retry-quarantined", action="store_true",
+                        help="try again the scenes quarantined after failing output.max_attempts runs in a row")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     return parser
 
@@ -755,7 +811,7 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     say: Printer = (lambda _line: None) if args.quiet else (lambda line: print(line, flush=True))
     try:
-        summary = run(config, say=say, full_scan=args.full_scan)
+        summary = run(config, say=say, full_scan=args.full_scan, retry_quarantined=args.retry_quarantined)
     except Exception as exc:
         print(f"earthgpt run: failed: {redact_text(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1

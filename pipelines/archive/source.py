@@ -35,6 +35,7 @@ import shapely
 from catalogs.errors import InvalidItem, SceneError
 from catalogs.hrefs import HrefPolicy
 from catalogs.scene import Scene
+from catalogs.search import FILTER_ERROR_KEY
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,23 @@ def _edge_time(client: Any, kwargs: dict[str, Any], direction: str) -> datetime 
 # ------------------------------------------------------------------------------------------------- the read task
 
 
+def _missing_fields(item: Mapping[str, Any]) -> list[str]:
+    """The fields the STAC item spec requires that the item lacks (``geometry`` may be null, not absent; an item
+    needs ``datetime`` or both ``start_datetime`` and ``end_datetime``)."""
+    missing = [f for f in ("id", "geometry", "properties", "assets") if f not in item]
+    props = item.get("properties")
+    if isinstance(props, Mapping) and props.get("datetime") is None and not (
+            props.get("start_datetime") and props.get("end_datetime")):
+        missing.append("properties.datetime (or start_datetime and end_datetime)")
+    elif props is not None and not isinstance(props, Mapping):
+        missing.append("properties (an object)")
+    assets = item.get("assets")
+    if isinstance(assets, Mapping):
+        missing += [f"assets.{key}.href" for key, asset in assets.items()
+                    if not isinstance(asset, Mapping) or not asset.get("href")]
+    return missing
+
+
 def _meta(item: Mapping[str, Any], prev: tuple[str, str] | None) -> dict[str, Any]:
     """What the rest of the job needs of an item that did not become a scene, plus its superseded version."""
     props = item.get("properties") or {}
@@ -290,6 +308,7 @@ def read_window(
     href_policy: HrefPolicy,
     *,
     retry_after: datetime | None = None,
+    quarantined: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[pa.Table | None, dict[str, Any]]]:
     """Page one window's sub-search and yield blocks of scene rows, then the window's counters.
 
@@ -299,23 +318,27 @@ def read_window(
         committed: The ledger index (``collection, scene_id, date, updated, unit_id``) for the output key.
         href_policy: Which asset hrefs may be read.
         retry_after: For a retry window: items updated at or after this are left to the incremental windows.
+        quarantined: ``scene_key -> {"updated": ...}`` of quarantined scenes (see :func:`scene_rows`).
 
     Yields:
         ``(block, {})`` for each block of :data:`SCENE_COLUMNS` rows, then ``(None, counters)`` once.
     """
     from catalogs.search import search_items
 
+    search_stats: dict[str, int] = {}
     if window.ids:
         items = search_items(spec.url, collections=[window.collection] if window.collection
-                             else list(spec.collections), ids=list(window.ids), page_size=spec.page_size)
+                             else list(spec.collections), ids=list(window.ids), page_size=spec.page_size,
+                             on_filter_error="yield", stats=search_stats)
     else:
         kwargs = spec.search_kwargs()
         kwargs["datetime"] = window.datetime_param(spec.datetime)
-        items = search_items(spec.url, **kwargs)
+        items = search_items(spec.url, **kwargs, on_filter_error="yield", stats=search_stats)
     counts: dict[str, Any] = {}
     for block in scene_rows(items, window, _window_index(committed, window), href_policy, counts,
-                            retry_after=retry_after):
+                            retry_after=retry_after, quarantined=quarantined):
         yield block, {}
+    counts["filter_errors"] = search_stats.get("filter_errors", 0)
     yield None, counts
 
 
@@ -329,6 +352,7 @@ def scene_rows(
     retry_after: datetime | None = None,
     block_scenes: int = _BLOCK_SCENES,
     build_scenes: bool = True,
+    quarantined: Mapping[str, Any] | None = None,
 ) -> Iterator[pa.Table]:
     """Items → blocks of scene rows: keep the window's own items, drop repeats and committed scenes, turn the rest
     into scenes. An item that cannot become one (no asset, a refused href, no id, a timestamp that does not parse,
@@ -344,6 +368,10 @@ def scene_rows(
         retry_after: For a retry window: items updated at or after this are left to the incremental windows.
         block_scenes: Rows per block.
         build_scenes: Build each item's scene (``False``: only decide which items need work).
+        quarantined: ``scene_key -> {"updated": ...}``: scenes that failed too many runs in a row; skipped
+            (reason ``quarantined``) until the item's ``updated`` changes. A retry window (by ids) processes its
+            scenes whatever the ledger and the quarantine say: it is how failed tiles of a committed scene and
+            ``--retry-quarantined`` are tried again (the new version supersedes the committed one).
 
     Yields:
         Arrow tables of :data:`SCENE_COLUMNS`.
@@ -352,6 +380,7 @@ def scene_rows(
 
     counts.update({"matched": 0, "skipped": 0, "planned": 0, "failed_items": 0, "max_updated": None,
                    "skip_reasons": Counter(), "seen_retry": []})
+    quarantined = quarantined or {}
     seen: set[str] = set()
     rows: list[dict[str, Any]] = []
     for item in items:
@@ -372,14 +401,18 @@ def scene_rows(
             counts["seen_retry"].append(key)
         try:
             updated = parse_time((item.get("properties") or {}).get("updated"))
-        except (ValueError, TypeError):
-            updated = None
+            updated_error = None
+        except (ValueError, TypeError) as exc:
+            updated, updated_error = None, exc
         if updated is not None and (counts["max_updated"] is None or updated > counts["max_updated"]):
             counts["max_updated"] = updated
         if window.ids and retry_after is not None and updated is not None and updated >= retry_after:
             continue  # listed by the incremental windows of this run
         prev = index.get((collection, item_id))
-        reason = skip_reason(prev, updated) if prev is not None else None
+        reason = skip_reason(prev, updated) if prev is not None and not window.ids else None
+        held = quarantined.get(key)
+        if held is not None and not window.ids and _iso(updated) == (held.get("updated") or None):
+            reason = f"quarantined (failed {held.get('attempts', '?')} runs in a row; --retry-quarantined)"
         if reason:
             counts["skipped"] += 1
             counts["skip_reasons"][reason.split(" (")[0]] += 1
@@ -390,8 +423,16 @@ def scene_rows(
         try:
             if not item_id:
                 raise InvalidItem("item has no id")
+            missing = _missing_fields(item)
+            if missing:
+                raise InvalidItem(f"item {item_id}: missing required STAC field(s): {', '.join(missing)}")
             if time_error is not None:
                 raise InvalidItem(f"item {item_id}: unreadable datetime ({time_error})")
+            if updated_error is not None:
+                raise InvalidItem(f"item {item_id}: unreadable updated "
+                                  f"{(item.get('properties') or {}).get('updated')!r} ({updated_error})")
+            if FILTER_ERROR_KEY in item:
+                raise InvalidItem(str(item[FILTER_ERROR_KEY]), item_id=item_id, stage="search")
             if build_scenes:
                 row["scene"] = Scene.from_item(dict(item), href_policy=href_policy).model_dump_json()
             counts["planned"] += 1
@@ -413,7 +454,7 @@ def scene_rows(
 
 
 def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_policy: HrefPolicy,
-                        client: Any = None) -> dict[str, Any] | None:
+                        client: Any = None, quarantined: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """List a search known to fit in one page here, and count what a run would do with it (nothing is built).
 
     The nightly run of a quiet catalog matches a handful of items, usually all committed already (the search is
@@ -430,7 +471,8 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
 
     from catalogs.search import search_items
 
-    items = list(itertools.islice(search_items(spec.url, client=client, **spec.search_kwargs()), spec.page_size + 1))
+    items = list(itertools.islice(search_items(spec.url, client=client, **spec.search_kwargs(),
+                                               on_filter_error="yield"), spec.page_size + 1))
     if len(items) > spec.page_size:
         return None
     index: Mapping[tuple[str, str], Any] = {}
@@ -439,7 +481,8 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
         index = _window_index(committed.filter(pc.is_in(committed["scene_id"], value_set=ids)), Window(ids=("*",)))
     counts: dict[str, Any] = {}
     # scenes are not built here (no header reads): only whether any item needs work
-    rows = sum(b.num_rows for b in scene_rows(items, Window(), index, href_policy, counts, build_scenes=False))
+    rows = sum(b.num_rows for b in scene_rows(items, Window(), index, href_policy, counts, build_scenes=False,
+                                              quarantined=quarantined))
     counts["rows"] = rows
     return counts
 
@@ -500,6 +543,7 @@ def window_datasource(
     href_policy: HrefPolicy,
     stats: Any,
     retry_after: datetime | None = None,
+    quarantined: Mapping[str, Any] | None = None,
 ) -> Any:
     """A Ray Data datasource with one read task per window (``ray.data.read_datasource(...)``).
 
@@ -510,6 +554,7 @@ def window_datasource(
         href_policy: Which asset hrefs may be read.
         stats: A :class:`SourceStats` actor; each task reports its counters there when it ends.
         retry_after: The watermark, for retry windows.
+        quarantined: Quarantined scenes, skipped until their item is updated.
     """
     import ray
     from ray.data.block import BlockMetadata
@@ -529,7 +574,7 @@ def window_datasource(
                 def read(window: Window = window) -> Iterator[pa.Table]:
                     committed = ray.get(committed_ref) if committed_ref is not None else None
                     for block, counts in read_window(spec, window, committed, href_policy,
-                                                     retry_after=retry_after):
+                                                     retry_after=retry_after, quarantined=quarantined):
                         if block is None:
                             ray.get(stats.add.remote(counts))
                         else:
@@ -551,6 +596,7 @@ class SourceStats:
         self.skipped = 0
         self.planned = 0
         self.failed_items = 0
+        self.filter_errors = 0
         self.tasks = 0
         self.max_updated: datetime | None = None
         self.skip_reasons: Counter[str] = Counter()
@@ -563,6 +609,7 @@ class SourceStats:
         self.skipped += int(counts.get("skipped", 0))
         self.planned += int(counts.get("planned", 0))
         self.failed_items += int(counts.get("failed_items", 0))
+        self.filter_errors += int(counts.get("filter_errors", 0))
         self.skip_reasons.update(counts.get("skip_reasons") or {})
         self.seen_retry.extend(counts.get("seen_retry") or [])
         mu = counts.get("max_updated")
@@ -573,7 +620,57 @@ class SourceStats:
         """Everything counted so far."""
         return {
             "matched": self.matched, "skipped": self.skipped, "planned": self.planned,
-            "failed_items": self.failed_items, "tasks": self.tasks,
+            "failed_items": self.failed_items, "filter_errors": self.filter_errors, "tasks": self.tasks,
             "max_updated": self.max_updated, "skip_reasons": dict(self.skip_reasons),
             "seen_retry": list(self.seen_retry),
         }
+
+
+# ------------------------------------------------------------------------------------------------- quarantine
+
+
+def next_attempts(
+    state: Mapping[str, Any] | None,
+    failed: Mapping[str, Mapping[str, Any]],
+    succeeded: Iterable[str],
+    *,
+    max_attempts: int,
+    run_id: str,
+) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """The state document's ``attempts`` and ``quarantined`` after a run.
+
+    A scene (or an item that could not become one) that failed ``max_attempts`` runs in a row is quarantined: the
+    state keeps its attempt count, its item's ``updated``, and its last error; the source skips it until the item
+    is updated (its ``updated`` differs from the one kept) or the user runs with ``--retry-quarantined``. A scene
+    that succeeds leaves both maps; one whose item was updated since it was quarantined counts again from zero.
+
+    Args:
+        state: The previous state document (``attempts``: key → failed runs in a row; ``quarantined``).
+        failed: ``scene_key -> {"updated", "error_type", "message"}`` of the scenes that failed in this run (a scene
+            with some failed tiles included).
+        succeeded: Keys of the scenes this run committed whole.
+        max_attempts: Failed runs in a row that quarantine a scene.
+        run_id: This run.
+
+    Returns:
+        ``(attempts, quarantined)``.
+    """
+    attempts: dict[str, int] = {str(k): int(v) for k, v in ((state or {}).get("attempts") or {}).items()}
+    quarantined: dict[str, dict[str, Any]] = dict((state or {}).get("quarantined") or {})
+    for key in succeeded:
+        attempts.pop(key, None)
+        quarantined.pop(key, None)
+    for key, info in failed.items():
+        updated = info.get("updated")
+        updated = updated if isinstance(updated, str) or updated is None else _iso(updated)
+        held = quarantined.get(key)
+        if held is not None and held.get("updated") != updated:
+            attempts.pop(key, None)  # a new version of the item: its failures count afresh
+        n = attempts.get(key, 0) + 1
+        attempts[key] = n
+        if n >= max_attempts:
+            quarantined[key] = {"attempts": n, "updated": updated, "error_type": str(info.get("error_type") or ""),
+                                "message": str(info.get("message") or "")[:500], "run_id": run_id}
+        else:
+            quarantined.pop(key, None)
+    return attempts, quarantined

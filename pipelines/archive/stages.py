@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from catalogs.errors import SceneError
+from catalogs.errors import ModelError, ParseError, SceneError
 from catalogs.hrefs import redact_text, redact_url
 from catalogs.scene import Scene
 from catalogs.tiling import plan_tiles
@@ -195,6 +195,28 @@ class ReadStage:
             "scene_h": scene.height if scene else 0, "scene_w": scene.width if scene else 0, **_no_error(),
         }
 
+    def _check_grid(self, scene: Scene, header_shape: tuple[int, int]) -> None:
+        """Refuse a scene no tile of which could ever be used: a grid the item and its raster disagree on (an item
+        claiming ``proj:shape [1, 1]`` for a 512² raster), or one too small to hold ``min_valid_fraction`` of a tile.
+
+        Raises:
+            UnsupportedScene: Naming the sizes.
+        """
+        from catalogs.errors import UnsupportedScene
+
+        if (scene.height, scene.width) != tuple(header_shape):
+            raise UnsupportedScene(
+                f"item proj:shape {[scene.height, scene.width]} contradicts the raster header "
+                f"({header_shape[0]} x {header_shape[1]} pixels)", item_id=scene.id, stage="plan",
+            )
+        needed = max(1, math.ceil(self.min_valid_fraction * self.tile_size**2))
+        if scene.height * scene.width < needed:
+            raise UnsupportedScene(
+                f"the scene is {scene.height} x {scene.width} pixels: no tile can hold the {needed} valid pixels "
+                f"that tiling.min_valid_fraction ({self.min_valid_fraction}) of a {self.tile_size}-px tile needs",
+                item_id=scene.id, stage="plan",
+            )
+
     def _read_scene(self, key: str, scene: Scene, source_meta: dict[str, Any]) -> Iterator[Batch]:
         from catalogs.io import SceneReader
 
@@ -209,7 +231,7 @@ class ReadStage:
             return out
 
         try:
-            tiles = plan_tiles(scene.height, scene.width, self.tile_size, self.overlap)
+            tiles = _lazy_tiles(scene.height, scene.width, self.tile_size, self.overlap)
         except (SceneError, ValueError) as exc:
             yield _columns([row(0, status="scene_failed", **_error_fields(exc, "plan"))], self.adds)
             return
@@ -217,6 +239,7 @@ class ReadStage:
         reader = SceneReader(scene)
         try:
             reader.open()
+            self._check_grid(scene, reader.shape)
             _ = reader.stretch  # one overview read per scene, before the first window
         except SceneError as exc:
             reader.close()
@@ -250,6 +273,30 @@ class ReadStage:
             yield _columns(rows, self.adds)
 
 
+class _lazy_tiles(Sequence[Any]):  # noqa: N801 - used like plan_tiles
+    """:func:`catalogs.tiling.plan_tiles` without the list: a header claiming 200,000 x 200,000 pixels plans ~10^7
+    tiles, which are counted and made one at a time, never held together."""
+
+    def __init__(self, height: int, width: int, size: int, overlap: int) -> None:
+        self._rows = [t.window.row_off for t in plan_tiles(height, size, size, overlap)]
+        self._cols = [t.window.col_off for t in plan_tiles(size, width, size, overlap)]
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._rows) * len(self._cols)
+
+    def __getitem__(self, k: Any) -> Any:
+        from rasterio.windows import Window
+
+        from catalogs.tiling import Tile
+
+        i, j = divmod(int(k), len(self._cols))
+        if not 0 <= i < len(self._rows):
+            raise IndexError(k)
+        return Tile(row=i, col=j, window=Window(col_off=self._cols[j], row_off=self._rows[i], width=self._size,
+                                                height=self._size))
+
+
 # -------------------------------------------------------------------------------------------------------- model
 
 
@@ -257,11 +304,12 @@ class ModelStage:
     """Tile rows → answers: one EarthGPT replica per actor asks every task of every ``ok`` tile.
 
     Images are encoded once per batch; all tasks' prompts (``image_index``) and the pooled visual embedding
-    (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises marks its tiles
-    ``failed`` (stage ``model``); the actor lives on. Out of memory is not a failure: the tiles are split in halves
-    and retried (down to one tile; this batch and later ones keep the smaller size), so no tile is lost to a batch
-    that did not fit; each row's ``batch_plan`` (JSON) says what the engine planned (decode / prefill batches from
-    the memory budget, see ``InferenceEngine.batch_plan``), the tiles per model call and the halvings so far. The
+    (``InferenceEngine.embed``) reuse those visual tokens. A batch whose model call raises is split in halves and
+    retried until the tile that fails is alone; that tile is marked ``failed`` (``ModelError``, stage ``model``),
+    its batch-mates are answered, and the actor lives on. Out of memory is not a failure: the tiles are split in
+    halves and retried (down to one tile; this batch and later ones keep the smaller size), so no tile is lost to a
+    batch that did not fit; each row's ``batch_plan`` (JSON) says what the engine planned (decode / prefill batches
+    from the memory budget, see ``InferenceEngine.batch_plan``), the tiles per model call and the halvings so far. The
     model is built once per actor, in ``__init__``; a remote
     ``model`` (``s3://...``) is first copied to the node's cache (once per node, see
     :func:`earthgpt.weights.fetch_model`). Every row says which actor answered it and how many times that actor's
@@ -353,7 +401,7 @@ class ModelStage:
         todo = [i for i in range(n) if status[i] == "ok"]
         size = self.tile_batch or max(len(todo), 1)
         pending = [todo[k : k + size] for k in range(0, len(todo), size)]
-        while pending:
+        while pending:  # out of memory halves the batch size; any other failure splits until the bad tile is alone
             part = pending.pop(0)
             if self.tile_batch and len(part) > self.tile_batch:  # cut after an earlier halving
                 pending[:0] = [part[k : k + self.tile_batch] for k in range(0, len(part), self.tile_batch)]
@@ -383,7 +431,7 @@ class ModelStage:
                 emb = self.engine.embed(image_features=features)
                 for j, i in enumerate(part):
                     embeddings[i] = np.ascontiguousarray(emb[j], dtype=np.float32).tobytes()
-            except Exception as exc:  # one bad batch must not end the run: record it, keep the actor
+            except Exception as exc:  # one bad tile must not fail its batch, nor end the run: keep the actor
                 from earthgpt.engine import is_out_of_memory
 
                 if is_out_of_memory(exc) and len(part) > 1:
@@ -394,7 +442,11 @@ class ModelStage:
                     self.engine.release_memory()
                     pending.insert(0, part)
                     continue
-                fields = _error_fields(exc, "model")
+                if len(part) > 1:
+                    half = len(part) // 2
+                    pending[:0] = [part[:half], part[half:]]
+                    continue
+                fields = _error_fields(ModelError(f"{type(exc).__name__}: {str(exc)[:2000]}"), "model")
                 for i in part:
                     status[i] = "failed"
                     for c in _ERROR_COLUMNS:
@@ -436,7 +488,8 @@ class ParseStage:
     flagged when a tile edge inside the scene cuts them (for the per-scene NMS). Each box's ``confidence`` is
     ``exp`` of the mean log-probability of the tokens that wrote its coordinates
     (:func:`earthgpt.tasks.span_confidence`). The tile footprint is added as a WGS84 polygon. A row whose parsing
-    raises becomes ``failed`` (stage ``parse``).
+    raises becomes ``failed`` (stage ``parse``), and so does a tile whose answers are not valid UTF-8 text or all
+    parse to nothing (``ParseError``): such text never reaches the tables.
 
     Args:
         tasks: The tasks the model stage answered.
@@ -477,6 +530,7 @@ class ParseStage:
                 if status[i] != "ok":
                     continue
                 hw = (int(batch["image_h"][i]), int(batch["image_w"][i]))
+                self._check_text(batch, i)
                 if "caption" in self.tasks:
                     caption[i] = parse_answer("caption", str(batch["answer_caption"][i])).text
                 if "classify" in self.tasks:
@@ -486,6 +540,9 @@ class ParseStage:
                     parsed[i], malformed[i] = len(det.boxes), det.n_malformed
                     boxes_json[i] = json.dumps(self._georef(det.boxes, self._confidences(batch, i, det), (r0, c0),
                                                             hw, geo))
+                if not (caption[i] or label[i] or parsed[i] or malformed[i] or self._said_none(batch, i)):
+                    raise ParseError("the model's answers parse to nothing: " + ", ".join(
+                        f"{t} {str(batch[f'answer_{t}'][i])[:80]!r}" for t in self.tasks))
             except Exception as exc:  # model text never raises in parse_answer; this guards georef edge cases
                 status[i] = "failed"
                 fields = _error_fields(exc, "parse")
@@ -503,6 +560,32 @@ class ParseStage:
         for c in _ERROR_COLUMNS:
             out[c] = np.asarray(errors[c], dtype=object)
         return out
+
+    def _check_text(self, batch: Batch, i: int) -> None:
+        """Refuse answers that are not valid UTF-8 text (raw bytes, lone surrogates, U+FFFD from a byte-level
+        decode): parquet would reject them, and nothing readable can be parsed from them."""
+        for t in self.tasks:
+            value = batch[f"answer_{t}"][i]
+            try:
+                text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                text.encode("utf-8")
+                bad = "\ufffd" in text
+            except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+                raise ParseError(f"answer to {t} is not valid UTF-8 ({exc.reason} at byte {exc.start}): "
+                                 f"{ascii(value)[:120]}") from exc
+            if bad:
+                raise ParseError(f"answer to {t} holds bytes that are not UTF-8 (U+FFFD): {ascii(value)[:120]}")
+            if isinstance(value, bytes):
+                batch[f"answer_{t}"][i] = text
+
+    def _said_none(self, batch: Batch, i: int) -> bool:
+        """Whether the detection answer is the template's "none" sentence (an empty parse that is an answer)."""
+        if "detect" not in self.tasks:
+            return False
+        from earthgpt.tasks import format_answer
+
+        none = format_answer("detect", [], (1, 1)).rstrip(".").lower()
+        return str(batch["answer_detect"][i]).strip().rstrip(".").lower().startswith(none)
 
     @staticmethod
     def _confidences(batch: Batch, i: int, det: Any) -> list[float]:
@@ -543,8 +626,9 @@ class ParseStage:
 class SceneResult:
     """Everything one finished scene contributes to the outputs.
 
-    ``committed`` is False when any of its tiles failed (or it could not be opened): then only its ``errors``
-    rows are written, and the next run tries the scene again.
+    ``committed`` is False when the scene could not be opened or every tile failed: then only its ``errors`` rows
+    are written. With some tiles failed (``tiles_failed``) the other tiles are committed and the failed ones are
+    ``errors`` rows; either way the next run tries the whole scene again (see docs/outputs.md).
     """
 
     meta: dict[str, Any]
@@ -705,12 +789,16 @@ def assemble_scene(rows: list[dict[str, Any]], settings: AssemblySettings) -> Sc
     rows = sorted(rows, key=lambda r: (int(r["row"]), int(r["col"])))
     planned = int(rows[0]["n_planned"])
     failed = [r for r in rows if str(r["status"]) == "failed"]
-    result = SceneResult(meta=meta, committed=not failed, tiles_planned=planned)
-    if failed:
-        result.tiles_failed = planned
-        for r in failed:
-            result.error_rows.append((_error(common, r, str(r["tile_id"]), now), _wkb(r["footprint_wkb"]) or footprint))
+    # a failed tile is an errors row; the scene's other tiles are committed all the same (and the whole scene is
+    # tried again next run, its new version replacing this one): a scene with no tile left is not committed
+    result = SceneResult(meta=meta, committed=len(failed) < len(rows), tiles_planned=planned)
+    result.tiles_failed = len(failed)
+    for r in failed:
+        result.error_rows.append((_error(common, r, str(r["tile_id"]), now), _wkb(r["footprint_wkb"]) or footprint))
+    if not result.committed:
         return result
+    grid_rows = rows  # the tile grid keeps a failed tile's cell (NaN)
+    rows = [r for r in rows if str(r["status"]) != "failed"]
     result.tiles_written = sum(1 for r in rows if str(r["status"]) == "ok")
     result.tiles_skipped = sum(1 for r in rows if str(r["status"]) == "skipped")
     kept = _nms(rows, settings)
@@ -739,7 +827,7 @@ def assemble_scene(rows: list[dict[str, Any]], settings: AssemblySettings) -> Sc
             record.update(_answers(r, kept_per_tile.get(str(r["tile_id"]), 0), settings))
         result.tile_rows.append((record, _wkb(r["footprint_wkb"])))
     output_key = ids.get("output_key", "")
-    result.grid = _grid(meta, rows, settings, output_key)
+    result.grid = _grid(meta, grid_rows, settings, output_key)
     result.scene_row = {
         **common, "updated": _time(meta.get("updated")), "sensor": meta.get("sensor"), "crs": meta.get("crs"),
         "height": meta.get("height"), "width": meta.get("width"), "transform": list(meta.get("transform") or ()),
@@ -797,7 +885,7 @@ def _grid(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], settings: 
         i, j = row_index[int(r["row_off"])], col_index[int(r["col_off"])]
         valid[i, j] = float(r["valid_fraction"])
         buf = r.get("embedding", b"")
-        if dim and len(buf):
+        if dim and len(buf) and str(r["status"]) != "failed":  # a failed tile: NaN, whatever it carries
             emb[i, j] = np.frombuffer(buf, dtype=np.float32)
     return SceneGrid(
         collection=str(meta.get("collection") or ""), scene_id=str(meta.get("id") or ""),

@@ -15,13 +15,16 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from catalogs.errors import (
+    ERROR_CATEGORIES,
     AllNodata,
     AssetNotFound,
     BandShapeMismatch,
     CorruptRaster,
+    NetworkError,
     NoGeoreference,
     SceneError,
     UnsupportedDataType,
+    error_category,
 )
 from catalogs.hrefs import HrefPolicy
 from catalogs.ingest import build_item
@@ -192,6 +195,52 @@ def test_truncated_cog_is_corrupt_on_read(mixed: dict[str, Any]) -> None:
     cut.write_bytes(data[: len(data) // 2])
     err = expect(CorruptRaster, scene_of(mixed, blue=str(cut)), Window(192, 192, 64, 64))  # the last block
     assert err.stage == "read"
+    # rasterio's own message ("Read failed. See previous exception for details.") names no cause: GDAL's is kept
+    assert "IReadBlock failed" in err.message and "TIFFReadEncodedTile" in err.message
+
+
+def test_dns_failure_is_a_network_error_retried_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    import catalogs.io as cio
+
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    monkeypatch.setattr(cio, "NETWORK_BACKOFF_S", 0.01)
+    opens: list[str] = []
+    real_open = cio.rasterio.open
+
+    def counting_open(path: str, *args: Any, **kwargs: Any) -> Any:
+        opens.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(cio.rasterio, "open", counting_open)
+    with pytest.raises(NetworkError) as info:
+        cio.open_raster("/vsicurl/http://no-such-host.invalid/scene_red.tif", item_id="i", asset="red")
+    assert "Could not resolve host" in info.value.message and "after 4 attempts" in info.value.message
+    assert len(opens) == 1 + cio.NETWORK_RETRIES  # every retry asked the network again (GDAL's cache bypassed)
+    assert error_category(info.value.error_type) == "network"
+
+
+def test_connection_refused_is_a_network_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import catalogs.io as cio
+
+    monkeypatch.setattr(cio, "NETWORK_RETRIES", 0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(NetworkError):
+        cio.open_raster(f"/vsicurl/http://127.0.0.1:{port}/x.tif")
+
+
+def test_every_scene_error_has_a_category() -> None:
+    import catalogs.errors as errors_module
+
+    def subclasses(cls: type) -> set[type]:
+        return {c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))}
+
+    names = {c.__name__ for c in subclasses(SceneError) if c.__module__ == errors_module.__name__}
+    assert names == set(ERROR_CATEGORIES)
+    assert set(ERROR_CATEGORIES.values()) == {"network", "access", "corrupt", "unsupported", "model"}
 
 
 def test_complex_data_is_unsupported(mixed: dict[str, Any]) -> None:

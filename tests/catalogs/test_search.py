@@ -123,6 +123,37 @@ def test_client_side_filter_when_api_lacks_it(rustac_url: str, toy_items: list[d
     assert got == []
 
 
+def test_a_filter_that_cannot_be_evaluated_is_counted_and_recorded_not_a_silent_non_match(
+        rustac_server, toy_items: list[dict], toy_collections: list[dict], toyworld) -> None:  # noqa: ANN001
+    wrong_type = copy.deepcopy(toy_items[0])
+    wrong_type["id"] = "cloud-cover-as-text"
+    wrong_type["properties"]["eo:cloud_cover"] = "cloudy"
+    bad_updated = copy.deepcopy(toy_items[3])  # optical: it has eo:cloud_cover
+    bad_updated["id"] = "updated-not-a-date"
+    bad_updated["properties"]["updated"] = "not-a-date"
+    absent = copy.deepcopy(toy_items[2])
+    absent["id"] = "no-cloud-cover"
+    absent["properties"].pop("eo:cloud_cover", None)
+    url = rustac_server(toy_collections, [wrong_type, bad_updated, absent])  # rustac: filters run client-side
+    stats: dict[str, int] = {}
+    dropped = list(search_items(url, filter="eo:cloud_cover < 101", stats=stats))
+    assert {i["id"] for i in dropped} == {"updated-not-a-date"} and stats["filter_errors"] == 1
+    kept = list(search_items(url, filter="eo:cloud_cover < 101", on_filter_error="yield"))
+    flagged = {i["id"]: i.get(search_module.FILTER_ERROR_KEY) for i in kept}
+    assert set(flagged) == {"cloud-cover-as-text", "updated-not-a-date"}  # the absent property: a plain non-match
+    assert "cloudy" in flagged["cloud-cover-as-text"] and flagged["updated-not-a-date"] is None
+    stats = {}
+    since = list(search_items(url, updated_since="2020-01-01T00:00:00Z", on_filter_error="yield", stats=stats))
+    assert stats["filter_errors"] == 1
+    assert "not-a-date" in next(i for i in since if i["id"] == "updated-not-a-date")[search_module.FILTER_ERROR_KEY]
+    scenes = list(search_scenes(url, filter="eo:cloud_cover < 101", on_error="yield",
+                                href_policy=toyworld.href_policy()))
+    errors = [s for s in scenes if isinstance(s, SceneError)]
+    assert [(e.item_id, e.error_type, e.stage) for e in errors] == [("cloud-cover-as-text", "InvalidItem", "search"),
+                                                                    ("updated-not-a-date", "InvalidItem", "scene")]
+    assert "not-a-date" in errors[1].message
+
+
 def test_pages_are_fetched_lazily(rustac_url: str) -> None:
     proxy = CountingProxy(rustac_url)
     try:

@@ -71,6 +71,7 @@ def test_minimal_config_defaults():
         ({"output__root": "gs://bucket/x"}, "output.root"),
         ({"output__wave_size": 8}, "output.wave_size"),
         ({"output__commit_tiles": 0}, "output.commit_tiles"),
+        ({"output__max_attempts": 0}, "output.max_attempts"),
         ({"catalog__items_per_task": 0}, "catalog.items_per_task"),
     ],
 )
@@ -92,7 +93,7 @@ def test_output_key_changes_with_what_changes_results():
     assert parse_config(_with(tiling__overlap=0)).output_key() != base
     assert parse_config(_with(model__name_or_path="small")).output_key() != base
     # the actor pool, commit units and output root do not change a tile's results
-    assert parse_config(_with(actors__batch_size=64, output__commit_tiles=3)).output_key() == base
+    assert parse_config(_with(actors__batch_size=64, output__commit_tiles=3, output__max_attempts=5)).output_key() == base
 
 
 def test_output_key_depends_on_weights_content_not_path_or_mtime(tmp_path):

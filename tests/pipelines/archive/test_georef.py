@@ -145,3 +145,59 @@ def test_nms_kept_boxes_never_overlap_above_threshold(rows):
     # every dropped box overlaps some kept box
     for j in set(range(len(arr))) - set(keep.tolist()):
         assert (box_iou(boxes[j], boxes[keep]) >= 0.5).any()
+
+
+# -- polar scenes: boxes round a pole and crossing ±180° (EPSG:3413 north, EPSG:3031 south) -----------------------
+
+POLAR_GRID = (10.0, 0.0, -2320.0, 0.0, -10.0, 2080.0)  # 10 m pixels; the pole (x = y = 0) is pixel (232, 208)
+
+
+def _covers_sampled_points(geom: shapely.Geometry, box: list[float], transform: tuple[float, ...], crs: str) -> None:
+    """Points inside the pixel box, mapped to lon/lat, lie in the WGS84 geometry (a 2 % margin inside the box
+    leaves room for the straight lon/lat edges between densified vertices)."""
+    rng = np.random.default_rng(0)
+    x1, y1, x2, y2 = box
+    mx, my = 0.02 * (x2 - x1), 0.02 * (y2 - y1)
+    cols, rows = rng.uniform(x1 + mx, x2 - mx, 200), rng.uniform(y1 + my, y2 - my, 200)
+    a = Affine(*transform)
+    xs, ys = a @ (cols, rows)
+    lon, lat = Transformer.from_crs(crs, 4326, always_xy=True).transform(xs, ys)
+    assert shapely.covers(geom.buffer(1e-9), shapely.points(lon, lat)).all()
+
+
+@pytest.mark.parametrize(("crs", "pole"), [("EPSG:3413", 90.0), ("EPSG:3031", -90.0)])
+def test_box_round_a_pole_becomes_a_polygon_reaching_the_pole(crs, pole):
+    box = [224, 192, 243.2, 224]  # the issue's box: it holds the pole pixel (232, 208)
+    geom = pixel_boxes_to_wgs84(np.array([box]), POLAR_GRID, crs)[0]
+    assert geom.geom_type == "Polygon" and geom.is_valid and geom.exterior.is_ccw
+    minx, miny, maxx, maxy = geom.bounds
+    assert (minx, maxx) == (-180.0, 180.0)
+    assert (maxy if pole > 0 else miny) == pole
+    assert abs(miny if pole > 0 else maxy) > 89.99  # a box ~200 m wide: within a few hundredths of a degree
+    assert shapely.covers(geom, shapely.points([0.0, 100.0, -170.0], [pole] * 3)).all()
+    _covers_sampled_points(geom, box, POLAR_GRID, crs)
+
+
+@pytest.mark.parametrize(("crs", "pole"), [("EPSG:3413", 90.0), ("EPSG:3031", -90.0)])
+def test_tiles_of_a_polar_scene_each_georeference(crs, pole):
+    # a 4x4-tile scene around the pole: one tile holds it, its neighbours cross ±180° or not, all valid
+    tiles = [[c, r, c + 120, r + 100] for r in range(0, 400, 100) for c in range(0, 480, 120)]
+    geoms = pixel_boxes_to_wgs84(np.array(tiles, dtype=float), POLAR_GRID, crs, points_per_edge=8)
+    assert all(g.is_valid and not g.is_empty for g in geoms)
+    lons = shapely.get_coordinates(geoms)[:, 0]
+    assert lons.min() >= -180 and lons.max() <= 180
+    reaching = [k for k, g in enumerate(geoms) if pole in (g.bounds[1], g.bounds[3])]
+    assert [tiles[k] for k in reaching] == [[120, 200, 240, 300]]  # the tile holding the pole pixel
+    for tile, geom in zip(tiles, geoms, strict=True):
+        _covers_sampled_points(geom, tile, POLAR_GRID, crs)
+
+
+def test_polar_box_crossing_the_antimeridian_is_split_not_wrapped():
+    # EPSG:3031: 180° runs along the negative y axis; a 100 km x 10 km box straddling it, far from the pole
+    transform = (1000.0, 0.0, -50_000.0, 0.0, -1000.0, -1_000_000.0)
+    geom = pixel_boxes_to_wgs84(np.array([[0, 0, 100, 10]]), transform, "EPSG:3031", points_per_edge=16)[0]
+    assert geom.geom_type == "MultiPolygon" and geom.is_valid
+    assert geom.bounds[1] > -82 and geom.bounds[3] < -80  # nowhere near the pole
+    width = sum(g.bounds[2] - g.bounds[0] for g in geom.geoms)
+    assert 5 < width < 7  # ~100 km at 81°S, not 360° minus that
+    _covers_sampled_points(geom, [0, 0, 100, 10], transform, "EPSG:3031")

@@ -89,7 +89,8 @@ def test_a_single_tile_that_does_not_fit_is_recorded_not_raised(monkeypatch: pyt
     out = stage(_tiles(4))
     ok = [i for i in range(4) if i != 2]
     assert [out["status"][i] for i in ok] == ["failed"] * 3 and out["status"][2] == "skipped"
-    assert {out["error_type"][i] for i in ok} == {"OutOfMemoryError"}
+    assert {out["error_type"][i] for i in ok} == {"ModelError"}  # the model category; the cause in the message
+    assert all(out["error_message"][i].startswith("OutOfMemoryError: ") for i in ok)
     assert {out["error_stage"][i] for i in ok} == {"model"}
     assert json.loads(out["batch_plan"][0])["tile_batch"] == 1
 

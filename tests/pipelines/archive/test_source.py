@@ -127,3 +127,52 @@ def test_summary_reconciles_and_reads_well():
     assert "planned 10 = written 7 + skipped 2 + failed 1" in text and "DOES NOT ADD UP" not in text
     summary.tiles_failed = 0
     assert not summary.reconciles and "DOES NOT ADD UP" in "\n".join(summary.lines())
+
+
+def test_an_item_the_filter_cannot_evaluate_is_an_error_row(world_items, policy):
+    from catalogs.search import FILTER_ERROR_KEY
+
+    flagged = {**copy.deepcopy(world_items[0]), FILTER_ERROR_KEY: "CQL2 filter cannot be evaluated: updated='x'"}
+    counts: dict = {}
+    (row,) = _rows(scene_rows(iter([flagged]), Window(), {}, policy, counts))
+    assert (row["error_type"], row["error_stage"]) == ("InvalidItem", "search")
+    assert "cannot be evaluated" in row["error_message"] and counts["failed_items"] == 1
+
+
+def test_a_quarantined_scene_is_skipped_until_its_item_is_updated(world_items, policy):
+    item = copy.deepcopy(world_items[0])
+    key = f"{item['collection']}/{item['id']}"
+    item["properties"]["updated"] = "2024-09-01T00:00:00Z"
+    held = {key: {"attempts": 3, "updated": "2024-09-01T00:00:00.000000Z", "error_type": "CorruptRaster"}}
+    counts: dict = {}
+    assert _rows(scene_rows(iter([item]), Window(), {}, policy, counts, quarantined=held)) == []
+    assert counts["skipped"] == 1 and list(counts["skip_reasons"]) == ["quarantined"]
+    newer = copy.deepcopy(item)
+    newer["properties"]["updated"] = "2024-10-01T00:00:00Z"
+    (row,) = _rows(scene_rows(iter([newer]), Window(), {}, policy, {}, quarantined=held))
+    assert row["scene"]  # a new version of the item is tried again
+    # --retry-quarantined lists it in a retry window (by id): processed whatever the quarantine and the ledger say
+    index = {(item["collection"], item["id"]): CommittedScene(item["collection"], item["id"], "2024-05-01", T0, "u1")}
+    (row,) = _rows(scene_rows(iter([item]), Window(ids=(item["id"],)), index, policy, {}, quarantined=held))
+    assert row["scene"] and json.loads(row["meta"])["prev_unit"] == "u1"  # the new version supersedes u1's
+
+
+def test_attempts_count_failed_runs_in_a_row_and_quarantine_at_the_limit():
+    from pipelines.archive.source import next_attempts
+
+    bad = {"a/x": {"updated": datetime(2024, 9, 1, tzinfo=timezone.utc), "error_type": "CorruptRaster",
+                   "message": "unreadable raster: TIFFReadEncodedTile() failed"}}
+    state: dict = {}
+    for run in range(1, 4):
+        attempts, held = next_attempts(state, bad, [], max_attempts=3, run_id=f"r{run}")
+        state = {"attempts": attempts, "quarantined": held}
+        assert attempts == {"a/x": run} and (("a/x" in held) == (run == 3))
+    assert held["a/x"]["attempts"] == 3 and held["a/x"]["updated"] == "2024-09-01T00:00:00.000000Z"
+    assert held["a/x"]["error_type"] == "CorruptRaster" and held["a/x"]["run_id"] == "r3"
+    # the item is updated and fails again: it counts afresh; a success clears it
+    newer = {"a/x": {**bad["a/x"], "updated": datetime(2024, 10, 1, tzinfo=timezone.utc)}}
+    attempts, held = next_attempts(state, newer, [], max_attempts=3, run_id="r4")
+    assert attempts == {"a/x": 1} and held == {}
+    attempts, held = next_attempts({"attempts": attempts, "quarantined": held}, {}, ["a/x"], max_attempts=3,
+                                   run_id="r5")
+    assert attempts == {} and held == {}

@@ -105,6 +105,30 @@ def test_model_stage_records_a_failing_batch_instead_of_raising(world_scenes, ti
     assert set(out["status"]) == {"failed"} and set(out["error_stage"]) == {"model"}
 
 
+def test_model_stage_splits_a_failing_batch_and_fails_only_the_bad_tile(world_scenes, tiny_stage):
+    batch = next(iter(ReadStage(64, 0, 0.0, tiles_per_block=4)(_scene_batch([world_scenes[0]]))))
+    assert len(batch["status"]) == 4 and set(batch["status"]) == {"ok"}
+    batch["image"][2] = batch["image"][2][:100]  # one tile's bytes no longer match its shape: its batch raises
+    out = tiny_stage(batch)
+    assert list(out["status"]) == ["ok", "ok", "failed", "ok"]
+    assert out["error_type"][2] == "ModelError" and out["error_stage"][2] == "model"
+    assert "ValueError" in out["error_message"][2]  # the original exception's type is kept in the message
+    assert all(out["answer_caption"][i] and len(out["embedding"][i]) for i in (0, 1, 3))
+
+
+def test_read_stage_refuses_scenes_no_tile_could_use(world_scenes):
+    from catalogs.errors import UnsupportedScene
+
+    scene = world_scenes[0]
+    stage = ReadStage(64, 0, 0.5)
+    claims_1x1 = scene.model_copy(update={"shape": (1, 1)})  # the item says proj:shape [1, 1]
+    out = _concat(list(stage(_scene_batch([claims_1x1]))))
+    assert list(out["status"]) == ["scene_failed"] and out["error_type"][0] == "UnsupportedScene"
+    assert "proj:shape [1, 1] contradicts the raster header" in out["error_message"][0]
+    with pytest.raises(UnsupportedScene, match="1 x 1 pixels: no tile can hold the 2048 valid pixels"):
+        stage._check_grid(claims_1x1, (1, 1))
+
+
 def _answered(scene: Scene, tiles: list[tuple[int, int]], answers: list[str], size: int = 64) -> dict[str, np.ndarray]:
     """A model-stage output batch for hand-picked tiles of ``scene`` with given detection answers."""
     n = len(tiles)
@@ -164,7 +188,7 @@ def test_assembler_dedups_across_overlapping_tiles_and_builds_rows(world_scenes)
     assert result.grid is not None and result.grid.embedding.shape[-1] == 4
 
 
-def test_assembler_waits_for_all_tiles_and_fails_scene_with_a_failed_tile(world_scenes):
+def test_assembler_waits_for_all_tiles_and_commits_a_scene_without_its_failed_tile(world_scenes):
     scene = world_scenes[0]
     batch = _answered(scene, [(0, 0), (0, 64), (64, 0)], ["There are no objects."] * 3)
     key = batch["scene_key"][0]
@@ -176,9 +200,24 @@ def test_assembler_waits_for_all_tiles_and_fails_scene_with_a_failed_tile(world_
     rest = {k: v[2:] for k, v in parsed.items()}
     assert _assemble(collector, first, ("detect",)) == [] and collector.pending == [key]
     (result,) = _assemble(collector, rest, ("detect",))
-    assert not result.committed and result.tiles_failed == 3 and result.tile_rows == []
+    # the failed tile is an errors row; the others are committed (each planned tile once, as a row or an error)
+    assert result.committed and result.tiles_failed == 1 and result.tiles_written == 2
+    assert [rec["tile_id"] for rec, _ in result.tile_rows] == ["t0", "t1"]
     (err, _), = result.error_rows
     assert err["tile_id"] == "t2" and err["error_type"] == "CorruptRaster" and err["stage"] == "read"
+    assert result.summary()["tiles_failed"] == 1 and result.scene_row is not None
+    emb = result.grid.embedding  # the failed tile keeps its cell in the grid, as NaN
+    assert emb.shape[:2] == (2, 2) and np.isnan(emb[1, 0]).all() and not np.isnan(emb[0, 0]).any()
+
+
+def test_assembler_does_not_commit_a_scene_whose_every_tile_failed(world_scenes):
+    batch = _answered(world_scenes[0], [(0, 0), (0, 64)], ["There are no objects."] * 2)
+    parsed = ParseStage(["detect"])(batch)
+    parsed["status"][:] = "failed"
+    parsed["error_type"][:] = "ModelError"
+    (result,) = _assemble(SceneCollector(), parsed, ("detect",))
+    assert not result.committed and result.tiles_failed == 2 and len(result.error_rows) == 2
+    assert result.tile_rows == [] and result.scene_row is None
 
 
 def test_assembler_counts_an_unopenable_scene_as_all_tiles_failed(world_scenes):
@@ -225,3 +264,19 @@ def test_a_missing_column_is_named_with_its_stage(world_scenes):
         ParseStage(["detect"])(batch)
     with pytest.raises(MissingColumns, match="ParseStage needs columns"):
         check_chain(["scene_key", "status"], [ParseStage(["detect"])])
+
+
+def test_parse_stage_refuses_answers_that_are_not_utf8_or_parse_to_nothing(world_scenes):
+    tiles = [(0, 0), (0, 64), (64, 0), (64, 64), (128, 0)]
+    batch = _answered(world_scenes[0], tiles, ["There are no objects."] * 5)
+    batch["answer_caption"][0] = b"\xff\xfe a harbour"  # raw bytes that are not UTF-8
+    batch["answer_caption"][1] = b"\xff\xfe".decode("utf-8", "surrogateescape") + "a harbour"  # lone surrogates
+    batch["answer_caption"][2] = "a harbour \ufffd"  # a byte-level decode's replacement character
+    batch["answer_caption"][3], batch["answer_detect"][3] = "", "%%%% ###"  # nothing to parse in either
+    batch["answer_caption"][4] = ""  # an empty caption beside a real "no objects" answer is an answer
+    out = ParseStage(["caption", "detect"])(batch)
+    assert list(out["status"]) == ["failed"] * 4 + ["ok"]
+    assert set(out["error_type"][:4]) == {"ParseError"} and set(out["error_stage"][:4]) == {"parse"}
+    assert "not valid UTF-8" in out["error_message"][0] and "\\xff" in out["error_message"][0]
+    assert "not valid UTF-8" in out["error_message"][1] and "U+FFFD" in out["error_message"][2]
+    assert "parse to nothing" in out["error_message"][3]
