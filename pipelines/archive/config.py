@@ -269,12 +269,15 @@ class OutputConfig(_Strict):
         commit_seconds: ... or once its oldest finished scene has waited this long. ``None``: no time limit. With
             both ``None`` the whole run is one unit. Commits never stop the model: it works on while a unit is
             staged and committed, and a crash loses only the scenes not yet committed.
+        lease_seconds: Time to live of the run's lease on its output key (renewed every third of it): a run whose
+            driver vanished without releasing it blocks the next run of the key at most this long.
     """
 
     root: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
     commit_tiles: int | None = Field(default=2048, ge=1)
     commit_seconds: float | None = Field(default=300.0, gt=0.0)
+    lease_seconds: float = Field(default=300.0, ge=5.0)
 
     @model_validator(mode="before")
     @classmethod
