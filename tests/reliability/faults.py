@@ -64,6 +64,8 @@ class FaultProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue` (S3 clients wait for it before a body)
+
             def log_message(self, *args: object) -> None:
                 pass
 
