@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint image image-push manifests lock
+.PHONY: setup demo test lint reliability image image-push manifests lock
 
 setup:
 	@./scripts/setup.sh
@@ -18,6 +18,14 @@ test: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+
+# The reliability scenarios (chaos, bad inputs, security, training resume), then docs/reliability.md's outcome table
+# generated from what they measured (each scenario appends one JSON line to build/reliability/outcomes.jsonl).
+RELIABILITY_TESTS ?= tests/reliability
+reliability: setup
+	rm -f build/reliability/outcomes.jsonl
+	$(PY) -m pytest $(RELIABILITY_TESTS) $(PYTEST_ARGS)
+	$(PY) -m tests.reliability.report
 
 # -- Cluster images (cluster/image/, cluster/README.md). IMAGE is the one parameter: the CPU image is $(IMAGE), the
 # GPU image $(IMAGE)-cuda, and `make manifests` writes the manifests of cluster/ with both put in.

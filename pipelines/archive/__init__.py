@@ -10,6 +10,7 @@ The path of a tile, one module per step (read :mod:`pipelines.archive.job` top t
 - :mod:`~pipelines.archive.georef` — pixel boxes to scene CRS and WGS84, antimeridian splits, NMS.
 - :mod:`~pipelines.archive.store` — the output root: GeoParquet tables and Zarr groups.
 - :mod:`~pipelines.archive.ledger` — commit units, recovery, the committed-scene index, watermarks.
+- :mod:`~pipelines.archive.lease` — one run per output key: the lease in the output store, its heartbeat and fence.
 - :mod:`~pipelines.archive.job` — the run: one streaming execution, commits while the model works on.
 - :mod:`~pipelines.archive.demo` — ``earthgpt demo``: the toy world through the whole job.
 """

@@ -271,6 +271,8 @@ class OutputConfig(_Strict):
             staged and committed, and a crash loses only the scenes not yet committed.
         max_attempts: A scene (or item) that failed this many runs in a row is quarantined: skipped until its item
             is updated or the run is given ``--retry-quarantined`` (see docs/outputs.md).
+        lease_seconds: Time to live of the run's lease on its output key (renewed every third of it): a run whose
+            driver vanished without releasing it blocks the next run of the key at most this long.
     """
 
     root: str
@@ -278,6 +280,7 @@ class OutputConfig(_Strict):
     commit_tiles: int | None = Field(default=2048, ge=1)
     commit_seconds: float | None = Field(default=300.0, gt=0.0)
     max_attempts: int = Field(default=3, ge=1)
+    lease_seconds: float = Field(default=300.0, ge=5.0)
 
     @model_validator(mode="before")
     @classmethod

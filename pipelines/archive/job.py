@@ -2,8 +2,9 @@
 
 Read it top to bottom; :func:`run` is the whole job, **one streaming Ray Data execution per run**:
 
-1. **Set up**: GDAL cloud settings (once, here), the output root, the ledger (finish or undo what a crashed run
-   left), the output key (from the model's *content*), the search's watermark and retry list.
+1. **Set up**: GDAL cloud settings (once, here), the output root, the output key (from the model's *content*) and
+   its lease (one run per output key; :mod:`pipelines.archive.lease`, renewed by a heartbeat while the run lasts),
+   the ledger (finish or undo what crashed runs left), the search's watermark and retry list.
 2. **Plan the source** (:mod:`pipelines.archive.source`): the STAC search, restricted to items ``updated`` since the last
    run's watermark (unless ``--full-scan``), is cut into disjoint datetime windows sized from ``numberMatched``;
    scenes that failed before are fetched again by id. Each window is one read task; nothing lists the whole search.
@@ -44,6 +45,7 @@ import shapely
 from catalogs.hrefs import HrefPolicy, redact_text, redact_url
 from catalogs.io import configure_gdal
 from pipelines.archive.config import ConfigError, InferConfig, load_config
+from pipelines.archive.lease import Lease, LeaseHeld
 from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
 from pipelines.archive.source import (
     SCENE_COLUMNS,
@@ -83,6 +85,7 @@ log = logging.getLogger(__name__)
 Printer = Callable[[str], None]
 HEARTBEAT_S = 15.0  # seconds between progress lines while tiles stream through the model
 RETRY_IDS_PER_TASK = 100  # ids per retry read task (one STAC `ids` search)
+EXIT_LEASE_HELD = 75  # EX_TEMPFAIL: another run holds the output key; try later
 
 
 @dataclass
@@ -583,7 +586,8 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
 
 
 def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelStage,
-        full_scan: bool = False, retry_quarantined: bool = False) -> RunSummary:
+        full_scan: bool = False, retry_quarantined: bool = False, wait_lease: float = 0.0,
+        break_lease: bool = False) -> RunSummary:
     """Run the archive inference job.
 
     Args:
@@ -593,27 +597,42 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             keyword arguments and must add the same columns (another engine, or a perfect "oracle" in tests).
         full_scan: List the whole search (a reconcile) even when an earlier run left a watermark.
         retry_quarantined: Try the quarantined scenes again (they are skipped otherwise until their item changes).
+        wait_lease: Seconds to wait for another run of the same output key to finish (0: refuse at once).
+        break_lease: Take the output key's lease even from a run that looks alive (one known to be gone).
 
     Returns:
         The run's summary (also written as its ``runs`` row).
+
+    Raises:
+        LeaseHeld: Another run holds the output key's lease; this run wrote nothing.
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
 
-    # 1. set up: GDAL once, the output root, recovery, the output key, the search's state
+    # 1. set up: GDAL once, the output root, the output key and its lease, recovery, the search's state
     configure_gdal()
     store = OutputStore(config.output.root, config.output.storage_options)
-    ledger = Ledger(store)
-    recovery = ledger.recover()
-    if recovery.rolled_forward or recovery.rolled_back:
-        say(f"recovered a crashed run: published units {recovery.rolled_forward}, "
-            f"discarded unfinished units {recovery.rolled_back}")
     output_key = config.output_key()
     summary = RunSummary(run_id=new_run_id(), output_root=store.url())
+    lease = Lease(store, output_key, run_id=summary.run_id, ttl_s=config.output.lease_seconds)
+    previous = lease.acquire(wait_s=wait_lease, force=break_lease, say=say)  # LeaseHeld: nothing written
+    if previous is not None and previous.released_at is None:
+        say(f"took over the lease of output key {output_key} from {previous.describe()}: "
+            + ("broken with --break-lease" if break_lease and previous.dead_reason() is None
+               else str(previous.dead_reason())))
+    lease.start_heartbeat()
+    ledger = Ledger(store, lease)
     policy = HrefPolicy.for_roots(*config.catalog.asset_prefixes) if config.catalog.asset_prefixes else HrefPolicy()
     started_ray = False
 
     try:
+        recovery = ledger.recover()
+        if recovery.rolled_forward or recovery.rolled_back:
+            say(f"recovered a crashed run: published units {recovery.rolled_forward}, "
+                f"discarded unfinished units {recovery.rolled_back}")
+        if recovery.left_live or recovery.left_other_key:
+            say(f"left alone: {len(recovery.left_live)} staged units of runs still holding their lease, "
+                f"{len(recovery.left_other_key)} committed units of other output keys")
         with _catalog_url(config) as url:
             cat = config.catalog
             source_id = url if cat.embedded is None else f"embedded:{cat.embedded.items.resolve()}"
@@ -764,6 +783,10 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             import ray
 
             ray.shutdown()
+        try:
+            lease.release()
+        except Exception:  # it lapses by itself at its expiry
+            log.exception("could not release the lease of output key %s", output_key)
     return summary
 
 
@@ -784,15 +807,26 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retry-quarantined", action="store_true",
                         help="try again the scenes quarantined after failing output.max_attempts runs in a row")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--wait-lease", type=float, default=0.0, metavar="SECONDS",
+                        help="when another run of the same output key holds its lease, wait up to this long for it "
+                        "(default 0: exit at once with code 75, naming the holder)")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take the output key's lease even from a run that looks alive; only for a run known to "
+                        "be gone (its machine lost), whose lease would otherwise lapse by itself")
     return parser
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, *, model_stage: type = ModelStage) -> int:
     """``earthgpt run CONFIG``: validate the config (refusing it before any work), run the job, print a summary.
+
+    Args:
+        argv: Command-line arguments.
+        model_stage: The model stage (see :func:`run`).
 
     Returns:
         0 when the run finished (bad scenes are recorded as ``errors`` rows, not failures of the run), 2 for an
-        invalid config, 1 when the run itself failed.
+        invalid config, 1 when the run itself failed, 75 when another run holds the output key's lease (nothing
+        was written; see ``--wait-lease`` and ``--break-lease``).
     """
     args = _arg_parser().parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -811,7 +845,12 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     say: Printer = (lambda _line: None) if args.quiet else (lambda line: print(line, flush=True))
     try:
-        summary = run(config, say=say, full_scan=args.full_scan, retry_quarantined=args.retry_quarantined)
+        summary = run(config, say=say, full_scan=args.full_scan, model_stage=model_stage,
+                      retry_quarantined=args.retry_quarantined, wait_lease=args.wait_lease,
+                      break_lease=args.break_lease)
+    except LeaseHeld as exc:
+        print(f"earthgpt run: not started: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_LEASE_HELD
     except Exception as exc:
         print(f"earthgpt run: failed: {redact_text(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1

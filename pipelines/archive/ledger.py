@@ -13,7 +13,10 @@ and is idempotent, so:
   rewrites, without that scene's rows, every older file holding it (copy-on-write), so the tables never hold two
   versions of a scene for one output key.
 
-One writer per output root at a time (two concurrent runs over the same root are not supported).
+One writer per output key: a run holds its output key's lease (:mod:`pipelines.archive.lease`) from before recovery
+to its last commit. The ledger checks the lease, and that every staged file is there, before each commit point; a
+unit's publish that finds a staged file neither staged nor published fails loudly. Recovery needs the lease too,
+and touches only units whose run holds no live lease (see :meth:`Ledger.recover`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.archive.lease import Lease, live_holders
 from pipelines.archive.store import OutputStore, StagedFile, geoparquet_bytes, partition_dir
 
 LEDGER_DIR = "_ledger"
@@ -87,10 +91,28 @@ class UnitRecord:
 
 @dataclass
 class Recovery:
-    """What :meth:`Ledger.recover` did."""
+    """What :meth:`Ledger.recover` did.
+
+    Attributes:
+        rolled_forward: Committed units whose publish was finished.
+        rolled_back: Uncommitted units whose staging was deleted.
+        left_live: Units of runs that hold a live lease: not touched.
+        left_other_key: Committed units of another output key: finished by that key's next run.
+    """
 
     rolled_forward: list[str] = field(default_factory=list)
     rolled_back: list[str] = field(default_factory=list)
+    left_live: list[str] = field(default_factory=list)
+    left_other_key: list[str] = field(default_factory=list)
+
+
+class StagedFileMissing(RuntimeError):
+    """A unit's staged file is gone before it was published: its rows cannot be published."""
+
+
+def run_of(unit_id: str) -> str:
+    """The run a unit belongs to (unit ids are ``<run_id>-u<n>``)."""
+    return unit_id.rsplit("-u", 1)[0]
 
 
 def new_run_id() -> str:
@@ -103,10 +125,12 @@ class Ledger:
 
     Args:
         store: The output root.
+        lease: The run's lease of its output key: checked before every commit point, required by :meth:`recover`.
     """
 
-    def __init__(self, store: OutputStore) -> None:
+    def __init__(self, store: OutputStore, lease: Lease | None = None) -> None:
         self.store = store
+        self.lease = lease
 
     # ------------------------------------------------------------------------------------------------- staging
 
@@ -120,11 +144,25 @@ class Ledger:
     # -------------------------------------------------------------------------------------------------- commit
 
     def commit(self, unit: UnitRecord) -> None:
-        """Commit a unit: write its ledger record (the atomic commit point), then publish its staged files.
+        """Commit a unit: check that every staged file is there and the lease is still held, write the unit's ledger
+        record (the atomic commit point), then publish its staged files.
 
         Args:
             unit: The unit, with its files already staged.
+
+        Raises:
+            StagedFileMissing: A staged file is gone (nothing is committed).
+            LeaseLost: This run no longer holds its output key (nothing is committed).
         """
+        if unit.publish:
+            present = set(self.store.glob(f"{self.staging_dir(unit.unit_id)}/**"))
+            missing = [f.staged for f in unit.publish if f.staged not in present]
+            if missing:
+                raise StagedFileMissing(
+                    f"unit {unit.unit_id}: {len(missing)} staged files are missing before its commit (first: "
+                    f"{missing[0]}); nothing of it was committed, its scenes are redone by the next run")
+        if self.lease is not None:
+            self.lease.check()  # the fence: a run that lost its lease commits nothing more
         now = datetime.now(timezone.utc)
         rows = [
             {
@@ -150,30 +188,55 @@ class Ledger:
     def _publish(self, unit_id: str, moves: Sequence[Sequence[str]], deletes: Sequence[str],
                  strict: bool = False) -> None:
         for staged, final in moves:
-            if strict:  # a first publish: every staged file must be there (a replay finds moved ones gone)
-                try:
-                    self.store.move(staged, final)
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"unit {unit_id}: staged file {staged} is missing; its rows cannot be "
-                                            "published") from None
-            elif self.store.exists(staged):
+            try:
                 self.store.move(staged, final)
+            except FileNotFoundError:
+                # a replay finds the files an interrupted publish moved already at their final paths; a file that
+                # is in neither place is lost, and the unit's scenes are on record without their rows
+                if strict or not self.store.exists(final):
+                    raise StagedFileMissing(
+                        f"unit {unit_id} is committed but its staged file {staged} is gone and {final} was never "
+                        f"published: the unit's scenes are on record without all their rows. Remove "
+                        f"{self._record_path(unit_id)} (and the unit's published part-{unit_id}*.parquet files) "
+                        "and rerun with --full-scan to redo them") from None
         for path in deletes:
             self.store.remove(path)
         self.store.remove(self.staging_dir(unit_id), recursive=True)
 
     def recover(self) -> Recovery:
-        """Finish what a crashed run left: publish committed units' files, delete uncommitted units' files.
+        """Finish what crashed runs left: publish committed units' files, delete uncommitted units' files.
+
+        Only units whose run holds no live lease are touched (the staging folders are listed before the leases are
+        read: a run takes its lease before it stages anything, so a listed unit of a live run is always seen live).
+        Uncommitted units of dead runs are deleted whatever their output key (a deletion is idempotent); committed
+        ones are finished only under their own output key's lease, so that no run of that key rewrites their files
+        meanwhile.
 
         Returns:
-            The unit ids rolled forward and rolled back.
+            The unit ids rolled forward, rolled back and left alone.
+
+        Raises:
+            RuntimeError: The ledger holds no lease (every recovery takes its output key's lease first).
+            StagedFileMissing: A committed unit's file is neither staged nor published.
         """
+        if self.lease is None or not self.lease.held:
+            raise RuntimeError("recovery needs this output key's lease: Ledger(store, lease) with the lease taken")
         report = Recovery()
         units = sorted({p.split("/")[1] for p in self.store.glob(f"{STAGING_DIR}/*")})
+        if not units:
+            return report
+        live = {h.run_id for h in live_holders(self.store)} - {self.lease.run_id}
         for unit_id in units:
+            if run_of(unit_id) in live:
+                report.left_live.append(unit_id)
+                continue
             record = self._record_path(unit_id)
             if self.store.exists(record):
-                meta = pq.read_schema(io.BytesIO(self.store.read_bytes(record))).metadata or {}
+                table = pq.read_table(io.BytesIO(self.store.read_bytes(record)))
+                if set(table["output_key"].to_pylist()) != {self.lease.name}:
+                    report.left_other_key.append(unit_id)
+                    continue
+                meta = table.schema.metadata or {}
                 moves = json.loads(meta.get(_PUBLISH_KEY, b"[]"))
                 deletes = json.loads(meta.get(_DELETE_KEY, b"[]"))
                 self._publish(unit_id, moves, deletes)

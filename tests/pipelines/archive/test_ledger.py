@@ -1,4 +1,5 @@
-"""Commit units: atomic commit point, roll-forward and roll-back after a crash, incremental index, copy-on-write."""
+"""Commit units: atomic commit point, roll-forward and roll-back after a crash, incremental index, copy-on-write;
+recovery under the output key's lease, which leaves live runs' staging alone; missing staged files fail loudly."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import shapely
 
-from pipelines.archive.ledger import Ledger, UnitRecord, rewrite_without, skip_reason
+from pipelines.archive.lease import Lease, LeaseLost
+from pipelines.archive.ledger import Ledger, StagedFileMissing, UnitRecord, rewrite_without, skip_reason
 from pipelines.archive.store import OutputStore, read_table, stage_table
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
@@ -20,6 +22,13 @@ def _stage_unit(store: OutputStore, ledger: Ledger, unit: str, scenes: list[str]
     files = stage_table(store, staging, "tiles", unit, rows)
     return UnitRecord(unit_id=unit, run_id="r", output_key=key,
                       scenes=[("toy", s, "2024-05-01", T0) for s in scenes], publish=files)
+
+
+def _recovering(store: OutputStore, key: str = "k", run_id: str = "rec") -> Ledger:
+    """A ledger of a new run that holds the output key's lease (what every recovery needs)."""
+    lease = Lease(store, key, run_id=run_id, ttl_s=60)
+    lease.acquire()
+    return Ledger(store, lease)
 
 
 def test_commit_publishes_and_indexes(tmp_path):
@@ -38,7 +47,7 @@ def test_crash_before_commit_point_is_rolled_back(tmp_path):
     store = OutputStore(str(tmp_path))
     ledger = Ledger(store)
     _stage_unit(store, ledger, "u1", ["a"])  # staged, never committed: the process "died" here
-    report = Ledger(store).recover()
+    report = _recovering(store).recover()
     assert report.rolled_back == ["u1"] and report.rolled_forward == []
     assert not store.glob("_staging/*") and not store.glob("tiles/**/*.parquet")
     assert ledger.committed("k") == {}
@@ -57,11 +66,13 @@ def test_crash_after_commit_point_is_rolled_forward(tmp_path, monkeypatch):
         ledger.commit(unit)
     monkeypatch.undo()
     assert not store.glob("tiles/**/*.parquet")  # nothing published yet
-    report = Ledger(store).recover()
+    recovering = _recovering(store)
+    report = recovering.recover()
     assert report.rolled_forward == ["u1"]
     assert store.glob("tiles/**/*.parquet") == ["tiles/collection=toy/date=2024-05-01/part-u1.parquet"]
     assert len(read_table(store, "tiles")) == 1
-    assert Ledger(store).recover().rolled_forward == []  # idempotent
+    recovering.lease.release()
+    assert _recovering(store, run_id="rec2").recover().rolled_forward == []  # idempotent
 
 
 def test_skip_reason():
@@ -128,3 +139,103 @@ def test_compaction_keeps_every_unit_on_record(tmp_path):
     assert units == {"u1", "u2", "u3"}
     assert set(ledger.committed("k")) == {("c", "s1")} and ledger.committed("k")[("c", "s1")].unit_id == "u3"
     assert ledger.committed_table("k").num_rows == 1
+
+
+# ------------------------------------------------------------------------------ one writer per output key
+
+
+RUN_A, RUN_B = "20250101T000000Z-aaaaaa", "20250101T000001Z-bbbbbb"
+
+
+def test_recovery_needs_the_lease(tmp_path):
+    with pytest.raises(RuntimeError, match="lease"):
+        Ledger(OutputStore(str(tmp_path))).recover()
+
+
+def test_recovery_leaves_a_live_runs_staging_alone(tmp_path):
+    """The overlap that lost rows: a second run's recovery deleted the staging of a run still in progress, which then
+    committed its scenes with no rows. Now recovery skips units whose run holds a live lease, and the first run's
+    commit publishes every row."""
+    store = OutputStore(str(tmp_path))
+    lease_a = Lease(store, "k", run_id=RUN_A, ttl_s=60)
+    lease_a.acquire()
+    ledger_a = Ledger(store, lease_a)
+    unit = _stage_unit(store, ledger_a, f"{RUN_A}-u00000", ["a", "b"])
+    # a run of another model (output key k2) starts meanwhile and recovers
+    other = _recovering(store, key="k2", run_id=RUN_B)
+    report = other.recover()
+    assert report.left_live == [f"{RUN_A}-u00000"] and report.rolled_back == []
+    assert store.glob(f"_staging/{RUN_A}-u00000/**/*.parquet")
+    ledger_a.commit(unit)
+    assert sorted(read_table(store, "tiles")["scene_id"]) == ["a", "b"]
+    assert set(ledger_a.committed("k")) == {("toy", "a"), ("toy", "b")}
+
+
+def test_recovery_rolls_back_a_dead_runs_staging(tmp_path):
+    store = OutputStore(str(tmp_path))
+    lease_a = Lease(store, "k", run_id=RUN_A, ttl_s=0.2)
+    lease_a.acquire()
+    _stage_unit(store, Ledger(store, lease_a), f"{RUN_A}-u00000", ["a"])
+    import time
+
+    time.sleep(0.3)  # run A's driver vanished: its lease lapses
+    taker = Lease(store, "k", run_id=RUN_B, ttl_s=60)
+    previous = taker.acquire()
+    assert previous is not None and previous.run_id == RUN_A and "expired" in previous.dead_reason()
+    report = Ledger(store, taker).recover()
+    assert report.rolled_back == [f"{RUN_A}-u00000"] and not store.glob("_staging/*")
+
+
+def test_committed_units_of_another_output_key_are_left_to_that_key(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    unit = _stage_unit(store, ledger, f"{RUN_A}-u00000", ["a"], key="k")
+    monkeypatch.setattr(store, "move", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ledger.commit(unit)
+    monkeypatch.undo()
+    other = _recovering(store, key="k2", run_id=RUN_B)
+    assert other.recover().left_other_key == [f"{RUN_A}-u00000"]
+    other.lease.release()
+    assert _recovering(store, key="k", run_id=RUN_B).recover().rolled_forward == [f"{RUN_A}-u00000"]
+    assert len(read_table(store, "tiles")) == 1
+
+
+def test_commit_with_a_missing_staged_file_commits_nothing(tmp_path):
+    """Before, the record was written first and the publish skipped (or tripped on) the missing file: the scenes
+    were on record as committed, with no rows, and never processed again."""
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    unit = _stage_unit(store, ledger, "u1", ["a"])
+    store.remove(unit.publish[0].staged)
+    with pytest.raises(StagedFileMissing, match="nothing of it was committed"):
+        ledger.commit(unit)
+    assert ledger.committed("k") == {} and not store.glob("_ledger/*")
+
+
+def test_replay_that_finds_a_staged_file_gone_fails_loudly(tmp_path, monkeypatch):
+    """A committed unit whose staged file is neither staged nor published cannot be finished: recovery says so
+    (before, it skipped the file and the unit's scenes stayed committed without rows)."""
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    unit = _stage_unit(store, ledger, "u1", ["a"])
+    monkeypatch.setattr(store, "move", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ledger.commit(unit)  # the record is written, the publish was cut short
+    monkeypatch.undo()
+    store.remove(unit.publish[0].staged)
+    with pytest.raises(StagedFileMissing, match="u1 is committed but its staged file"):
+        _recovering(store).recover()
+
+
+def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
+    store = OutputStore(str(tmp_path))
+    lease_a = Lease(store, "k", run_id=RUN_A, ttl_s=60)
+    lease_a.acquire()
+    ledger_a = Ledger(store, lease_a)
+    unit = _stage_unit(store, ledger_a, f"{RUN_A}-u00000", ["a"])
+    breaker = Lease(store, "k", run_id=RUN_B, ttl_s=60)
+    assert breaker.acquire(force=True).run_id == RUN_A  # an operator's --break-lease
+    with pytest.raises(LeaseLost, match=RUN_B):
+        ledger_a.commit(unit)
+    assert ledger_a.committed("k") == {}

@@ -1,0 +1,177 @@
+"""Fault injection for the chaos suite: an HTTP proxy on 127.0.0.1 that answers chosen requests with an error status
+(S3's ``503 SlowDown``), drops the connection before or after forwarding, or holds a request until the test lets it
+go; and a way to find (and kill) the process on the other end of a held request.
+
+It forwards everything else, byte for byte, to a real server (moto S3, a STAC API): the job under test talks to the
+proxy as it would to the server. A STAC API's own URL in response bodies is rewritten to the proxy's, so ``next``
+links keep going through it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your '
+             b"request rate.</Message><RequestId>chaos</RequestId></Error>")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a fault plan sees of a request: its number (from 0), method, path (with query) and body."""
+
+    n: int
+    method: str
+    path: str
+    body: bytes
+
+
+# A plan maps a request to an action: "pass", "503" (SlowDown), "drop" (close before forwarding), "drop_after"
+# (forward, then close without answering: the request took effect, its response is lost), "hold" (keep it open
+# until :meth:`FaultProxy.release`, then close).
+Plan = Callable[[Request], str]
+
+
+class FaultProxy:
+    """A fault-injecting HTTP proxy in front of ``upstream``.
+
+    Args:
+        upstream: The real server's base URL.
+        plan: Decides each request's fate.
+        rewrite: Replace the upstream URL by the proxy's in response bodies (STAC ``next`` links).
+    """
+
+    def __init__(self, upstream: str, plan: Plan, *, rewrite: bool = False) -> None:
+        self.upstream = upstream.rstrip("/")
+        parts = urlsplit(self.upstream)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.plan = plan
+        self.rewrite = rewrite
+        self.actions: Counter[str] = Counter()
+        self.log: list[tuple[int, str, str, str]] = []  # (n, method, path, action)
+        self.held = threading.Event()
+        self.held_client_port: int | None = None
+        self._release = threading.Event()
+        self._lock = threading.Lock()
+        self._n = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue` (S3 clients wait for it before a body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            break
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _handle(self) -> None:
+                body = self._body()
+                with proxy._lock:
+                    n = proxy._n
+                    proxy._n += 1
+                action = proxy.plan(Request(n, self.command, self.path, body))
+                with proxy._lock:
+                    proxy.actions[action] += 1
+                    proxy.log.append((n, self.command, self.path, action))
+                if action == "503":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(SLOW_DOWN)
+                    return
+                if action == "drop":
+                    self.close_connection = True
+                    return
+                if action == "hold":
+                    proxy.held_client_port = self.client_address[1]
+                    proxy.held.set()
+                    proxy._release.wait(timeout=120)
+                    self.close_connection = True
+                    return
+                status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
+                if action == "drop_after":
+                    self.close_connection = True
+                    return
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in {"transfer-encoding", "connection", "content-length", "keep-alive"}:
+                        self.send_header(key, value)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", dict((k.lower(), v) for k, v in headers)
+                                     .get("content-length", "0"))
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.host_port = f"127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    def _forward(self, method: str, path: str, headers: object, body: bytes) -> tuple[int, list, bytes]:
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=60)
+        try:
+            out = {k: v for k, v in headers.items()  # type: ignore[attr-defined]
+                   if k.lower() not in {"transfer-encoding", "content-length", "connection", "keep-alive"}}
+            if method in {"PUT", "POST"} or body:
+                out["Content-Length"] = str(len(body))
+            conn.request(method, path, body=body or None, headers=out)
+            resp = conn.getresponse()
+            data = resp.read()
+            if self.rewrite:
+                data = data.replace(self.upstream.encode(), self.url.encode())
+            return resp.status, resp.getheaders(), data
+        finally:
+            conn.close()
+
+    def release(self) -> None:
+        """Let a held request go (its connection is closed without an answer)."""
+        self._release.set()
+
+    def stop(self) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def pid_on_port(port: int) -> int | None:
+    """The process (other than this one) whose TCP connection has local port ``port`` (the client of a held
+    request)."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.pid and conn.pid != os.getpid():
+            return int(conn.pid)
+    return None
+
+
+def kill(pid: int) -> None:
+    """SIGKILL: the process gets no chance to clean up (a preempted machine, the OOM killer)."""
+    os.kill(pid, signal.SIGKILL)
