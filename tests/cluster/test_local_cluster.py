@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness.sockets import is_loopback, sockets_of_processes_naming
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +39,14 @@ def cluster():
         pytest.fail(f"cluster/local/up.sh failed:\n{up.stdout}\n{up.stderr}", pytrace=False)
     yield env
     subprocess.run([str(ROOT / "cluster/local/down.sh")], env=env, capture_output=True, timeout=60)
+
+
+def test_every_node_listens_on_loopback_only(cluster):
+    """Both nodes' Ray processes (GCS, raylets, agents, workers) listen on 127.0.0.1 only."""
+    sockets = sockets_of_processes_naming(cluster["EARTHGPT_RAY_TEMP_DIR"])
+    assert sum(name == "raylet" for _, _, name in sockets) >= 2, sockets  # both nodes were seen
+    exposed = [s for s in sockets if not is_loopback(s[0])]
+    assert not exposed, f"the local cluster listens beyond loopback: {exposed}"
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from catalogs.hrefs import to_gdal_path
 from catalogs.io import read_header
 from tests.catalogs.blobserver import RangeServer, _Server
 from tests.catalogs.cogs import write_cog
+from tests.harness.sockets import is_loopback, listening
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,24 +53,6 @@ class RedirectServer(_Server):
             do_HEAD = do_GET  # noqa: N815
 
         super().__init__(Handler)
-
-
-def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
-    """``(address, port, process name)`` of every listening TCP socket of ``pids``."""
-    out = []
-    for conn in psutil.net_connections("inet"):
-        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
-            out.append((conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name()))
-    return out
-
-
-def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
-
-
-def _tree(pid: int) -> set[int]:
-    proc = psutil.Process(pid)
-    return {pid} | {p.pid for p in proc.children(recursive=True)}
 
 
 def _gone(pid: int) -> bool:
@@ -158,8 +141,8 @@ def test_embedded_stac_server_dies_with_a_killed_driver(stac_files: tuple[Path, 
         line = driver.stdout.readline() if driver.stdout else ""
         started = json.loads(line)
         (server,) = started["pids"]
-        listening = _listening({server})
-        assert listening and all(_is_loopback(ip) for ip, _, _ in listening), listening
+        sockets = listening({server})
+        assert sockets and all(is_loopback(ip) for ip, _, _ in sockets), sockets
         driver.send_signal(signal.SIGKILL)  # no finally, no atexit: only the kernel can stop the server now
         driver.wait(timeout=10)
         deadline = time.monotonic() + 5
@@ -208,7 +191,7 @@ def test_local_ray_listens_on_loopback_only() -> None:
     sockets = json.loads(done.stdout.strip().splitlines()[-1])
     names = {name for _, _, name in sockets}
     assert {"gcs_server", "raylet"} <= names, sockets  # the check saw Ray's servers
-    exposed = [s for s in sockets if not _is_loopback(s[0])]
+    exposed = [s for s in sockets if not is_loopback(s[0])]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
 
 
@@ -403,32 +386,3 @@ def test_archive_job_refuses_hostile_hrefs_and_leaks_no_secret(
 
     assert outcome.exactly_once, outcome
     record(outcome)
-
-
-def _sockets_of_processes_naming(marker: str) -> list[tuple[str, int, str]]:
-    pids: set[int] = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(marker in arg for arg in proc.info["cmdline"] or []):
-                pids |= _tree(proc.pid)
-        except psutil.Error:
-            continue
-    return _listening(pids)
-
-
-@pytest.mark.integration
-def test_local_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
-    temp_dir = f"/tmp/earthgpt-ray-sec-{os.getpid()}"
-    env = dict(os.environ, EARTHGPT_RAY_PORT="26879", EARTHGPT_DASHBOARD_PORT="28865", EARTHGPT_RAY_TEMP_DIR=temp_dir,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    try:
-        up = subprocess.run([str(ROOT / "cluster/local/up.sh"), "1"], env=env, capture_output=True, text=True,
-                            timeout=240)
-        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-        sockets = _sockets_of_processes_naming(temp_dir)
-    finally:
-        subprocess.run([str(ROOT / "cluster/local/down.sh")], env=env, capture_output=True, timeout=120)
-    assert sum(name == "raylet" for _, _, name in sockets) >= 2, sockets  # both nodes were seen
-    exposed = [s for s in sockets if not _is_loopback(s[0])]
-    assert not exposed, f"the local cluster listens beyond loopback: {exposed}"
