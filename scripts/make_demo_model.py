@@ -56,8 +56,8 @@ WORLD: dict[str, Any] = {"scenes": 48, "seed": 0, "chips_per_scene": 500, "val_c
 UNSEEN_WORLD: dict[str, Any] = {"scenes": 6, "seed": 1000, "chips_per_scene": 8, "val_chips_per_scene": 200}
 """A world from a seed no training used; its held-out scenes (600 chips) are what the model is scored on."""
 
-EVAL_TAGS = ("det", "cls", "count_vqa", "cap", "region_cap", "rsvg")
-"""Held-out files scored by ``earthgpt eval``."""
+EVAL_TAGS = ("det", "cls", "cap", "count_vqa")
+"""Held-out files scored by ``earthgpt eval`` (the targets, and CIDEr); ``--eval-tags`` adds ``region_cap``, ``rsvg``."""
 
 
 def prepare_world(root: Path, params: dict[str, Any]) -> Path:
@@ -85,14 +85,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-def evaluate(model: Path, world: Path, out: Path, limit: int) -> dict[str, Any]:
-    """``earthgpt eval MODEL <held-out files> --limit N --max-new-tokens 96 --out OUT``; returns its JSON."""
-    files = [str(world / "mmrs" / f"toyworld_{tag}_val.json") for tag in EVAL_TAGS]
-    cmd = [sys.executable, "-m", "pipelines.cli", "eval", str(model), *files, "--limit", str(limit),
-           "--max-new-tokens", "96", "--out", str(out)]  # fmt: skip
-    print("[demo-model] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, env=_env())
-    return dict(json.loads(out.read_text()))
+def evaluate(model: Path, worlds: dict[str, Path], limit: int, tags: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``earthgpt eval MODEL <held-out files> --limit N --max-new-tokens 96 --out FILE`` for each world, side by side
+    (one process per world); returns each run's JSON by world name."""
+    procs = {}
+    for name, world in worlds.items():
+        files = [str(world / "mmrs" / f"toyworld_{tag}_val.json") for tag in tags]
+        out = REPO / "out" / f"eval-earthgpt-toy-{name}.json"
+        cmd = [sys.executable, "-m", "pipelines.cli", "eval", str(model), *files, "--limit", str(limit),
+               "--max-new-tokens", "96", "--out", str(out)]  # fmt: skip
+        print("[demo-model] " + " ".join(cmd), flush=True)
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=_env()), out)
+    results = {}
+    for name, (proc, out) in procs.items():
+        if proc.wait() != 0:
+            raise RuntimeError(f"earthgpt eval on {name} failed (exit {proc.returncode})")
+        results[name] = dict(json.loads(out.read_text()))
+    return results
 
 
 def learning_curve(log: Path) -> list[dict[str, Any]]:
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="export this training checkpoint folder instead")
     parser.add_argument("--from-scratch", action="store_true", help="random initial weights (no warm start)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
-    parser.add_argument("--eval-limit", type=int, default=300, help="held-out records per task in each evaluation")
+    parser.add_argument("--eval-limit", type=int, default=200, help="held-out records per task in each evaluation")
+    parser.add_argument("--eval-tags", default=",".join(EVAL_TAGS), help="held-out files to score (pipelines.mmrs tags)")
     parser.add_argument("--no-install", action="store_true", help="evaluate only; leave models/earthgpt-toy alone")
     args = parser.parse_args(argv)
     command = "python scripts/make_demo_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -215,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     if size_mb > MAX_MB:
         print(f"demo model is {size_mb:.1f} MB > {MAX_MB} MB: not installed", file=sys.stderr)
         return 3
-    heldout = evaluate(model, world, REPO / "out" / "eval-earthgpt-toy-heldout.json", args.eval_limit)
-    unseen_eval = evaluate(model, unseen, REPO / "out" / "eval-earthgpt-toy-seed1000.json", args.eval_limit)
+    tags = tuple(t.strip() for t in args.eval_tags.split(",") if t.strip())
+    evals = evaluate(model, {"heldout": world, "seed1000": unseen}, args.eval_limit, tags)
+    heldout, unseen_eval = evals["heldout"], evals["seed1000"]
     state = json.loads((model / "training_state.json").read_text())
     lineage = lineage_file.read_text() if lineage_file.exists() else "see git history of models/earthgpt-toy"
     text = card(command.strip(), heldout, unseen_eval, learning_curve(METRICS_LOG), state, size_mb, lineage)
