@@ -7,7 +7,8 @@
     out/stac/items.ndjson                 items with projection/raster/eo|sar extensions, created/updated
     out/ground_truth.parquet              GeoParquet 1.1: scene_id, label, pixel box, CRS box, WGS84 polygon
     out/chips/{sensor}/{scene_id}_{k}.png 8-bit RGB chips cut through the same sensor recipe the pipeline uses
-    out/annotations.jsonl                 one record per chip: objects (chip pixel boxes), scene class, split
+    out/annotations.jsonl                 one record per chip: objects (chip pixel boxes, each with a region
+                                          caption), scene class, a one-sentence caption, split
     out/preview.png                       (preview=True) one chip per sensor with its ground-truth boxes
 
 Sensors and what they show (scene ``i`` gets sensor ``("optical", "sar", "thermal")[i % 3]``):
@@ -23,7 +24,9 @@ A scene is a grid of 128-px land-use cells (``harbor``, ``open sea``, ``airport`
 ``farmland``, ``road``); a chip's ``scene_class`` is the class covering most of it. Objects are 6-20 px, high
 contrast, 0 to a handful per cell, never overlapping and never on nodata. Pixel boxes are ``[x1, y1, x2, y2]`` in
 pixel-edge coordinates (``x2``/``y2`` exclusive: width = ``x2 - x1``). Sites lie in several UTM zones, some in the
-southern hemisphere. ``eo:cloud_cover`` is metadata only (no clouds are drawn): even-numbered scenes of a sensor get
+southern hemisphere. Captions are written from a chip's truth (see :func:`chip_caption`): sensor, scene class, object
+counts and coarse positions in one sentence, wording drawn from a few templates; each object also gets a region
+caption (:func:`region_caption`). ``eo:cloud_cover`` is metadata only (no clouds are drawn): even-numbered scenes of a sensor get
 less than 20 %, odd-numbered ones more, so filters have something to select.
 """
 
@@ -593,6 +596,153 @@ def sample_chips(
     return chips
 
 
+# -------------------------------------------------------------------------------------------------------- captions
+
+_NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                 "twelve")
+_SENSOR_PHRASES: dict[str, tuple[str, str]] = {
+    # sensor -> (with article, bare): "An infrared image", "infrared image"
+    "optical": ("An optical image", "optical image"),
+    "sar": ("A SAR image", "SAR image"),
+    "thermal": ("An infrared image", "infrared image"),
+}
+_SCENE_PHRASES: dict[str, str] = {
+    "open sea": "open sea", "harbor": "a harbor", "airport": "an airport", "residential": "a residential area",
+    "industrial": "an industrial area", "farmland": "farmland", "road": "a road",
+}  # fmt: skip
+_POSITIONS = (("upper left", "top", "upper right"), ("left", "centre", "right"), ("lower left", "bottom",
+                                                                                   "lower right"))
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{Sensor} of {scene} with {objects}.",
+    "{Sensor} showing {scene}, with {objects}.",
+    "{Scene} seen in {a_sensor}, with {objects}.",
+    "This {sensor} shows {scene} with {objects}.",
+)
+"""Chip caption wordings; ``{objects}`` lists each class's count and where it lies ("two ships in the upper left")."""
+
+EMPTY_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{Sensor} of {scene} with no objects.",
+    "{Sensor} showing {scene}; no objects are visible.",
+    "{Scene} seen in {a_sensor}, without any objects.",
+    "This {sensor} shows {scene} and no objects.",
+)
+"""Chip caption wordings for chips without objects."""
+
+REGION_TEMPLATES: tuple[str, ...] = (
+    "A {size}{label} in the {position} of the image.",
+    "A {size}{label}, {where}.",
+    "There is a {size}{label} {where}.",
+)
+"""Region caption wordings for one object."""
+
+
+def number_word(n: int) -> str:
+    """``0`` -> ``"no"``, ``2`` -> ``"two"``; digits beyond twelve."""
+    return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
+
+
+def coarse_position(box: Sequence[float], size: int) -> str:
+    """Where a box's centre lies on a 3 x 3 grid of the chip: ``"upper left"``, ``"top"``, ..., ``"centre"``.
+
+    Args:
+        box: ``[x1, y1, x2, y2]`` in chip pixels.
+        size: Chip side.
+    """
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    col = min(2, max(0, int(3 * cx / size)))
+    row = min(2, max(0, int(3 * cy / size)))
+    return _POSITIONS[row][col]
+
+
+def _where(position: str) -> str:
+    return "in the centre" if position == "centre" else f"at the {position}" if position in ("top", "bottom") \
+        else f"on the {position}" if position in ("left", "right") else f"in the {position}"
+
+
+def _group_phrase(label: str, positions: list[str]) -> str:
+    """``"two ships in the upper left"``, ``"three buildings across the image"``."""
+    n = len(positions)
+    noun = label if n == 1 else label + "s"
+    head = f"{'a' if n == 1 and label[0] not in 'aeiou' else 'an' if n == 1 else number_word(n)} {noun}"
+    distinct = sorted(set(positions), key=positions.index)
+    if len(distinct) == 1:
+        return f"{head} {_where(distinct[0])}"
+    if len(distinct) == 2:
+        return f"{head} {_where(distinct[0])} and {_where(distinct[1]).split(' ', 1)[1]}" \
+            if _where(distinct[0]).split(" ", 1)[0] == _where(distinct[1]).split(" ", 1)[0] \
+            else f"{head} {_where(distinct[0])} and {_where(distinct[1])}"
+    return f"{head} spread across the image"
+
+
+def chip_caption(
+    sensor: str,
+    scene_class: str,
+    objects: Sequence[tuple[str, Sequence[float]]],
+    size: int,
+    rng: np.random.Generator,
+) -> str:
+    """One sentence describing a chip from its truth: sensor, scene class, object counts and coarse positions.
+
+    E.g. ``"A SAR image of open sea with two ships in the upper left."``. Classes are listed in alphabetical order,
+    positions in the order the objects are sorted (top to bottom); three or more positions of one class read
+    "spread across the image". The wording is one of :data:`CAPTION_TEMPLATES` (or
+    :data:`EMPTY_CAPTION_TEMPLATES`), drawn with ``rng``.
+
+    Args:
+        sensor: ``optical``, ``sar`` or ``thermal``.
+        scene_class: One of :data:`CLASS_NAMES`.
+        objects: ``(label, [x1, y1, x2, y2])`` in chip pixels.
+        size: Chip side.
+        rng: Chooses the template.
+
+    Returns:
+        The caption.
+
+    Raises:
+        ValueError: an unknown sensor or scene class.
+    """
+    if sensor not in _SENSOR_PHRASES:
+        raise ValueError(f"unknown sensor {sensor!r}; expected one of {SENSORS}")
+    if scene_class not in _SCENE_PHRASES:
+        raise ValueError(f"unknown scene_class {scene_class!r}; expected one of {CLASS_NAMES}")
+    groups: dict[str, list[str]] = {}
+    for label, box in objects:
+        groups.setdefault(label, []).append(coarse_position(box, size))
+    parts = [_group_phrase(label, groups[label]) for label in sorted(groups)]
+    templates = CAPTION_TEMPLATES if parts else EMPTY_CAPTION_TEMPLATES
+    template = templates[int(rng.integers(len(templates)))]
+    article, bare = _SENSOR_PHRASES[sensor]
+    scene = _SCENE_PHRASES[scene_class]
+    return template.format(
+        Sensor=article, sensor=bare, a_sensor=article[0].lower() + article[1:], scene=scene,
+        Scene=scene[0].upper() + scene[1:], objects=" and ".join(parts),
+    )  # fmt: skip
+
+
+def region_caption(label: str, box: Sequence[float], size: int, rng: np.random.Generator) -> str:
+    """One sentence describing one object's region: size (relative to its class), class and coarse position.
+
+    E.g. ``"A large ship in the upper left of the image."``; wording from :data:`REGION_TEMPLATES`.
+
+    Args:
+        label: The object's class.
+        box: ``[x1, y1, x2, y2]`` in chip pixels.
+        size: Chip side.
+        rng: Chooses the template.
+
+    Returns:
+        The caption.
+    """
+    position = coarse_position(box, size)
+    longest = max(box[2] - box[0], box[3] - box[1])
+    lo, hi = min(rule[3] for rule in PLANTS.values() if rule[0] == label), max(
+        rule[4] for rule in PLANTS.values() if rule[0] == label)
+    third = (hi - lo) / 3
+    size_word = "small " if longest < lo + third else "large " if longest > hi - third else ""
+    template = REGION_TEMPLATES[int(rng.integers(len(REGION_TEMPLATES)))]
+    return template.format(size=size_word, label=label, position=position, where=_where(position))
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     """``(3, H, W)`` float in [0, 1] → ``(H, W, 3)`` uint8."""
     return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
@@ -728,6 +878,7 @@ def generate_toyworld(
             n = val_n if scene.split == "val" else chips_per_scene
             sensor_dir = chips_dir / sensor
             sensor_dir.mkdir(exist_ok=True)
+            caption_rng = np.random.default_rng([seed, index, 2])  # own stream: chips stay as they were
             for j, chip in enumerate(sample_chips(chip_rng, scene, tile.valid, n, chip_size, positive_fraction)):
                 rel = f"chips/{sensor}/{scene.scene_id}_{j:04d}.png"
                 Image.fromarray(rgb[chip.y:chip.y + chip_size, chip.x:chip.x + chip_size]).save(
@@ -737,8 +888,11 @@ def generate_toyworld(
                     "image": rel, "sensor": sensor, "scene_id": scene.scene_id, "collection": COLLECTIONS[sensor],
                     "split": scene.split, "size": [chip_size, chip_size], "scene_class": chip.scene_class,
                     "window": [chip.x, chip.y, chip_size, chip_size],
-                    "objects": [{"label": lab, "box": box} for lab, box in chip.objects],
-                })
+                    "caption": chip_caption(sensor, chip.scene_class, chip.objects, chip_size, caption_rng),
+                    "objects": [{"label": lab, "box": box,
+                                 "caption": region_caption(lab, box, chip_size, caption_rng)}
+                                for lab, box in chip.objects],
+                })  # fmt: skip
             timings["chips"] = timings.get("chips", 0.0) + time.perf_counter() - t0
             if href_base:
                 for asset in item.assets.values():

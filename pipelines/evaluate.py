@@ -9,6 +9,8 @@ conventions, see its docstring):
 - ``caption`` / ``region_caption``: BLEU-1..4, METEOR (exact-match module), ROUGE-L, CIDEr;
 - ``ground``: Acc@0.5 and mean IoU;
 - ``detect``: precision / recall / F1 at IoU 0.5, mAP@0.5, counting accuracy (stated count equals the true count).
+  mAP ranks the boxes by each box's own confidence: ``exp`` of the mean log-probability of the generated tokens that
+  wrote its coordinates (``earthgpt.tasks.span_confidence``, as the archive job's ``detections.confidence``).
 
 CHECKPOINT is a ``save_pretrained`` folder (the training job's export), a Ray Train checkpoint folder of the training
 job (exported on the fly), or a preset name (``small``: random weights, the untrained baseline). Prints a table and
@@ -24,13 +26,13 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from earthgpt import metrics as M
 from earthgpt.data import MalformedRecord, Record, iter_raw_records, load_image, parse_record
-from earthgpt.tasks import NO_OBJECTS, parse_answer
+from earthgpt.tasks import NO_OBJECTS, parse_answer, span_confidence
 
 
 @dataclass
@@ -42,12 +44,17 @@ class ScoredItem:
         prediction: Generated answer text.
         reference: Reference answer text.
         image_hw: ``(height, width)`` of the image (to map boxes back to pixels).
+        token_ends: For each generated token, where its text ends in ``prediction`` (empty when unknown).
+        token_logprobs: Each generated token's log-probability, aligned with ``token_ends``; with them every
+            predicted box is scored by its own tokens (:func:`earthgpt.tasks.span_confidence`), else by 1.
     """
 
     task: str
     prediction: str
     reference: str
     image_hw: tuple[int, int]
+    token_ends: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
 
 
 def first_turn(record: Record) -> tuple[str, str]:
@@ -63,8 +70,14 @@ def _count(parsed: Any) -> int | None:
     return len(parsed.boxes) if parsed.boxes else None
 
 
-def _detections(parsed: Any, score: float = 1.0) -> list[M.Detection]:
-    return [M.Detection(b.label, b.as_tuple(), score) for b in parsed.boxes]
+def _detections(parsed: Any, item: ScoredItem | None = None) -> list[M.Detection]:
+    """The parsed boxes as detections, each scored by its own tokens when ``item`` carries them (else 1)."""
+    scores = [1.0] * len(parsed.boxes)
+    if item is not None and item.token_logprobs:
+        # a box no token covers cannot happen for generated text; rank it last rather than drop it
+        scores = [0.0 if c != c else c for c in span_confidence(parsed.box_spans, item.token_ends,
+                                                                item.token_logprobs)]  # fmt: skip
+    return [M.Detection(b.label, b.as_tuple(), s) for b, s in zip(parsed.boxes, scores, strict=True)]
 
 
 def score_items(items: Sequence[ScoredItem]) -> dict[str, dict[str, float]]:
@@ -101,7 +114,9 @@ def score_items(items: Sequence[ScoredItem]) -> dict[str, dict[str, float]]:
         elif task == "detect":
             preds_p = [parse_answer(task, g.prediction, g.image_hw) for g in group]
             refs_p = [parse_answer(task, g.reference, g.image_hw) for g in group]
-            det = M.detection_metrics([_detections(p) for p in preds_p], [_detections(r) for r in refs_p])
+            det = M.detection_metrics(
+                [_detections(p, g) for p, g in zip(preds_p, group, strict=True)], [_detections(r) for r in refs_p]
+            )
             row.update({k: det[k] for k in ("precision", "recall", "F1", "mAP")})
             true_counts = [_count(r) or 0 for r in refs_p]
             row["count_accuracy"] = M.counting_accuracy([_count(p) for p in preds_p], true_counts)
@@ -165,7 +180,11 @@ def answer_records(
         generations = engine.generate(images, prompts, max_new_tokens=max_new_tokens)
         for rec, img, gen, ref in zip(kept, images, generations, refs, strict=True):
             assert rec.task is not None
-            items.append(ScoredItem(rec.task, gen.text, ref, (int(img.shape[0]), int(img.shape[1]))))
+            item = ScoredItem(rec.task, gen.text, ref, (int(img.shape[0]), int(img.shape[1])))
+            if rec.task == "detect" and getattr(gen, "token_logprobs", None):
+                item.token_ends = engine.processor.answer_token_ends(gen.token_ids)
+                item.token_logprobs = list(gen.token_logprobs)
+            items.append(item)
     return items
 
 

@@ -1,14 +1,18 @@
 """The toy world's chip annotations -> MMRS-1M-format instruction JSONs (one file per task and split).
 
 ``catalogs.toyworld.generate_toyworld`` writes ``annotations.jsonl`` (one record per 64-px chip: ``image``,
-``sensor``, ``split``, ``size``, ``scene_class``, ``objects`` with chip pixel boxes). This module turns each chip into
+``sensor``, ``split``, ``size``, ``scene_class``, ``caption``, ``objects`` with chip pixel boxes and region captions).
+This module turns each chip into
 LLaVA-style records whose questions and answers come from ``earthgpt.tasks`` (``build_prompt`` / ``format_answer``),
 the same templates the inference job prompts with, so a model trained on these files answers the job's prompts.
 
 Files written (``{task}`` below, ``{split}`` = ``train`` / ``val``): ``toyworld_det_{split}.json`` (detection),
 ``toyworld_cls_{split}.json`` (scene class), ``toyworld_count_vqa_{split}.json`` (object count as VQA),
-``toyworld_rsvg_{split}.json`` (grounding, for chips where a class occurs exactly once) and
-``toyworld_multiturn_{split}.json`` (classification then detection in one conversation). Image paths stay relative
+``toyworld_rsvg_{split}.json`` (grounding, for chips where a class occurs exactly once),
+``toyworld_cap_{split}.json`` (one-sentence image caption), ``toyworld_region_cap_{split}.json`` (one record per object:
+its box in the question, its region caption as the answer) and ``toyworld_multiturn_{split}.json`` (classification
+then detection in one conversation). Chips of a world generated before captions existed have none: the caption files
+then get no records. Image paths stay relative
 to the toy world's root, as in MMRS-1M; pass that root as the source's ``image_root``.
 
 Usage: ``python -m pipelines.mmrs WORLD_DIR [--out DIR] [--tasks det,cls,...]``.
@@ -31,6 +35,8 @@ TASK_FILES: dict[str, str] = {
     "cls": "classify",
     "count_vqa": "vqa",
     "rsvg": "ground",
+    "cap": "caption",
+    "region_cap": "region_caption",
     "multiturn": "",
 }
 """File tag -> ``earthgpt.tasks`` task (multi-turn files carry a task per turn, none per record)."""
@@ -55,7 +61,7 @@ def chip_records(
 
     Yields:
         ``(tag, record)``; a tag yields nothing where the chip has no such question (grounding needs a class that
-        occurs exactly once).
+        occurs exactly once; caption files need the chip's ``caption`` / the object's ``caption``).
     """
     sensor = normalise_sensor(chip.get("sensor"))
     width, height = (int(v) for v in chip["size"])
@@ -91,6 +97,19 @@ def chip_records(
                 question = build_prompt("ground", sensor, description=f"the {label}")
                 yield tag, {**base, "id": f"{stem}-rsvg-{label}", "task": "ground",
                             "conversations": [_human(question), _gpt(format_answer("ground", box, hw))]}  # fmt: skip
+        elif tag == "cap":
+            if chip.get("caption"):
+                yield tag, {**base, "id": f"{stem}-cap", "task": "caption",
+                            "conversations": [_human(build_prompt("caption", sensor)),
+                                              _gpt(format_answer("caption", chip["caption"]))]}  # fmt: skip
+        elif tag == "region_cap":
+            for k, (obj, raw) in enumerate(zip(objects, chip.get("objects", []), strict=True)):
+                if not raw.get("caption"):
+                    continue
+                question = build_prompt("region_caption", sensor, box=obj["box"], image_hw=hw)
+                yield tag, {**base, "id": f"{stem}-region-{k}", "task": "region_caption",
+                            "conversations": [_human(question),
+                                              _gpt(format_answer("region_caption", raw["caption"]))]}  # fmt: skip
         elif tag == "multiturn":
             yield tag, {**base, "id": f"{stem}-multi",
                         "conversations": [_human(classify_q), _gpt(chip["scene_class"]),

@@ -18,7 +18,15 @@ from shapely.geometry import shape
 
 from catalogs.io import SceneReader
 from catalogs.scene import Scene
-from catalogs.toyworld import CLASS_NAMES, LABELS, generate_toyworld, make_scene
+from catalogs.toyworld import (
+    CLASS_NAMES,
+    LABELS,
+    chip_caption,
+    coarse_position,
+    generate_toyworld,
+    make_scene,
+    region_caption,
+)
 
 
 def test_six_scenes_in_under_a_minute(tmp_path: Path) -> None:
@@ -174,3 +182,56 @@ def test_sar_speckle_and_value_ranges() -> None:
     optical = make_scene(0, seed=5, n_sensor_index=0)
     assert optical.bands["red"].dtype == np.uint16
     assert optical.bands["red"][optical.nodata].max(initial=0) == 0
+
+
+def test_chip_caption_reads_the_truth() -> None:
+    rng = np.random.default_rng(0)
+    ships = [("ship", [2, 2, 14, 9]), ("ship", [12, 10, 20, 19])]
+    captions = {chip_caption("sar", "open sea", ships, 64, rng) for _ in range(40)}
+    assert "A SAR image of open sea with two ships in the upper left." in captions
+    assert len(captions) >= 3  # several wordings
+    for text in captions:
+        assert text[0].isupper() and text.endswith(".") and text.count(".") == 1
+        assert "SAR image" in text and "open sea" in text.lower() and "two ships in the upper left" in text
+    mixed = chip_caption("optical", "harbor", [("ship", [2, 50, 14, 60]), ("building", [40, 2, 50, 12])], 64, rng)
+    assert "a building in the upper right and a ship in the lower left" in mixed
+    spread = chip_caption("optical", "residential",
+                          [("building", [2, 2, 9, 9]), ("building", [30, 30, 36, 36]), ("building", [50, 50, 60, 60])],
+                          64, rng)  # fmt: skip
+    assert "three buildings spread across the image" in spread
+    for _ in range(10):
+        empty = chip_caption("thermal", "farmland", [], 64, rng)
+        assert "infrared image" in empty and "farmland" in empty.lower()
+        assert "no objects" in empty or "without any objects" in empty
+    with pytest.raises(ValueError, match="scene_class"):
+        chip_caption("sar", "forest", [], 64, rng)
+
+
+def test_coarse_positions_and_region_captions() -> None:
+    assert coarse_position([0, 0, 10, 10], 64) == "upper left"
+    assert coarse_position([27, 27, 37, 37], 64) == "centre"
+    assert coarse_position([50, 27, 60, 37], 64) == "right"
+    assert coarse_position([27, 54, 37, 64], 64) == "bottom"
+    rng = np.random.default_rng(1)
+    texts = {region_caption("ship", [44, 44, 64, 52], 64, rng) for _ in range(30)}
+    assert len(texts) >= 2
+    assert all("large ship" in t and "lower right" in t and t.endswith(".") for t in texts)
+    assert all("small building" in region_caption("building", [0, 0, 6, 6], 64, rng) for _ in range(5))
+
+
+def test_annotations_carry_captions_and_the_mmrs_files_hold_them(toyworld, tmp_path: Path) -> None:  # noqa: ANN001
+    from pipelines.mmrs import write_mmrs
+
+    records = [json.loads(line) for line in toyworld.annotations_path.read_text().splitlines()]
+    for rec in records:
+        assert rec["caption"].endswith(".") and len(rec["caption"].split()) >= 6
+        for obj in rec["objects"]:
+            assert obj["caption"].endswith(".") and obj["label"] in obj["caption"]
+    written = write_mmrs(toyworld.root, tmp_path, tags=("cap", "region_cap"))
+    caps = json.loads(written["cap_train"].read_text()) + json.loads(written["cap_val"].read_text())
+    assert len(caps) == len(records) and {r["task"] for r in caps} == {"caption"}
+    assert caps[0]["conversations"][0]["value"].startswith("<image>\nDescribe this")
+    regions = json.loads(written["region_cap_train"].read_text())
+    assert {r["task"] for r in regions} == {"region_caption"}
+    assert sum(len(r["objects"]) for r in records if r["split"] == "train") == len(regions)
+    assert all("[" in r["conversations"][0]["value"] for r in regions)  # the object's box is in the question

@@ -88,6 +88,9 @@ def test_guess_task_from_mmrs_file_names() -> None:
     assert D.guess_task("RSVQA-HR_vqa.json") == "vqa"
     assert D.guess_task("NWPU-Captions_cap.json") == "caption"
     assert D.guess_task("misc.json") is None
+    # the toy world's caption files mix into training like the other tasks, by file name alone if need be
+    assert D.guess_task("toyworld_cap_train.json") == "caption"
+    assert D.guess_task("toyworld_region_cap_train.json") == "region_caption"
 
 
 def test_iter_raw_records_reads_arrays_and_json_lines(tmp_path: Path) -> None:

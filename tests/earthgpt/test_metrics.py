@@ -189,3 +189,49 @@ def test_throughput_meter() -> None:
 def test_format_table() -> None:
     text = M.format_table({"detection": {"F1": 0.5, "mAP": float("nan")}})
     assert "detection" in text and "0.5000" in text and "nan" in text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cross-check against the COCO caption evaluation code (pycocoevalcap, a test-only dependency)
+
+
+def _coco_inputs() -> tuple[list[str], list[list[str]], dict[int, list[str]], dict[int, list[str]]]:
+    from tests.earthgpt.caption_pairs import CAPTION_PAIRS
+
+    cands = [c for c, _ in CAPTION_PAIRS]
+    refs = [r for _, r in CAPTION_PAIRS]
+    # pycocoevalcap scores pre-tokenised text (its PTB tokenizer is a Java step before scoring): give it ours
+    res = {i: [" ".join(M.tokenize_caption(c))] for i, c in enumerate(cands)}
+    gts = {i: [" ".join(M.tokenize_caption(x)) for x in r] for i, r in enumerate(refs)}
+    return cands, refs, gts, res
+
+
+def test_bleu_rouge_cider_match_pycocoevalcap() -> None:
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    cands, refs, gts, res = _coco_inputs()
+    assert len(cands) >= 30
+    ref_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    ours = M.bleu(cands, refs)
+    assert [ours[f"BLEU-{n}"] for n in (1, 2, 3, 4)] == pytest.approx(ref_bleu, rel=1e-9, abs=1e-12)
+    assert M.rouge_l(cands, refs) == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-9)
+    # coco-caption's "CIDEr" is CIDEr-D (sigma 6, clipped counts, x10)
+    assert M.cider_d(cands, refs) == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-9)
+
+
+def test_our_tokenizer_matches_the_ptb_tokenizer() -> None:
+    """coco-caption tokenises with Stanford's PTB tokenizer (Java); ours must split these captions the same way."""
+    pytest.importorskip("pycocoevalcap")
+    import shutil
+
+    if shutil.which("java") is None:
+        pytest.skip("the PTB tokenizer needs Java")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    cands, refs, _, _ = _coco_inputs()
+    texts = cands + [x for r in refs for x in r]
+    ptb = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    assert [ptb[i][0] for i in range(len(texts))] == [" ".join(M.tokenize_caption(t)) for t in texts]

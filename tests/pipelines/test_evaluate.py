@@ -82,3 +82,24 @@ def test_eval_cli_scores_and_writes_json(tmp_path: Path, capsys: pytest.CaptureF
     assert result["metrics"]["detect"]["n"] == 3 and "F1" in result["metrics"]["detect"]
     assert result["metrics"]["classify"]["accuracy"] == 0.0
     assert "detect" in capsys.readouterr().out
+
+
+def test_detection_map_ranks_boxes_by_their_own_confidence() -> None:
+    """mAP orders boxes by the log-probabilities of the tokens that wrote each box, not one score per answer."""
+    pred = "There are <p>2 ships</p>[0.10,0.10,0.30,0.30;0.00,0.90,0.05,1.00]"
+    spans = parse_answer("detect", pred, HW).box_spans
+    ends = list(range(1, len(pred) + 1))  # one token per character
+
+    def item(right: float, wrong: float) -> ScoredItem:
+        lps = [right if spans[0][0] <= i < spans[0][1] else wrong if spans[1][0] <= i < spans[1][1] else -0.1
+               for i in range(len(pred))]  # fmt: skip
+        return ScoredItem("detect", pred, REF, HW, token_ends=ends, token_logprobs=lps)
+
+    sure_of_the_hit = score_items([item(-0.01, -2.0)])["detect"]
+    sure_of_the_miss = score_items([item(-2.0, -0.01)])["detect"]
+    constant = score_items([ScoredItem("detect", pred, REF, HW)])["detect"]
+    assert sure_of_the_hit["F1"] == sure_of_the_miss["F1"] == constant["F1"] == pytest.approx(0.5)
+    # 2 true boxes, 1 hit: ranked first AP = 0.5; ranked after the miss AP = 0.5 * 1/2; tied scores: one point
+    assert sure_of_the_hit["mAP"] == pytest.approx(0.5)
+    assert sure_of_the_miss["mAP"] == pytest.approx(0.25)
+    assert constant["mAP"] == pytest.approx(0.25)
