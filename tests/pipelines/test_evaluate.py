@@ -82,3 +82,27 @@ def test_eval_cli_scores_and_writes_json(tmp_path: Path, capsys: pytest.CaptureF
     assert result["metrics"]["detect"]["n"] == 3 and "F1" in result["metrics"]["detect"]
     assert result["metrics"]["classify"]["accuracy"] == 0.0
     assert "detect" in capsys.readouterr().out
+
+
+def test_scoring_is_shared_without_an_import_cycle() -> None:
+    """``earthgpt eval`` and the training job import one scoring module; neither imports the other."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "pipelines"
+
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    training = set().union(*(imported(p) for p in (root / "training").glob("*.py")))
+    evaluate = imported(root / "evaluate.py")
+    assert "pipelines.scoring" in training and "pipelines.scoring" in evaluate
+    assert not {"pipelines.evaluate", "pipelines.train"} & training
+    assert not {m for m in evaluate if m.startswith("pipelines.train")} - {"pipelines.training.export"}
+    assert not {m for m in imported(root / "training" / "export.py") if m.startswith("pipelines.")}
