@@ -229,3 +229,22 @@ def test_source_sizes_names_unreadable_source(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"data\.train\.1\.path: data source 1"):
         source_sizes(cfg.data.train)
+
+
+def test_ray_is_joined_with_an_address_only_or_started_locally_with_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `ray job submit` (RAY_ADDRESS set) sizing arguments would be refused by Ray; without an address the job
+    starts its own local instance and never attaches to one started with `ray start` on the same machine."""
+    import ray
+
+    from pipelines.training import job
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    job._start_ray()
+    monkeypatch.delenv("RAY_ADDRESS")
+    job._start_ray()
+    joined, local = calls
+    assert joined["address"] == "http://127.0.0.1:8265"
+    assert not {"num_cpus", "object_store_memory", "include_dashboard", "_system_config"} & set(joined)
+    assert local["address"] == "local" and local["num_cpus"] >= 2 and local["include_dashboard"] is False
