@@ -193,7 +193,7 @@ class ScalingSection(_Strict):
     cpus_per_worker: float = Field(
         default=1.0,
         gt=0,
-        description="leave some CPU for Ray Data's record stream (0.75 on a 2-core box with 2 workers)",
+        description="CPUs Ray reserves per worker; the worker's torch threads are its whole part (at least 1)",
     )
 
 
