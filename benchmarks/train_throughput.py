@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.warmup + args.steps
         bare_cfg = _config(world.root, tmp_path / "bare", args, steps, 1)
         bare1 = bare_loop(bare_cfg, args.warmup, args.steps, threads=1)
+        print(f"bare loop, 1 thread: {bare1['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
         bare2 = bare_loop(bare_cfg, args.warmup, args.steps, threads=2)
+        print(f"bare loop, 2 threads: {bare2['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
         job_cfg = _config(world.root, tmp_path / "job", args, steps, args.workers)
         if args.profile:
             job_cfg = job_cfg.model_copy(update={"run": job_cfg.run.model_copy(
