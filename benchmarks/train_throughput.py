@@ -4,8 +4,9 @@ Both train the same model (preset ``small`` by default, everything trainable as 
 same micro-batch, on the same toy-world detection records, each example built in the loop the same way (record ->
 ``earthgpt.data.ExampleBuilder``: image load + processor + template -> ``Collator``), with torch AdamW. In one run:
 
-1. the bare loop, one process, ``torch.set_num_threads(1)`` (one core): ``--warmup`` steps, then ``--steps`` timed;
-2. the bare loop again with two threads (two cores), for reference;
+1. the bare loop, one process, ``torch.set_num_threads(1)`` (one core): ``--warmup`` steps, then ``--steps`` timed
+   (run before and after the job; their mean is the reference, both are printed);
+2. the bare loop with two threads (two cores), for reference;
 3. the training job itself (:func:`pipelines.training.run_training`, a local Ray, 2 workers of one core each): its
    rank-0 clock between the report after ``--warmup`` steps and the last report (``log_every`` = ``--steps`` / 2).
 
@@ -99,7 +100,7 @@ def _profile_worker(pid_file: Path, seconds: float, out: dict[str, Any]) -> None
     if not pid_file.exists():
         return
     pid = json.loads(pid_file.read_text().splitlines()[0])["pid"]
-    time.sleep(5)  # past model build and DeepSpeed set-up
+    time.sleep(2)  # past model build and DeepSpeed set-up
     spy = Path(sys.executable).parent / "py-spy"
     done = subprocess.run([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--format", "raw",
                            "--output", str(pid_file.parent / "profile.txt"), "--nonblocking"],
@@ -186,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
             job_cfg = job_cfg.model_copy(update={"run": job_cfg.run.model_copy(
                 update={"record_log": str(tmp_path / "job" / "records")})})  # fmt: skip
         job = ray_job(job_cfg, args.warmup, args.profile_s if args.profile else 0.0)
+        # the bare loop once more after the job: on a shared machine the load changes between measurements
+        bare1_after = bare_loop(bare_cfg, args.warmup, args.steps, threads=1)
+        bare1 = {"samples_per_s": (bare1["samples_per_s"] + bare1_after["samples_per_s"]) / 2,
+                 "data_fraction": (bare1["data_fraction"] + bare1_after["data_fraction"]) / 2,
+                 "before": bare1["samples_per_s"], "after": bare1_after["samples_per_s"]}  # fmt: skip
 
     cores = args.workers  # one CPU per worker
     per_core = (job["samples_per_s"] / cores) / bare1["samples_per_s"]
     rows = [
-        ("bare loop, 1 thread", 1, bare1),
+        ("bare loop, 1 thread (mean)", 1, bare1),
         ("bare loop, 2 threads", 2, bare2),
         (f"Ray Train job, {args.workers} workers", cores, job),
     ]
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, n, r in rows:
         lines.append(f"{name:<28}{n:>6}{r['samples_per_s']:>11.1f}{r['samples_per_s'] / n:>10.1f}"
                      f"{r['data_fraction']:>12.0%}")  # fmt: skip
+    lines.append(f"bare loop, 1 thread, before / after the job: {bare1['before']:.1f} / {bare1['after']:.1f} samples/s")
     lines.append(f"job per core / bare loop per core: {per_core:.2f} (target >= 0.9)")
     if job["profile"].get("top"):
         lines.append(f"py-spy, one worker, {job['profile']['samples']} samples, innermost frames:")
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "micro_batch": args.micro_batch,
         "steps": args.steps,
         "bare_1thread_samples_per_s": round(bare1["samples_per_s"], 2),
+        "bare_1thread_before_after": [round(bare1["before"], 2), round(bare1["after"], 2)],
         "bare_2thread_samples_per_s": round(bare2["samples_per_s"], 2),
         "job_samples_per_s": round(job["samples_per_s"], 2),
         "job_workers": args.workers,
