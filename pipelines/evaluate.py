@@ -26,103 +26,14 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from earthgpt import metrics as M
 from earthgpt.data import MalformedRecord, Record, iter_raw_records, load_image, parse_record
-from earthgpt.tasks import NO_OBJECTS, parse_answer, span_confidence
+from pipelines.scoring import ScoredItem, first_turn, score_items, scored_item
 
-
-@dataclass
-class ScoredItem:
-    """One question put to the model.
-
-    Attributes:
-        task: The record's task.
-        prediction: Generated answer text.
-        reference: Reference answer text.
-        image_hw: ``(height, width)`` of the image (to map boxes back to pixels).
-        token_ends: For each generated token, where its text ends in ``prediction`` (empty when unknown).
-        token_logprobs: Each generated token's log-probability, aligned with ``token_ends``; with them every
-            predicted box is scored by its own tokens (:func:`earthgpt.tasks.span_confidence`), else by 1.
-    """
-
-    task: str
-    prediction: str
-    reference: str
-    image_hw: tuple[int, int]
-    token_ends: list[int] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-
-
-def first_turn(record: Record) -> tuple[str, str]:
-    """The first (question, reference answer) pair of a record."""
-    return record.conversations[0]["value"], record.conversations[1]["value"]
-
-
-def _count(parsed: Any) -> int | None:
-    if parsed.counts:
-        return int(sum(parsed.counts.values()))
-    if parsed.text.strip().rstrip(".") == NO_OBJECTS.rstrip("."):
-        return 0
-    return len(parsed.boxes) if parsed.boxes else None
-
-
-def _detections(parsed: Any, item: ScoredItem | None = None) -> list[M.Detection]:
-    """The parsed boxes as detections, each scored by its own tokens when ``item`` carries them (else 1)."""
-    scores = [1.0] * len(parsed.boxes)
-    if item is not None and item.token_logprobs:
-        # a box no token covers cannot happen for generated text; rank it last rather than drop it
-        scores = [0.0 if c != c else c for c in span_confidence(parsed.box_spans, item.token_ends,
-                                                                item.token_logprobs)]  # fmt: skip
-    return [M.Detection(b.label, b.as_tuple(), s) for b, s in zip(parsed.boxes, scores, strict=True)]
-
-
-def score_items(items: Sequence[ScoredItem]) -> dict[str, dict[str, float]]:
-    """Task metrics over scored items, ``{task: {metric: value}}`` (every task gets ``n``).
-
-    Args:
-        items: Predictions with their references.
-    """
-    by_task: dict[str, list[ScoredItem]] = defaultdict(list)
-    for item in items:
-        by_task[item.task].append(item)
-    out: dict[str, dict[str, float]] = {}
-    for task, group in sorted(by_task.items()):
-        row: dict[str, float] = {"n": float(len(group))}
-        if task == "classify":
-            preds = [parse_answer(task, g.prediction).label or "" for g in group]
-            refs = [parse_answer(task, g.reference).label or "" for g in group]
-            row["accuracy"] = M.accuracy(preds, refs)
-        elif task == "vqa":
-            row["accuracy"] = M.accuracy([g.prediction for g in group], [g.reference for g in group])
-        elif task in ("caption", "region_caption"):
-            row.update(M.caption_metrics([g.prediction for g in group], [[g.reference] for g in group]))
-        elif task == "ground":
-            pred_boxes: list[M.Box | None] = []
-            ref_boxes: list[M.Box] = []
-            for g in group:
-                ref = parse_answer(task, g.reference, g.image_hw)
-                if not ref.boxes:
-                    continue
-                pred = parse_answer(task, g.prediction, g.image_hw)
-                pred_boxes.append(pred.boxes[0].as_tuple() if pred.boxes else None)
-                ref_boxes.append(ref.boxes[0].as_tuple())
-            row.update(M.grounding_accuracy(pred_boxes, ref_boxes))
-        elif task == "detect":
-            preds_p = [parse_answer(task, g.prediction, g.image_hw) for g in group]
-            refs_p = [parse_answer(task, g.reference, g.image_hw) for g in group]
-            det = M.detection_metrics(
-                [_detections(p, g) for p, g in zip(preds_p, group, strict=True)], [_detections(r) for r in refs_p]
-            )
-            row.update({k: det[k] for k in ("precision", "recall", "F1", "mAP")})
-            true_counts = [_count(r) or 0 for r in refs_p]
-            row["count_accuracy"] = M.counting_accuracy([_count(p) for p in preds_p], true_counts)
-            row["malformed_boxes"] = float(sum(p.n_malformed for p in preds_p))
-        out[task] = row
-    return out
+__all__ = ["ScoredItem", "answer_records", "cli", "evaluate", "first_turn", "load_records", "score_items"]
 
 
 def load_records(
@@ -155,7 +66,7 @@ def load_records(
 
 
 def answer_records(
-    engine: Any, records: Sequence[Record], batch_size: int = 32, max_new_tokens: int = 64
+    engine: Any, records: Sequence[Record], batch_size: int = 32, max_new_tokens: int = 96
 ) -> list[ScoredItem]:
     """Generates the answer to each record's first question (greedy) with an ``InferenceEngine``-like object.
 
@@ -164,27 +75,20 @@ def answer_records(
     items: list[ScoredItem] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        images, prompts, refs = [], [], []
+        images, prompts = [], []
         kept: list[Record] = []
         for rec in chunk:
             try:
                 images.append(load_image(rec.image))
             except MalformedRecord:
                 continue
-            question, reference = first_turn(rec)
-            prompts.append(question)
-            refs.append(reference)
+            prompts.append(first_turn(rec)[0])
             kept.append(rec)
         if not kept:
             continue
         generations = engine.generate(images, prompts, max_new_tokens=max_new_tokens)
-        for rec, img, gen, ref in zip(kept, images, generations, refs, strict=True):
-            assert rec.task is not None
-            item = ScoredItem(rec.task, gen.text, ref, (int(img.shape[0]), int(img.shape[1])))
-            if rec.task == "detect" and getattr(gen, "token_logprobs", None):
-                item.token_ends = engine.processor.answer_token_ends(gen.token_ids)
-                item.token_logprobs = list(gen.token_logprobs)
-            items.append(item)
+        for rec, img, gen in zip(kept, images, generations, strict=True):
+            items.append(scored_item(rec, (int(img.shape[0]), int(img.shape[1])), gen, engine.processor))
     return items
 
 
@@ -210,7 +114,7 @@ def evaluate(
     image_root: str | None = None,
     limit: int | None = None,
     batch_size: int = 32,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 96,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Loads a model and scores it on MMRS-1M-format files.
@@ -234,7 +138,7 @@ def evaluate(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(checkpoint)
         if path.is_dir() and (path / "trainer_state.json").exists():
-            from pipelines.train import export_checkpoint
+            from pipelines.training.export import export_checkpoint
 
             export_checkpoint(str(path), tmp)
             path = Path(tmp)
@@ -271,7 +175,7 @@ def cli(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, default=None, help="at most N records per task")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer budget (default %(default)s: a seven-object detection answer fits)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     missing = [d for d in args.data if "://" not in d and not Path(d).exists()]

@@ -2,7 +2,9 @@
 
 Every field is checked before any work starts (no Ray, no model); an invalid file is refused with the failing field's
 dotted path, e.g. ``optim.lr: Input should be greater than 0``. Unknown keys are errors too (a typo must not be
-silently ignored). See ``configs/train/*.yaml`` for complete examples.
+silently ignored). Reading, ``--set`` overrides and error messages are :mod:`pipelines.jobconfig`'s, shared with the
+archive job; relative paths (:data:`RELATIVE_TO_FILE`) are relative to the YAML file. See ``configs/train/*.yaml``
+for complete examples.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-# One strict base and one error type for every job config (the archive job defines them).
-from pipelines.archive.config import ConfigError, _Strict  # noqa: F401  (ConfigError is part of this module's API)
+from pipelines.jobconfig import ConfigError, StrictModel, load_job_config, validate
+
+__all__ = ["RELATIVE_TO_FILE", "ConfigError", "TrainConfig", "load_config", "parse_config"]
+
+_Strict = StrictModel
+
+RELATIVE_TO_FILE = (
+    "data.train.*.path", "data.train.*.image_root", "data.eval.*.path", "data.eval.*.image_root",
+    "model.init_from", "run.storage", "run.export_dir", "run.metrics_log", "run.record_log",
+)  # fmt: skip
+"""Fields whose relative paths are relative to the YAML file, so that a config works from any directory."""
 
 
 class SourceConfig(_Strict):
@@ -58,7 +68,10 @@ class DataConfig(_Strict):
     max_length: int = Field(
         default=512, ge=16, description="longest token sequence; longer multi-turn records are cut"
     )
-    shuffle_buffer: int = Field(default=1024, ge=0, description="per-worker local shuffle window (records)")
+    shuffle_buffer: int = Field(
+        default=1024, ge=0,
+        description="accepted for older configs, no longer used: every pass is one full seeded permutation",
+    )  # fmt: skip
     eval_records: int = Field(
         default=256, ge=0, description="held-out records for periodic loss (split across workers)"
     )
@@ -180,7 +193,7 @@ class ScalingSection(_Strict):
     cpus_per_worker: float = Field(
         default=1.0,
         gt=0,
-        description="leave some CPU for Ray Data's record stream (0.75 on a 2-core box with 2 workers)",
+        description="CPUs Ray reserves per worker; the worker's torch threads are its whole part (at least 1)",
     )
 
 
@@ -207,6 +220,11 @@ class RunSection(_Strict):
         ge=1,
         description="fault drill: a worker crashes once after this step (tests resume); never in production",
     )
+    record_log: str | None = Field(
+        default=None,
+        description="local folder where each rank appends the records it trained on (rank<r>.jsonl: step, pass, "
+        "position, source, index); an audit of the data stream, e.g. that a resumed run replays nothing",
+    )
 
 
 class TrainConfig(_Strict):
@@ -224,13 +242,13 @@ class TrainConfig(_Strict):
     def _consistent(self) -> TrainConfig:
         if self.optim.warmup_steps >= self.schedule.max_steps and self.schedule.max_steps > 1:
             raise ValueError(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below schedule.max_steps "
+                f"optim.warmup_steps: {self.optim.warmup_steps} must be below schedule.max_steps "
                 f"({self.schedule.max_steps})"
             )
         if self.deepspeed.zero_stage == 3 and self.data.generate_records:
             raise ValueError(
-                "data.generate_records needs zero_stage 0-2: under ZeRO-3 ranks generate in lockstep "
-                "(set it to 0 and run `earthgpt eval` on the export)"
+                "data.generate_records: needs deepspeed.zero_stage 0-2 (under ZeRO-3 ranks generate in lockstep; "
+                "set it to 0 and run `earthgpt eval` on the export)"
             )
         return self
 
@@ -240,73 +258,21 @@ class TrainConfig(_Strict):
         return self.schedule.micro_batch_size * self.schedule.grad_accum_steps * self.scaling.num_workers
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid training config {source}:"]
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def parse_config(data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
-    """Validates a config dict.
+def parse_config(data: dict[str, Any]) -> TrainConfig:
+    """Validates a config dict (paths as given).
 
     Raises:
         ConfigError: naming every invalid field (dotted path) and why.
     """
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+    return validate(TrainConfig, data)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Reads and validates a YAML config; ``overrides`` (dotted keys, e.g. ``{"schedule.max_steps": 10}``) win.
 
-    Relative ``path`` / ``image_root`` / ``init_from`` / ``storage`` / ``export_dir`` values are resolved against the
-    YAML file's folder, so a config works from any working directory.
+    Relative paths in the fields of :data:`RELATIVE_TO_FILE` are resolved against the YAML file's folder.
 
     Raises:
         ConfigError: unreadable YAML, or any invalid field.
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read training config {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid training config {path}: the top level must be a mapping")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    _resolve_paths(data, path.parent.absolute())
-    return parse_config(data, str(path))
-
-
-def _resolve(value: Any, base: Path) -> Any:
-    if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
-        return str((base / value).resolve())
-    return value
-
-
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    section = data.get("data")
-    if isinstance(section, dict):
-        for key in ("train", "eval"):
-            for src in section.get(key) or []:
-                if isinstance(src, dict):
-                    for field in ("path", "image_root"):
-                        if field in src:
-                            src[field] = _resolve(src[field], base)
-    for section_name, field in (
-        ("model", "init_from"),
-        ("run", "storage"),
-        ("run", "export_dir"),
-        ("run", "metrics_log"),
-    ):
-        sec = data.get(section_name)
-        if isinstance(sec, dict) and sec.get(field):
-            sec[field] = _resolve(sec[field], base)
+    return load_job_config(TrainConfig, path, overrides, relative_to_file=RELATIVE_TO_FILE)

@@ -23,23 +23,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.jobconfig import ConfigError, StrictModel, load_job_config, validate
 
 Task = Literal["caption", "detect", "classify"]
 TASKS: tuple[str, ...] = ("caption", "detect", "classify")
 
 
-class ConfigError(ValueError):
-    """A job config was refused; ``str(error)`` names every offending field, one per line."""
+__all__ = ["ConfigError", "InferConfig", "load_config", "parse_config"]
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel
 
 
 class EmbeddedCatalog(_Strict):
@@ -374,24 +371,6 @@ def _output_key(dumped: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_FIELD_PREFIX = re.compile(r"^(?:Value error, )?([a-z_][a-z0-9_]*): (.*)$", re.DOTALL)
-
-
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        msg = str(err["msg"])
-        m = _FIELD_PREFIX.match(msg)
-        if m:  # a cross-field check names the field it blames: "overlap: ..."
-            loc.append(m.group(1))
-            msg = m.group(2)
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        lines.append(f"{'.'.join(loc) or '(config)'}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_config(data: dict[str, Any]) -> InferConfig:
     """Validate a config mapping.
 
@@ -404,12 +383,7 @@ def parse_config(data: dict[str, Any]) -> InferConfig:
     Raises:
         ConfigError: Naming each offending field (``catalog.bbox: ...``).
     """
-    if not isinstance(data, dict):
-        raise ConfigError(f"(config): expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return InferConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+    return validate(InferConfig, data)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> InferConfig:
@@ -428,21 +402,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> In
     Raises:
         ConfigError: If the file cannot be read or parsed, or a field is invalid.
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"(config): cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"(config): {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"(config): {path} must hold a mapping, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{dotted}: cannot set a key below a non-mapping value")
-        node[leaf] = value
-    return parse_config(data)
+    return load_job_config(InferConfig, path, overrides)

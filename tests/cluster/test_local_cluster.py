@@ -80,7 +80,7 @@ def _job_info(job_id: str) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def _archive_config(tmp_path: Path, scenes: int) -> Path:
+def _archive_config(tmp_path: Path, scenes: int, model: str = "tiny") -> Path:
     from catalogs.toyworld import generate_toyworld
 
     world = generate_toyworld(tmp_path / "world", scenes=scenes, seed=3, chips_per_scene=1,
@@ -96,7 +96,7 @@ def _archive_config(tmp_path: Path, scenes: int) -> Path:
         },
         "tasks": ["caption", "detect"],
         "tiling": {"size": 64, "overlap": 0, "min_valid_fraction": 0.5},
-        "model": {"name_or_path": "tiny", "max_new_tokens": 8},
+        "model": {"name_or_path": model, "max_new_tokens": 8},
         "actors": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 16, "read_num_cpus": 0.5},
         "output": {"root": str(tmp_path / "out"), "commit_tiles": 40},
     }
@@ -192,5 +192,17 @@ def test_training_job_checkpoints_on_s3_and_exports_a_model(cluster, runtime_env
     keys = s3.filesystem().find(f"{bucket}/runs/on-cluster")
     assert any(k.endswith("trainer_state.json") for k in keys), keys[:20]
     model = EarthGPTForConditionalGeneration.from_pretrained(str(tmp_path / "export"))
-    assert json.loads((tmp_path / "export" / "training_state.json").read_text())["step"] == 2
+    state = json.loads((tmp_path / "export" / "training_state.json").read_text())
+    assert state["step"] == 2 and len(state["data"]["positions"]) == 2  # each worker's place in the data stream
     assert sum(p.numel() for p in model.parameters()) > 0
+
+    # the archive job, submitted to the same cluster, runs on the exported model
+    archive = _archive_config(tmp_path / "archive", scenes=1, model=str(tmp_path / "export"))
+    done = _earthgpt("submit", "run", str(archive), "--address", ADDRESS, "--runtime-env", str(runtime_env),
+                     "--timeout", "400", timeout=480)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    from pipelines.results.outputs import Outputs
+
+    outputs = Outputs(str(tmp_path / "archive" / "out"))
+    assert len(outputs.read("tiles", columns=["tile_id"])) > 0
+    assert list(outputs.read("runs", columns=["model"])["model"]) == [str(tmp_path / "export")]

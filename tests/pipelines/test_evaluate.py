@@ -103,3 +103,27 @@ def test_detection_map_ranks_boxes_by_their_own_confidence() -> None:
     assert sure_of_the_hit["mAP"] == pytest.approx(0.5)
     assert sure_of_the_miss["mAP"] == pytest.approx(0.25)
     assert constant["mAP"] == pytest.approx(0.25)
+
+
+def test_scoring_is_shared_without_an_import_cycle() -> None:
+    """``earthgpt eval`` and the training job import one scoring module; neither imports the other."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "pipelines"
+
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    training = set().union(*(imported(p) for p in (root / "training").glob("*.py")))
+    evaluate = imported(root / "evaluate.py")
+    assert "pipelines.scoring" in training and "pipelines.scoring" in evaluate
+    assert not {"pipelines.evaluate", "pipelines.train"} & training
+    assert not {m for m in evaluate if m.startswith("pipelines.train")} - {"pipelines.training.export"}
+    assert not {m for m in imported(root / "training" / "export.py") if m.startswith("pipelines.")}

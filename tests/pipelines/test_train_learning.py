@@ -1,76 +1,107 @@
-"""A short run of the training job really teaches the model (slow: about 11 minutes on two cores).
+"""The training job teaches: a short run (a fixed number of steps, never a time budget) must cut the held-out loss by
+a wide margin and teach the answer format. What holds on a busy machine; quality targets (F1, count and class
+accuracy, CIDEr) are benchmarks/toyworld_learning.py's.
 
-EarthGPT-small, 2 Ray workers, ZeRO-2, CPU, detection records of a toy world, 9 minutes of training, then the export
-answers 128 held-out chips (scenes never trained on). Floors, from runs of this job on this 2-core machine (the
-learning proof, benchmarks/results/, logged held-out figures at 8k / 16k / 24k training samples):
-
-- held-out answer-token loss: the untrained model scores ~7.0 nats/token (ln 1024 = 6.93: a uniform guess over the
-  bundled vocabulary). Measured after 8k samples: 0.90. Floor: below 25 % of ln 1024 (1.73). A model that learned only
-  the answer template's fixed words (about half of the answer tokens) would stay above ~3.
-- detection: the untrained model's F1@0.5 is exactly 0 (it never writes a well-formed box). Measured F1 (two runs):
-  0.00 / 0.00 at 8k samples, 0.04 / 0.01 at 16k, 0.10 at 24k, 0.11 at 31k; 9 minutes here is ~22-24k samples.
-  Floor: F1 >= 0.02, i.e. at least a few boxes
-  that overlap a real 6-20 px object at IoU >= 0.5 out of ~150; a well-formed but unlearned box hits a given object
-  with probability ~0.3 % (positions within ~1.5 px in x and y of a 64-px chip), a constant box layout (what the
-  model writes before it localises) hits about one.
-- count accuracy (the count stated in the detection answer): 0.86 measured at 8k samples; the most frequent count
-  alone ("1 object") is right for ~43 % of chips. Floor: 0.6.
+EarthGPT-tiny, everything trainable, 2 Ray workers (ZeRO-2), 60 optimizer steps of 8 detection records of a toy world,
+then the export answers held-out chips (scenes never trained on). Measured with the same recipe in one process on this
+2-core machine: held-out answer-token loss 6.96 untrained (ln 1024 = 6.93: a uniform guess over the vocabulary),
+1.63 after 40 steps, 1.23 after 60, 1.08 after 120; every one of 16 held-out answers stated a count in the detection
+format from step 40 on, none before training. This job, 60 steps: 6.95 -> 1.74, 0 -> 16 of 16 answers in the format
+(138 s with Ray start-up on a heavily loaded machine). The floors sit far from both: loss below 40 % of the untrained
+loss, three answers in four in the format.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from catalogs.toyworld import generate_toyworld
+from earthgpt.data import Collator, ExampleBuilder, iter_raw_records, parse_record
 from earthgpt.engine import InferenceEngine
-from pipelines.evaluate import answer_records, load_records, score_items
+from earthgpt.metrics import answer_token_nll
+from earthgpt.presets import build_model, preset_config
+from earthgpt.processor import EarthGPTProcessor
+from earthgpt.tasks import NO_OBJECTS, parse_answer
+from pipelines.evaluate import answer_records, load_records
 from pipelines.mmrs import write_mmrs
-from pipelines.train import read_metrics_log, run_training
 from pipelines.train_config import parse_config
+from pipelines.training import read_metrics_log, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+STEPS = 60
+EVAL_RECORDS = 32
 
-@pytest.mark.timeout(1500)  # 9 minutes of training plus Ray start, two evaluations and the export
-def test_short_training_beats_untrained(ray_local: Any, tmp_path: Path) -> None:
-    world = generate_toyworld(
-        tmp_path / "world", scenes=9, seed=3, chips_per_scene=1500, val_chips_per_scene=50
+
+def _heldout_loss(model: Any, processor: Any, path: Path, image_root: Path) -> float:
+    """Answer-token NLL over the job's held-out set (``EVAL_RECORDS`` records spread evenly over the file)."""
+    every = list(iter_raw_records(str(path)))
+    raws = [every[int(k * len(every) / EVAL_RECORDS)] for k in range(EVAL_RECORDS)]
+    batch = Collator(processor.pad_token_id)(
+        [ExampleBuilder(processor, 256)(parse_record(r, image_root=str(image_root))) for r in raws]
     )
+    with torch.no_grad():
+        out = model.eval()(**{k: v for k, v in batch.items() if k != "labels"})
+    nll, count = answer_token_nll(out.logits, batch["labels"])
+    return float(nll) / count
+
+
+def _in_format(engine: Any, records: list[Any]) -> float:
+    """Share of answers that state a count in the detection format (or say there are none)."""
+    items = answer_records(engine, records, max_new_tokens=48)
+    ok = 0
+    for item in items:
+        parsed = parse_answer("detect", item.prediction, item.image_hw)
+        ok += bool(parsed.counts) or parsed.text.strip() == NO_OBJECTS
+    return ok / len(items)
+
+
+@pytest.mark.timeout(600)
+def test_short_training_cuts_heldout_loss_and_learns_the_answer_format(ray_local: Any, tmp_path: Path) -> None:
+    world = generate_toyworld(tmp_path / "world", scenes=6, seed=3, chips_per_scene=40, val_chips_per_scene=8)
     write_mmrs(world.root, tags=("det",))
     m = world.root / "mmrs"
+    val = m / "toyworld_det_val.json"
     cfg = parse_config({
         "run": {"name": "learn", "storage": str(tmp_path / "runs"), "export_dir": str(tmp_path / "export"),
                 "metrics_log": str(tmp_path / "metrics.jsonl"), "max_failures": 0},
-        "model": {"preset": "small", "stage": 2, "also_train": ["language_model.", "vision_tower.", "cnn_tower."]},
+        "model": {"preset": "tiny", "stage": 2, "seed": 0,
+                  "also_train": ["language_model.", "vision_tower.", "cnn_tower."]},
         "data": {"train": [{"path": str(m / "toyworld_det_train.json"), "image_root": str(world.root)}],
-                 "eval": [{"path": str(m / "toyworld_det_val.json"), "image_root": str(world.root)}],
-                 "max_length": 256, "eval_records": 128, "shuffle_buffer": 1024},
-        "optim": {"lr": 1e-3, "warmup_steps": 40, "min_lr_ratio": 0.05},
-        "schedule": {"max_steps": 800, "max_minutes": 9.0, "micro_batch_size": 16, "log_every": 40,
-                     "eval_every": 0, "checkpoint_every": 0},
+                 "eval": [{"path": str(val), "image_root": str(world.root)}],
+                 "max_length": 256, "eval_records": EVAL_RECORDS},
+        "optim": {"lr": 3e-3, "warmup_steps": 5, "min_lr_ratio": 0.1},
+        "schedule": {"max_steps": STEPS, "micro_batch_size": 4, "log_every": 10, "eval_every": 0,
+                     "checkpoint_every": 0},
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.75},
     })  # fmt: skip
-    records, _ = load_records([str(m / "toyworld_det_val.json")], str(world.root), limit=128)
-    assert len(records) == 128
+    records, _ = load_records([str(val)], str(world.root), limit=16)
 
-    untrained = InferenceEngine.from_pretrained("small", seed=0)
-    before = score_items(answer_records(untrained, records[:32], max_new_tokens=48))["detect"]
+    config = preset_config("tiny")
+    untrained = InferenceEngine(build_model(config, seed=0), EarthGPTProcessor.from_config(config), kind="plain",
+                                dtype=torch.float32, device=torch.device("cpu"))  # fmt: skip
+    before_loss = _heldout_loss(untrained.model, untrained.processor, val, world.root)
+    before_format = _in_format(untrained, records)
 
     run_training(cfg, init_ray=False)
     history = read_metrics_log(tmp_path / "metrics.jsonl")
-    last = history[-1]
-
     trained = InferenceEngine.from_pretrained(tmp_path / "export")
-    after = score_items(answer_records(trained, records, max_new_tokens=96))["detect"]
-    print(json.dumps({"steps": last["step"], "minutes": last["elapsed_min"], "eval_loss": last["eval_loss"],
-                      "untrained": before, "trained": after}))  # fmt: skip
-    assert before["F1"] == 0.0
-    assert last["eval_loss"] < 0.25 * math.log(1024)
-    assert after["F1"] >= 0.02
-    assert after["count_accuracy"] >= 0.6
+    after_loss = _heldout_loss(trained.model, trained.processor, val, world.root)
+    after_format = _in_format(trained, records)
+    print(json.dumps({"steps": history[-1]["step"], "heldout_loss": [before_loss, after_loss],
+                      "in_format": [before_format, after_format],
+                      "train_loss": [h["loss"] for h in history]}))  # fmt: skip
+
+    assert history[-1]["step"] == STEPS  # steps, not minutes: a slow machine takes longer, never trains less
+    assert before_loss > 5.0 and before_format <= 0.1
+    # the job's own held-out figure agrees with the export's (seen: 1.766 logged, 1.736 from the export)
+    assert history[-1]["eval_loss"] == pytest.approx(after_loss, rel=0.05)
+    assert after_loss < 0.4 * before_loss
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert after_format >= 0.75
