@@ -1,4 +1,4 @@
-"""The training job end to end on Ray + DeepSpeed (CPU, 2 workers): ZeRO-2 and ZeRO-3, checkpoints on a real S3
+"""The training job end to end on Ray + DeepSpeed (CPU, 2 workers): ZeRO-3, checkpoints on a real S3
 server (moto), a worker crash and resume, a second run resuming the first, export into the inference engine."""
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def _heldout_loss(model: EarthGPTForConditionalGeneration, processor: Any, mmrs:
     return float(nll) / count
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+# ZeRO-3: the sharded path (its export gathers the shards); ZeRO-2 runs on the local cluster (tests/cluster)
+@pytest.mark.parametrize("zero", [3])
 def test_train_crash_resume_export_on_s3(
     zero: int, mmrs: Path, s3: Any, ray_local: Any, tmp_path: Path
 ) -> None:
@@ -145,10 +146,9 @@ def test_train_crash_resume_export_on_s3(
         history[-1]["eval_loss"], rel=1e-4
     )
 
-    if zero == 2:
-        # -- a new job with the same run name resumes the finished run and carries on to step 6
-        more = parse_config(_config(mmrs, data_root, f"s3://{bucket}/runs", tmp_path, zero, max_steps=6))
-        run_training(more, init_ray=False)
-        history = read_metrics_log(tmp_path / "metrics.jsonl")
-        assert [h["step"] for h in history[4:]] == [5, 6]
-        assert {h["resumed_from"] for h in history[4:]} == {4}
+    # -- a new job with the same run name resumes the finished run and carries on to step 6
+    more = parse_config(_config(mmrs, data_root, f"s3://{bucket}/runs", tmp_path, zero, max_steps=6))
+    run_training(more, init_ray=False)
+    history = read_metrics_log(tmp_path / "metrics.jsonl")
+    assert [h["step"] for h in history[4:]] == [5, 6]
+    assert {h["resumed_from"] for h in history[4:]} == {4}

@@ -287,6 +287,7 @@ def test_driver_killed_then_command_rerun(world, reference, tmp_path):
     store = OutputStore(root)
     partial = len(read_table(store, "scenes"))
     assert 0 < partial < SCENES, partial
+    assert _zarr_groups(store) == set(read_table(store, "scenes")["embeddings_group"])  # none of the lost unit's
     rerun = _driver(world, config)
     out = _wait(rerun)
     assert rerun.returncode == 0, out[-3000:]
@@ -295,6 +296,13 @@ def test_driver_killed_then_command_rerun(world, reference, tmp_path):
     _finish(world, root, "driver-killed", "A driver killed mid-run, then the command rerun: the uninterrupted "
             "run's tables, as sets.", scenes_committed_before_kill=partial)
     assert table_sets(root) == reference
+    assert _zarr_groups(store) == set(read_table(store, "scenes")["embeddings_group"])
+
+
+def _zarr_groups(store: OutputStore) -> set[str]:
+    """Scene groups present in the Zarr store (folders holding an ``embedding`` array)."""
+    return {p.rsplit("/embedding/zarr.json", 1)[0].removeprefix("embeddings.zarr/")
+            for p in store.glob("embeddings.zarr/**/embedding/zarr.json")}
 
 
 def _s3_chaos(req: Request) -> str:
