@@ -106,7 +106,7 @@ def write_quicklook(output_root: str, world_root: Path, path: Path) -> Path | No
         "detections (after cross-tile NMS): " + (", ".join(f"{k} {v}" for k, v in sorted(by_label.items())) or "none"),
         "",
         "most frequent tile captions:",
-        *(f"  {n:>3} x  {c[:70] or '(empty)'}" for c, n in captions),
+        *(f"  {n:>3} x  {c[:100] or '(empty)'}" for c, n in captions),
     ]
     text.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8, wrap=True)
     text.set_axis_off()
@@ -169,6 +169,8 @@ def cli(argv: list[str] | None = None) -> int:
     say(f"      {png}" if png else "      (no committed scene to draw)")
     say("")
     say("\n".join(summary.lines()))
+    for line in caption_lines(summary.output_root):
+        say(line)
     if random_weights:
         say("  model    RANDOM tiny EarthGPT (no trained demo model found)")
     say(f"  total    {time.perf_counter() - t0:.1f} s")
@@ -181,6 +183,24 @@ def cli(argv: list[str] | None = None) -> int:
     if group:  # a committed scene's arrays: its `scenes.embeddings_group` under embeddings.zarr
         say(f"  python -c \"import xarray as xr; print(xr.open_zarr('{summary.output_root}/embeddings.zarr/{group}'))\"")
     return 0 if summary.status.startswith("ok") else 1
+
+
+def caption_lines(root: str, n: int = 5) -> list[str]:
+    """A few of the run's tile captions: the most frequent ones, then those of tiles with the most detections."""
+    from pipelines.archive.store import OutputStore, read_table
+
+    tiles = read_table(OutputStore(root), "tiles", columns=["scene_id", "tile_id", "caption", "detections"])
+    tiles = tiles[tiles["caption"].notna() & (tiles["caption"].astype(str) != "")]
+    if not len(tiles):
+        return []
+    frequent = Counter(tiles["caption"].astype(str)).most_common(n)
+    busy = tiles.sort_values("detections", ascending=False).head(n)
+    return [
+        "  captions (most frequent):",
+        *(f"    {k:>4} x  {c}" for c, k in frequent),
+        "  captions of the tiles with the most detections:",
+        *(f"    {r.scene_id}/{r.tile_id} ({r.detections} kept):  {r.caption}" for r in busy.itertuples()),
+    ]
 
 
 def _first_group(root: str) -> str | None:
