@@ -74,3 +74,5 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 echo "ray cluster up: $((workers + 1)) nodes, GCS 127.0.0.1:$gcs_port, Jobs API http://127.0.0.1:$dash_port"
+echo "(ray's own CLI against the GCS, e.g. ray status / ray list nodes, needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:"
+echo " the nodes run in Ray's single-machine mode, which keeps every socket on 127.0.0.1)"

@@ -111,7 +111,9 @@ def test_archive_job_in_a_runtime_env_watched_with_jobs_commands(cluster, runtim
     nodes = json.loads(subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "list", "nodes", "--address", f"127.0.0.1:{GCS_PORT}",
          "--filter", "state=ALIVE", "--format", "json"],
-        env=dict(cluster, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=60, check=True,
+        # the nodes run in Ray's single-machine mode (loopback only): a GCS client must too
+        env=dict(cluster, RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), capture_output=True,
+        text=True, timeout=60, check=True,
     ).stdout)
     assert len(nodes) == 2 and sum("worker_node" in n.get("resources_total", {}) for n in nodes) == 1
 
