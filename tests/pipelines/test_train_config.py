@@ -240,6 +240,7 @@ def test_ray_is_joined_with_an_address_only_or_started_locally_with_sizes(monkey
 
     calls: list[dict] = []
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the session's test Ray may be up already
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     job._start_ray()
     monkeypatch.delenv("RAY_ADDRESS")
