@@ -5,8 +5,8 @@ stac-fastapi-pgstac, local Ray, the real model stage with the tiny preset):
 - one streaming execution commits several units, loads the model once per actor, and writes exactly the rows of
   the same run as one unit;
 - two models on one root: both runs' rows and arrays coexist, each reads back its own;
-- a 10,000-item catalog, all committed: a nightly run after 5 items were added or updated processes exactly those 5
-  and asks the STAC API for a handful of pages (counted at a proxy), against a full scan's hundred.
+- a 4,000-item catalog (10,000 in the benchmark), all committed: a nightly run after 5 items were added or updated processes exactly those 5
+  and asks the STAC API for a handful of pages (counted at a proxy), against a full scan's fifty (a hundred at 10,000).
 """
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ def test_two_models_on_one_root_keep_their_own_rows_and_arrays(archive, pgstac, 
     assert not np.allclose(one.embedding.values, two.embedding.values, equal_nan=True)
 
 
-N_BULK = 10_000
+N_BULK = 4_000  # benchmarks/archive.py runs the same at 10,000
 
 
-def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, ray_local, s3):
+def test_nightly_run_on_a_4k_catalog_lists_only_what_changed(archive, pgstac, ray_local, s3):
     _, items = archive
     # items sharing the toy COGs; times and `updated` spread over a year
     bulk = replicate_items(items, N_BULK, prefix="bulk", start=datetime(2023, 1, 1, tzinfo=timezone.utc),
@@ -176,7 +176,7 @@ def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, r
                    "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")
     proxy = CountingProxy(pgstac.url)
     root = "s3://scale/nightly"
-    config = parse_config(_data(proxy.url, root, id_like="bulk-%", catalog__items_per_task=2000))
+    config = parse_config(_data(proxy.url, root, id_like="bulk-%", catalog__items_per_task=800))
     # every bulk item already committed (as if earlier runs had processed them)
     store = OutputStore(root)
     Ledger(store).commit(UnitRecord(
@@ -193,7 +193,7 @@ def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, r
         assert full.read_tasks == 5 and full.watermark is not None
 
         # 3 items updated, 2 new ones
-        changed = changed_items(bulk, (17, 4242, 9998), new=2)
+        changed = changed_items(bulk, (17, N_BULK // 2, N_BULK - 2), new=2)
         pgstac.load_items(changed)
 
         proxy.requests.clear()
@@ -219,4 +219,4 @@ def test_nightly_run_on_a_10k_catalog_lists_only_what_changed(archive, pgstac, r
     print(f"\nfull scan: {full.wall_s:.1f} s, {full_requests} requests; nightly (5 changed): {nightly.wall_s:.1f} s, "
           f"{nightly_requests} requests ({len(pages)} searches); no-op: {quiet.wall_s:.2f} s, {quiet_requests} requests")
     assert len(pages) <= 3, proxy.requests  # the count, and one page of the 5 changed items
-    assert nightly_requests * 10 < full_requests
+    assert nightly_requests * 5 < full_requests  # 7 vs 55 at 4,000 items; the full scan grows with the catalog, the nightly run does not
