@@ -199,7 +199,7 @@ def caption_lines(root: str, n: int = 5) -> list[str]:
         "  captions (most frequent):",
         *(f"    {k:>4} x  {c}" for c, k in frequent),
         "  captions of the tiles with the most detections:",
-        *(f"    {r.scene_id}/{r.tile_id} ({r.detections} kept):  {r.caption}" for r in busy.itertuples()),
+        *(f"    {r.scene_id}/{r.tile_id} ({int(r.detections)} kept):  {r.caption}" for r in busy.itertuples()),
     ]
 
 
