@@ -97,9 +97,9 @@ def _config(world: Any, items: Path, root: str, **over: Any) -> dict[str, Any]:
         "output": {"root": root, "commit_tiles": 24, "commit_seconds": None},
         "ray": {"num_cpus": 2, "object_store_mb": 256},
     }
-    for key, value in over.items():
-        section, name = key.split("__")
-        data[section][name] = value
+    from pipelines.jobconfig import apply_overrides
+
+    apply_overrides(data, {key.replace("__", "."): value for key, value in over.items()})
     return data
 
 

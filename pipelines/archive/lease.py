@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from pipelines.archive.store import OutputStore
+from pipelines.archive.store import OutputStore, write_temporary
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +249,7 @@ class _LocalBackend(_Backend):
         return data, data
 
     def create(self, path: str, data: bytes) -> Any | None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = write_temporary(path, data)
         try:
             os.link(tmp, path)  # atomic, and fails if the name exists: a readable file or nothing
         except FileExistsError:
@@ -267,12 +262,7 @@ class _LocalBackend(_Backend):
         current = self.read(path)
         if current is None or current[1] != version:
             return None
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(write_temporary(path, data), path)
         return data
 
     @contextlib.contextmanager

@@ -162,6 +162,22 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+def write_temporary(path: str, data: bytes) -> str:
+    """Write ``data`` durably (fsync) to a unique temporary file beside local ``path``; the caller renames or links
+    it into place, so readers see the whole file or none.
+
+    Returns:
+        The temporary file's path.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
 class OutputStore:
     """The output root on a local disk or an object store, with the few file operations the sinks need.
 
@@ -199,13 +215,7 @@ class OutputStore:
         """Write a file atomically (temporary name + rename locally; one PUT on object stores)."""
         path = self.full(rel)
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            os.replace(write_temporary(path, data), path)
         else:
             self.fs.pipe_file(path, data)
 

@@ -30,6 +30,7 @@ from catalogs.toyworld import load_items
 from pipelines.archive.config import parse_config
 from pipelines.archive.job import EXIT_LEASE_HELD, run
 from pipelines.archive.store import OutputStore, read_table
+from pipelines.jobconfig import apply_overrides
 from tests.pipelines.conftest import upload_world
 from tests.pipelines.oracle import oracle_stage
 from tests.reliability.faults import FaultProxy, Request, kill, pid_on_port
@@ -74,9 +75,7 @@ def _data(catalog_url: str, root: str, **extra: Any) -> dict[str, Any]:
         "output": {"root": root, "commit_tiles": 20, "commit_seconds": None},
         "ray": {},
     }
-    for key, value in extra.items():
-        section, name = key.split("__")
-        data[section][name] = value
+    apply_overrides(data, {key.replace("__", "."): value for key, value in extra.items()})
     return data
 
 

@@ -25,6 +25,7 @@ from pipelines.archive.config import parse_config
 from pipelines.archive.job import run
 from pipelines.archive.ledger import Ledger, UnitRecord
 from pipelines.archive.store import OutputStore, read_table
+from pipelines.jobconfig import apply_overrides
 from tests.catalogs.proxy import CountingProxy
 from tests.pipelines.conftest import upload_world
 
@@ -51,9 +52,7 @@ def _data(pgstac_url: str, root: str, *, id_like: str, **extra: Any) -> dict[str
         "output": {"root": root, "commit_tiles": 20, "commit_seconds": None},
         "ray": {},
     }
-    for key, value in extra.items():
-        section, name = key.split("__")
-        data[section][name] = value
+    apply_overrides(data, {key.replace("__", "."): value for key, value in extra.items()})
     return data
 
 
