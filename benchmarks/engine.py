@@ -173,16 +173,26 @@ def run_batch(
     costs: dict[str, int],
     kv_bytes_per_token: int,
 ) -> dict[str, Any]:
+    kinds = list(engines)  # "baseline", "static", and "shapes" (--static-shapes) or "graphs" (--cuda-graphs)
+    news = [k for k in kinds if k != "baseline"]
     device = engines["static"].device
     images, prompts, index = workload(engines["static"].processor, tiles, args.seed)
     outputs: dict[str, list[Generation]] = {}
-    walls: dict[str, list[float]] = {"baseline": [], "static": []}
-    cpus: dict[str, list[float]] = {"baseline": [], "static": []}  # process CPU time: steadier on a shared machine
-    stats: list[dict[str, float]] = []
-    for kind in ("baseline", "static"):  # warm-up: allocations, kernel selection
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in kinds}  # process CPU time: steadier on a shared machine
+    stats: dict[str, list[dict[str, float]]] = {k: [] for k in news}
+    for kind in kinds:  # warm-up: allocations, kernel selection
         engines[kind].generate(images[:1], prompts[:2], max_new_tokens=2, image_index=index[:2])
+    warmup_s: dict[str, float] = {}
+    # fixed shapes: the kept cache is allocated, and each shape bucket captured (once per actor), before the timing
+    for kind in news[1:]:
+        sync(device)
+        t0 = time.perf_counter()
+        engines[kind].generate(images, prompts, max_new_tokens=args.new_tokens, image_index=index)
+        sync(device)
+        warmup_s[kind] = time.perf_counter() - t0
     for _ in range(args.repeats):
-        for kind in ("baseline", "static"):
+        for kind in kinds:
             engine = engines[kind]
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -191,26 +201,24 @@ def run_batch(
             walls[kind].append(time.perf_counter() - t0)
             cpus[kind].append(time.process_time() - c0)
             outputs.setdefault(kind, out)
-            if kind == "static":
-                stats.append(dict(engine.last_stats))
-    base, new = outputs["baseline"], outputs["static"]
-    identical = [g.token_ids for g in base] == [g.token_ids for g in new]
-    # where answers differ: per-position agreement and the first differing position (greedy decoding continues from
-    # its own tokens, so one flipped near-tie changes everything after it)
-    pairs = list(zip(base, new, strict=True))
-    same = sum(sum(x == y for x, y in zip(a.token_ids, b.token_ids, strict=False)) for a, b in pairs)
-    first = [
-        next((k for k, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y), None)
-        for a, b in pairs
-    ]
-    row: dict[str, Any] = {
-        "model": name,
-        "tiles": tiles,
-        "prompts": len(prompts),
-        "identical_greedy": identical,
-        "token_agreement": same / max(sum(max(a.n_tokens, b.n_tokens) for a, b in pairs), 1),
-        "first_difference": [k for k in first if k is not None],
-    }
+            if kind != "baseline":
+                stats[kind].append(dict(engine.last_stats))
+    base = outputs["baseline"]
+    row: dict[str, Any] = {"model": name, "tiles": tiles, "prompts": len(prompts), "engines": kinds}
+    for kind in news:
+        new = outputs[kind]
+        # where answers differ: per-position agreement and the first differing position (greedy decoding continues
+        # from its own tokens, so one flipped near-tie changes everything after it)
+        pairs = list(zip(base, new, strict=True))
+        same = sum(sum(x == y for x, y in zip(a.token_ids, b.token_ids, strict=False)) for a, b in pairs)
+        first = [
+            next((k for k, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y), None)
+            for a, b in pairs
+        ]
+        prefix = "" if kind == "static" else f"{kind}_"
+        row[f"{prefix}identical_greedy"] = [g.token_ids for g in base] == [g.token_ids for g in new]
+        row[f"{prefix}token_agreement"] = same / max(sum(max(a.n_tokens, b.n_tokens) for a, b in pairs), 1)
+        row[f"{prefix}first_difference"] = [k for k in first if k is not None]
     # baseline split: a 1-token call less the image encoding is its prefill (left-padded: padding is computed too)
     encode_s = _timed(lambda: engines["baseline"].encode_images(images), device, args.repeats)
     base_prefill_s = (
@@ -241,31 +249,38 @@ def run_batch(
             max(base_wall - base_prefill_s - encode_s, 1e-9),
         ),  # fmt: skip
     }
-    new_wall = statistics.median(walls["static"])
-    s = stats[len(stats) // 2] if stats else {}
-    row["static"] = {
-        "wall_s": new_wall,
-        "tiles_per_s": tiles / new_wall,
-        **efficiencies(
-            costs,
-            kv_bytes_per_token,
-            probes["flops"],
-            probes["bandwidth"],
-            s["prefill_tokens"],
-            len(prompts),
-            s["prefill_s"],
-            s["decode_steps"],
-            s["decode_tokens"],
-            s["decode_context_tokens"],
-            s["decode_s"],
-        ),  # fmt: skip
-        "prefill_tokens": s["prefill_tokens"],
-        "baseline_prefill_tokens": len(prompts) * width,
-        "mean_answer_tokens": sum(g.n_tokens for g in new) / len(new),
-        "batch_plan": {k: engines["static"].batch_plan[k] for k in ("decode_batch", "prefill_batch")},
-    }
-    row["speedup_vs_baseline"] = row["static"]["tiles_per_s"] / row["baseline"]["tiles_per_s"]
-    row["cpu_speedup_vs_baseline"] = statistics.median(cpus["baseline"]) / statistics.median(cpus["static"])
+    for kind in news:
+        new_wall = statistics.median(walls[kind])
+        s = stats[kind][len(stats[kind]) // 2]
+        plan = engines[kind].batch_plan
+        row[kind] = {
+            "wall_s": new_wall,
+            "tiles_per_s": tiles / new_wall,
+            **efficiencies(
+                costs,
+                kv_bytes_per_token,
+                probes["flops"],
+                probes["bandwidth"],
+                s["prefill_tokens"],
+                len(prompts),
+                s["prefill_s"],
+                s["decode_steps"],
+                s["decode_tokens"],
+                s["decode_context_tokens"],
+                s["decode_s"],
+            ),  # fmt: skip
+            "prefill_tokens": s["prefill_tokens"],
+            "baseline_prefill_tokens": len(prompts) * width,
+            "mean_answer_tokens": sum(g.n_tokens for g in outputs[kind]) / len(outputs[kind]),
+            "batch_plan": {k: plan[k] for k in ("decode_batch", "prefill_batch", "static_shapes", "cuda_graphs")},
+        }
+        prefix = "" if kind == "static" else f"{kind}_"
+        row[f"{prefix}speedup_vs_baseline"] = row[kind]["tiles_per_s"] / row["baseline"]["tiles_per_s"]
+        row[f"{prefix}cpu_speedup_vs_baseline"] = statistics.median(cpus["baseline"]) / statistics.median(cpus[kind])
+    for kind, seconds in warmup_s.items():  # a whole first call, captures included
+        steps_runner = engines[kind]._steps
+        row[kind]["warmup_s"] = seconds
+        row[kind]["captured_graphs"] = steps_runner.captures if steps_runner is not None else 0
     return row
 
 
@@ -283,10 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip batches that would not fit")
     parser.add_argument(
+        "--static-shapes", action="store_true",
+        help="also time the static decoder at fixed shapes (padded rows and keys, kept cache; no graphs)",
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="also time the static decoder with its decode steps replayed as CUDA graphs (GPU only)",
+    )
+    parser.add_argument(
         "--init-std", type=float, default=None,
         help="LLM weight std of presets (default the preset's 0.02; larger gives decisive logits, see README)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        parser.error("--cuda-graphs needs --device cuda")
 
     device = torch.device(args.device)
     dtype = (
@@ -312,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             kind: InferenceEngine(model, processor, dtype=dtype, device=device, decoding=kind)
             for kind in ("baseline", "static")
         }
+        if args.static_shapes:
+            engines["shapes"] = InferenceEngine(model, processor, dtype=dtype, device=device, static_shapes=True)
+        if args.cuda_graphs:
+            engines["graphs"] = InferenceEngine(model, processor, dtype=dtype, device=device, cuda_graphs=True)
         costs = decoder_costs(model)
         kv_bytes_per_token = int(engines["static"].batch_plan["kv_bytes_per_token"])
         # at least 64 MiB (past the CPU caches) and at most 2 GiB: enough to see the memory's bandwidth
@@ -331,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
             last_s, last_tiles = time.perf_counter() - t0, tiles
             rows.append(row)
-            log(f"  speedup {row['speedup_vs_baseline']:.2f}, identical {row['identical_greedy']}")
+            log(f"  speedup {row['speedup_vs_baseline']:.2f}, identical {row['identical_greedy']}" + "".join(
+                f"; {k} {row[k + '_speedup_vs_baseline']:.2f}, identical {row[k + '_identical_greedy']}"
+                for k in row["engines"][2:]
+            ))  # fmt: skip
         del engines, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -344,12 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for row in rows:
-        for kind in ("baseline", "static"):
+        for kind in row["engines"]:
             r = row[kind]
+            prefix = "" if kind == "static" else f"{kind}_"
             extra = (
-                f"{row['speedup_vs_baseline']:7.2f} {row['cpu_speedup_vs_baseline']:5.2f} "
-                f"{str(row['identical_greedy']):>5}"
-                if kind == "static"
+                f"{row[prefix + 'speedup_vs_baseline']:7.2f} {row[prefix + 'cpu_speedup_vs_baseline']:5.2f} "
+                f"{str(row[prefix + 'identical_greedy']):>5}"
+                if kind != "baseline"
                 else ""
             )
             print(f"{Path(row['model']).name:<22} {row['tiles']:>5} {kind:<8} {r['tiles_per_s']:8.2f} "
@@ -358,18 +391,29 @@ def main(argv: list[str] | None = None) -> int:
     for item in skipped:
         print(f"{item}: skipped (time budget)")
     last = rows[-1] if rows else None
+    # the headline: the last row's fastest new decoder that kept the baseline's answers (static if none did)
+    best = "static"
+    for kind in last["engines"][2:] if last else []:
+        if last[f"{kind}_identical_greedy"] and last[kind]["tiles_per_s"] > last[best]["tiles_per_s"]:
+            best = kind
+    prefix = "" if best == "static" else f"{best}_"
     summary = {
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "matmul_flops": probes["flops"],
         "weights_read_bytes_per_s": probes.get("bandwidth"),
-        "prefill_efficiency": last["static"]["prefill_efficiency"] if last else None,
-        "decode_efficiency": last["static"]["decode_efficiency"] if last else None,
-        "tiles_per_s": last["static"]["tiles_per_s"] if last else None,
-        "speedup_vs_baseline": last["speedup_vs_baseline"] if last else None,
+        "engine": best,
+        "prefill_efficiency": last[best]["prefill_efficiency"] if last else None,
+        "decode_efficiency": last[best]["decode_efficiency"] if last else None,
+        "tiles_per_s": last[best]["tiles_per_s"] if last else None,
+        "speedup_vs_baseline": last[prefix + "speedup_vs_baseline"] if last else None,
         "min_speedup_vs_baseline": min((r["speedup_vs_baseline"] for r in rows), default=None),
         "min_cpu_speedup_vs_baseline": min((r["cpu_speedup_vs_baseline"] for r in rows), default=None),
         "identical_greedy": bool(rows) and all(r["identical_greedy"] for r in rows),
+        **{
+            f"{kind}_identical_greedy": all(r[f"{kind}_identical_greedy"] for r in rows)
+            for kind in (rows[0]["engines"][2:] if rows else [])
+        },
         "skipped": skipped,
         "rows": rows,
         "total_s": time.perf_counter() - START,

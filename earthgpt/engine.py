@@ -15,7 +15,9 @@ Two decoders, same answers (greedy: token for token):
   and copied to each prompt's slot; answers that stop leave the decode batch at once and waiting prompts take their
   slots (continuous batching); prefill and decode batch sizes are planned separately from the memory budget
   (:func:`plan_batch`, the choice in ``engine.batch_plan``); an out-of-memory error halves both and retries the
-  prompts not yet answered.
+  prompts not yet answered. ``static_shapes=True`` runs every decode step at fixed shapes (rows padded to a power of
+  two, keys to a multiple of 64 positions, one cache kept across calls); ``cuda_graphs=True`` (GPU, off by default)
+  captures each such step once as a CUDA graph and replays it, so a step costs one launch instead of hundreds.
 - ``decoding="baseline"``: :meth:`earthgpt.modeling.EarthGPTForConditionalGeneration.generate`, one left-padded
   batch in lock-step with a dynamic cache (the reference, kept for comparisons).
 """
@@ -199,6 +201,12 @@ class InferenceEngine:
         fuse_projections: Static decoding keeps stacked copies of each layer's q/k/v and gate/up weights (two matmuls
             instead of five: fewer dispatches, same numbers); default when the copies take at most 5 % of the memory
             budget. The weights must not change while the engine lives.
+        static_shapes: Decode steps at fixed shapes: the rows padded to the next power of two (at most the slots),
+            the keys to the next multiple of 64 positions; the KV cache is kept from one call to the next while its
+            shape fits. Same answers, some padded work; what CUDA graphs (and ``torch.compile``) need. Default: on
+            with ``cuda_graphs``.
+        cuda_graphs: Capture each fixed-shape decode step (one per rows x keys bucket, on first use) as a CUDA graph
+            and replay it. CUDA only, ``tp_size=1``; off by default.
 
     Attributes:
         batch_plan: What the static decoder chose for the last ``generate`` call (before it, for a 64-token
@@ -226,6 +234,8 @@ class InferenceEngine:
         prefill_batch: int | None = None,
         max_batch: int = 256,
         fuse_projections: bool | None = None,
+        static_shapes: bool | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if kind not in ENGINE_KINDS:
             raise ValueError(f"kind must be one of {ENGINE_KINDS}, got {kind!r}")
@@ -248,6 +258,17 @@ class InferenceEngine:
                 raise ValueError("float16 inference needs a GPU; use float32 or bfloat16 on CPU")
         if kernel_inject and kind != "deepspeed":
             raise ValueError("kernel_inject is a DeepSpeed option: use kind='deepspeed'")
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graphs needs a CUDA GPU")
+            if int(tp_size) != 1:
+                raise ValueError("cuda_graphs needs tp_size=1 (tensor-parallel collectives are not captured)")
+            if decoding != "static" or kernel_inject:
+                raise ValueError("cuda_graphs needs decoding='static' without kernel_inject")
+            if static_shapes is False:
+                raise ValueError("cuda_graphs needs static_shapes")
+        if static_shapes and decoding != "static":
+            raise ValueError("static_shapes needs decoding='static'")
         if kernel_inject:
             # injected kernels replace the decoder layers the static decoder drives
             decoding = "baseline"
@@ -279,6 +300,9 @@ class InferenceEngine:
         self.last_stats: dict[str, float] = {}
         self.batch_plan: dict[str, Any] = {}
         self._projections: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cuda_graphs = bool(cuda_graphs)
+        self.static_shapes = bool(cuda_graphs if static_shapes is None else static_shapes)
+        self._steps: _DecodeSteps | None = None  # fixed-shape decode: the kept cache, its buffers and graphs
         if decoding == "static":
             prompt_len = len(processor.encode_prompt("What is in this image?")) + 64
             self.batch_plan = self._plan(prompt_len, 64)
@@ -292,6 +316,7 @@ class InferenceEngine:
                 ):
                     self._projections = projections
             self.batch_plan["fused_projections"] = self._projections is not None
+            self.batch_plan.update(static_shapes=self.static_shapes, cuda_graphs=self.cuda_graphs)
         else:
             self.batch_plan = {"decoding": "baseline"}
 
@@ -497,6 +522,7 @@ class InferenceEngine:
         plan.update(
             decoding="static", memory_source=source, oom_halvings=self._oom_halvings,
             fused_projections=getattr(self, "_projections", None) is not None,
+            static_shapes=getattr(self, "static_shapes", False), cuda_graphs=getattr(self, "cuda_graphs", False),
         )  # fmt: skip
         return plan
 
@@ -542,7 +568,9 @@ class InferenceEngine:
                 self.release_memory()
 
     def release_memory(self) -> None:
-        """Frees what a failed batch left behind (garbage, and on CUDA the allocator's cached blocks)."""
+        """Frees what a failed batch left behind (the kept cache and graphs, garbage, and on CUDA the allocator's
+        cached blocks)."""
+        self._steps = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -566,7 +594,13 @@ class InferenceEngine:
         max_len = max(g.prefix for g in queue) + max(
             len(rows[i]) - g.prefix for g in queue for i in g.prompts
         )
-        cache = model.new_static_cache(slots, max_len + max_new_tokens)
+        steps_runner: _DecodeSteps | None = None
+        if self.static_shapes:
+            steps_runner = self._decode_steps(slots, max_len + max_new_tokens, int(plan["decode_batch"]))
+            cache = steps_runner.cache
+            slots = cache.slots
+        else:
+            cache = model.new_static_cache(slots, max_len + max_new_tokens)
         stops = torch.tensor(p.stop_token_ids, device=device)
         n_rows = len(rows)
         tokens = torch.full((n_rows, max_new_tokens), p.pad_token_id, dtype=torch.long, device=device)
@@ -657,12 +691,16 @@ class InferenceEngine:
             if not active:
                 continue
             t0 = time.perf_counter()
-            start = torch.as_tensor(host_len[:active], device=device)
-            span = int(host_len[:active].max()) + 1
-            embeds = embed_tokens(last_token[:active, None])
-            step_logits = model.forward_cached(
-                embeds, cache, active, start, torch.zeros_like(start), span, self._projections
-            )
+            step_logits: torch.Tensor | None
+            if steps_runner is not None:
+                step_logits = steps_runner.step(last_token, host_len, active)
+            else:
+                start = torch.as_tensor(host_len[:active], device=device)
+                span = int(host_len[:active].max()) + 1
+                embeds = embed_tokens(last_token[:active, None])
+                step_logits = model.forward_cached(
+                    embeds, cache, active, start, torch.zeros_like(start), span, self._projections
+                )
             assert step_logits is not None
             stats["decode_context_tokens"] += float(host_len[:active].sum() + active)
             host_len[:active] += 1
@@ -671,6 +709,20 @@ class InferenceEngine:
             stats["decode_tokens"] += active
             stats["decode_s"] += time.perf_counter() - t0
             retire(done)
+
+    def _decode_steps(self, slots: int, min_len: int, max_slots: int) -> _DecodeSteps:
+        """The fixed-shape decode runner: the kept one while its cache has ``slots`` to ``max_slots`` rows and at
+        least ``min_len`` positions, else a new one (rows: ``slots`` rounded up to a power of two, at most
+        ``max_slots``; positions: ``min_len`` rounded up to a multiple of :data:`_KEY_BUCKET`)."""
+        steps = self._steps
+        if steps is None or not slots <= steps.cache.slots <= max_slots or steps.cache.max_len < min_len:
+            self._steps = None  # the old cache and graphs go before the new cache is allocated
+            gc.collect()
+            max_len = -(-int(min_len) // _KEY_BUCKET) * _KEY_BUCKET
+            cache = self.model.new_static_cache(min(_pow2_at_least(slots), int(max_slots)), max_len)
+            steps = _DecodeSteps(self.model, cache, self._projections, graphs=self.cuda_graphs)
+            self._steps = steps
+        return steps
 
     def _prefill(
         self,
@@ -748,6 +800,92 @@ class _PrefixGroup:
     image: int
     prompts: list[int]
     prefix: int
+
+
+_KEY_BUCKET = 64
+"""Fixed-shape decode: keys attended in multiples of this many positions (and the kept cache's length)."""
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class _DecodeSteps:
+    """Decode steps at fixed shapes over one kept :class:`StaticKVCache`, optionally replayed as CUDA graphs.
+
+    A step runs the first ``rows`` slots (``rows`` the live slots rounded up to a power of two, at most the cache's
+    slots) over the first ``span`` keys (the longest live row plus one, rounded up to a multiple of
+    :data:`_KEY_BUCKET`). Padded slots are free ones: they read token 0 at position 0 and write only there, which the
+    prefill of whatever prompt takes that slot next overwrites; their logits are dropped. Live rows get the answers of
+    the dynamic-shape step (the mask hides the extra keys).
+
+    With ``graphs``, each ``(rows, span)`` step is captured once as a CUDA graph (all graphs share one memory pool;
+    each step's logits are read before the next replay) and replayed: a whole decoder step in one launch.
+    """
+
+    def __init__(
+        self,
+        model: EarthGPTForConditionalGeneration,
+        cache: StaticKVCache,
+        projections: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+        *,
+        graphs: bool,
+    ) -> None:
+        self.model, self.cache, self.projections, self.graphs = model, cache, projections, graphs
+        device = cache.key.device
+        self.device = device
+        self.tokens = torch.zeros(cache.slots, dtype=torch.long, device=device)
+        self.start = torch.zeros(cache.slots, dtype=torch.long, device=device)
+        self._host_start = np.zeros(cache.slots, dtype=np.int64)
+        self._embed = model.get_input_embeddings()
+        self._captured: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._pool: Any = None
+        self.captures = 0
+
+    def _forward(self, rows: int, span: int) -> torch.Tensor:
+        start = self.start[:rows]
+        logits = self.model.forward_cached(
+            self._embed(self.tokens[:rows, None]), self.cache, rows, start, torch.zeros_like(start), span,
+            self.projections,
+        )  # fmt: skip
+        assert logits is not None
+        return logits
+
+    def _capture(self, rows: int, span: int) -> tuple[Any, torch.Tensor]:
+        # warm-up on a side stream (allocator and kernel selection), then capture; both compute this very step, so
+        # the keys and values they write are the replay's own
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._forward(rows, span)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(rows, span)
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.captures += 1
+        return graph, logits
+
+    def step(self, last_token: torch.Tensor, host_len: np.ndarray, active: int) -> torch.Tensor:
+        """Next-token logits ``(active, V)`` of the live slots, whose tokens are ``last_token[:active]`` at positions
+        ``host_len[:active]``."""
+        cache = self.cache
+        rows = min(_pow2_at_least(active), cache.slots)
+        span = min(-(-(int(host_len[:active].max()) + 1) // _KEY_BUCKET) * _KEY_BUCKET, cache.max_len)
+        self._host_start[:active] = host_len[:active]
+        self._host_start[active:rows] = 0
+        self.start[:rows].copy_(torch.from_numpy(self._host_start[:rows]))
+        self.tokens[:active].copy_(last_token[:active])
+        self.tokens[active:rows] = 0
+        if not self.graphs:
+            return self._forward(rows, span)[:active]
+        entry = self._captured.get((rows, span))
+        if entry is None:
+            entry = self._captured[(rows, span)] = self._capture(rows, span)
+        graph, logits = entry
+        graph.replay()
+        return logits[:active]
 
 
 def _prefix_groups(

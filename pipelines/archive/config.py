@@ -176,6 +176,8 @@ class ModelConfig(_Strict):
         dtype: Weights and activations dtype. ``float16`` needs a GPU.
         tp_size: Tensor-parallel degree (GPUs per model replica; DeepSpeed only).
         kernel_inject: DeepSpeed kernel injection (GPU only).
+        cuda_graphs: Decode steps captured once as CUDA graphs and replayed (GPU actors, ``tp_size: 1``; off by
+            default). See ``earthgpt.engine.InferenceEngine``.
         max_new_tokens: Generation budget per answer.
         seed: Seed for a preset's random initialisation (presets without trained weights only).
         storage_options: fsspec options for a remote ``name_or_path`` (``s3://bucket/models/x``); credentials come
@@ -188,6 +190,7 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tp_size: int = Field(default=1, ge=1)
     kernel_inject: bool = False
+    cuda_graphs: bool = False
     max_new_tokens: int = Field(default=96, ge=1, le=4096)
     seed: int = 0
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -196,6 +199,8 @@ class ModelConfig(_Strict):
     def _engine_options(self) -> ModelConfig:
         if self.engine == "plain" and (self.tp_size != 1 or self.kernel_inject):
             raise ValueError("engine: tp_size > 1 and kernel_inject need engine: deepspeed")
+        if self.cuda_graphs and (self.tp_size != 1 or self.kernel_inject):
+            raise ValueError("cuda_graphs: needs tp_size 1 and no kernel_inject")
         return self
 
 
@@ -322,8 +327,12 @@ class InferConfig(_Strict):
 
     @model_validator(mode="after")
     def _gpu_only_options(self) -> InferConfig:
-        if self.actors.num_gpus == 0 and (self.model.dtype == "float16" or self.model.kernel_inject):
-            raise ValueError("model: dtype float16 and kernel_inject need GPU actors (actors.num_gpus > 0)")
+        if self.actors.num_gpus == 0 and (
+            self.model.dtype == "float16" or self.model.kernel_inject or self.model.cuda_graphs
+        ):
+            raise ValueError(
+                "model: dtype float16, kernel_inject and cuda_graphs need GPU actors (actors.num_gpus > 0)"
+            )
         if self.model.tp_size > 1 and (self.actors.num_gpus or 0) < self.model.tp_size:
             raise ValueError(f"model: tp_size {self.model.tp_size} needs actors.num_gpus >= {self.model.tp_size}")
         return self
@@ -352,6 +361,7 @@ def _output_key(dumped: str) -> str:
     model = dict(data["model"])
     name = str(model.pop("name_or_path"))
     model.pop("tp_size", None)
+    model.pop("cuda_graphs", None)  # the same answers, replayed: no reason to redo an archive
     model.pop("storage_options", None)
     model.pop("seed")
     from earthgpt.weights import is_remote, weights_digest

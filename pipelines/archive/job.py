@@ -500,7 +500,8 @@ def _dataset(config: InferConfig, spec: SearchSpec, windows: Sequence[Window], c
     parse = ParseStage(config.tasks)
     model_kwargs = {
         "model": config.model.name_or_path, "engine": config.model.engine, "dtype": config.model.dtype,
-        "tp_size": config.model.tp_size, "kernel_inject": config.model.kernel_inject, "tasks": config.tasks,
+        "tp_size": config.model.tp_size, "kernel_inject": config.model.kernel_inject,
+        "cuda_graphs": config.model.cuda_graphs, "tasks": config.tasks,
         "vqa": config.vqa, "max_new_tokens": config.model.max_new_tokens, "seed": config.model.seed,
         "torch_threads": max(1, int(actors.num_cpus)), "storage_options": config.model.storage_options,
     }

@@ -55,7 +55,8 @@ MODEL_SENSOR = {"optical": "optical", "sar": "sar", "thermal": "infrared"}
 
 _ERROR_COLUMNS = ("error_stage", "error_type", "error_message", "error_asset", "error_href")
 _MODEL_LOADS = 0  # models built in this process (an actor is a process: > 1 would mean a reload)
-_PLAN_KEYS = ("decoding", "decode_batch", "prefill_batch", "memory_bytes", "memory_source", "oom_halvings", "dtype")
+_PLAN_KEYS = ("decoding", "decode_batch", "prefill_batch", "memory_bytes", "memory_source", "oom_halvings", "dtype",
+              "cuda_graphs")
 
 
 class MissingColumns(KeyError):
@@ -321,6 +322,7 @@ class ModelStage:
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         tp_size: Tensor-parallel degree (DeepSpeed).
         kernel_inject: DeepSpeed kernel injection (GPU).
+        cuda_graphs: Decode steps replayed as CUDA graphs (GPU, ``tp_size`` 1).
         tasks: Tasks to ask (``caption``, ``detect``, ``classify``).
         vqa: Extra questions.
         max_new_tokens: Generation budget per answer.
@@ -338,6 +340,7 @@ class ModelStage:
         dtype: str = "float32",
         tp_size: int = 1,
         kernel_inject: bool = False,
+        cuda_graphs: bool = False,
         tasks: Sequence[str] = ("caption", "detect"),
         vqa: Sequence[str] = (),
         max_new_tokens: int = 96,
@@ -362,7 +365,8 @@ class ModelStage:
         if is_remote(model):
             model = str(fetch_model(model, storage_options=dict(storage_options or {})))
         self.engine = InferenceEngine.from_pretrained(
-            model, seed=seed, kind=engine, dtype=getattr(torch, dtype), tp_size=tp_size, kernel_inject=kernel_inject
+            model, seed=seed, kind=engine, dtype=getattr(torch, dtype), tp_size=tp_size, kernel_inject=kernel_inject,
+            cuda_graphs=cuda_graphs,
         )
         _MODEL_LOADS += 1
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

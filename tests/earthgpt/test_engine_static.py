@@ -80,6 +80,64 @@ def test_static_greedy_matches_baseline(
         assert new.batch_plan["prefill_batch"] == prefill_batch
 
 
+@pytest.mark.parametrize("decode_batch", [None, 3, 1])
+def test_static_shapes_match_baseline_and_keep_their_cache(
+    peaky_model: EarthGPTForConditionalGeneration, processor: EarthGPTProcessor, decode_batch: int | None
+) -> None:
+    """Fixed-shape decode steps (rows padded to a power of two, keys to 64 positions: what CUDA graphs replay) give
+    the baseline's answers; the cache is kept from one call to the next while it fits."""
+    base, new = _pair(peaky_model, processor, decode_batch=decode_batch, static_shapes=True)
+    tiles = random_tiles(5, seed=3, shapes=((32, 32), (24, 40)))
+    prompts, index = _tile_prompts(5)  # 1-3 prompts per tile: prompts of several lengths, rows stop at different steps
+    _assert_same(
+        base.generate(tiles, prompts, max_new_tokens=12, image_index=index),
+        new.generate(tiles, prompts, max_new_tokens=12, image_index=index),
+    )
+    steps = new._steps
+    assert steps is not None and steps.cache.max_len % 64 == 0
+    slots = steps.cache.slots
+    assert slots == (16 if decode_batch is None else decode_batch)  # 10 prompts: 16 rows, or the fixed batch
+    assert new.batch_plan["static_shapes"] is True and new.batch_plan["cuda_graphs"] is False
+    # a smaller call reuses the kept cache (no new allocation, and on a GPU no new graphs)
+    _assert_same(
+        base.generate(tiles[:2], prompts[:3], max_new_tokens=12, image_index=index[:3]),
+        new.generate(tiles[:2], prompts[:3], max_new_tokens=12, image_index=index[:3]),
+    )
+    assert new._steps is steps and steps.cache.slots == slots
+    # a longer budget needs more positions: a new cache
+    new.generate(tiles[:1], prompts[:1], max_new_tokens=steps.cache.max_len, image_index=[0])
+    assert new._steps is not steps
+    new.release_memory()
+    assert new._steps is None
+
+
+def test_cuda_graphs_need_a_gpu_and_one_rank(
+    peaky_model: EarthGPTForConditionalGeneration, processor: EarthGPTProcessor
+) -> None:
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA GPU"):
+        InferenceEngine(peaky_model, processor, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="static_shapes needs decoding='static'"):
+        InferenceEngine(peaky_model, processor, device="cpu", decoding="baseline", static_shapes=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_the_same_answers(
+    peaky_model: EarthGPTForConditionalGeneration, processor: EarthGPTProcessor
+) -> None:
+    """On a GPU: captured and replayed decode steps answer as the eager static decoder (float32), graphs reused."""
+    eager = InferenceEngine(copy.deepcopy(peaky_model), processor, device="cuda")
+    graphs = InferenceEngine(copy.deepcopy(peaky_model), processor, device="cuda", cuda_graphs=True)
+    tiles = random_tiles(5, seed=3, shapes=((32, 32), (24, 40)))
+    prompts, index = _tile_prompts(5)
+    a = eager.generate(tiles, prompts, max_new_tokens=12, image_index=index)
+    _assert_same(a, graphs.generate(tiles, prompts, max_new_tokens=12, image_index=index))
+    steps = graphs._steps
+    assert steps is not None and steps.captures > 0
+    captures = steps.captures
+    _assert_same(a, graphs.generate(tiles, prompts, max_new_tokens=12, image_index=index))
+    assert steps.captures == captures  # the second call replays, captures nothing
+
+
 def test_static_default_weights_and_features(
     tiny_model: EarthGPTForConditionalGeneration, processor: EarthGPTProcessor
 ) -> None:

@@ -66,6 +66,9 @@ def test_minimal_config_defaults():
         ({"model__engine": "onnx"}, "model.engine"),
         ({"model__dtype": "float16", "actors__num_gpus": 0}, "model"),
         ({"model__tp_size": 2}, "model.engine"),
+        ({"model__cuda_graphs": True, "actors__num_gpus": 0}, "model"),
+        ({"model__cuda_graphs": True, "model__engine": "deepspeed", "model__tp_size": 2, "actors__num_gpus": 2},
+         "model.cuda_graphs"),
         ({"actors__min_actors": 3, "actors__max_actors": 2}, "actors.min_actors"),
         ({"actors__batch_size": 0}, "actors.batch_size"),
         ({"output__root": "gs://bucket/x"}, "output.root"),
@@ -94,6 +97,8 @@ def test_output_key_changes_with_what_changes_results():
     assert parse_config(_with(model__name_or_path="small")).output_key() != base
     # the actor pool, commit units and output root do not change a tile's results
     assert parse_config(_with(actors__batch_size=64, output__commit_tiles=3, output__max_attempts=5)).output_key() == base
+    # nor do CUDA graphs (the same answers, replayed)
+    assert parse_config(_with(model__cuda_graphs=True, actors__num_gpus=1)).output_key() == base
 
 
 def test_output_key_depends_on_weights_content_not_path_or_mtime(tmp_path):
