@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     probes = {"flops": matmul_probe(device, dtype, 8192 if device.type == "cuda" else 1024)}
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
+    errors: list[str] = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         log(f"building {name}")
         model, processor = load(name, device, dtype, args.seed, args.init_std)
@@ -357,7 +358,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"{name}: {tiles} tiles")
             t0 = time.perf_counter()
-            row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
+            try:
+                row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
+            except Exception as exc:  # a failing graphs capture must not cost the run the other engines' figures
+                if "graphs" not in engines:
+                    raise
+                errors.append(f"{name} x{tiles}: cuda graphs: {type(exc).__name__}: {exc}")
+                log(f"CUDA graphs failed, timing without them: {errors[-1]}")
+                del engines["graphs"]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
             last_s, last_tiles = time.perf_counter() - t0, tiles
             rows.append(row)
             log(f"  speedup {row['speedup_vs_baseline']:.2f}, identical {row['identical_greedy']}" + "".join(
@@ -390,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['decode_efficiency']:10.4f} {extra}")  # fmt: skip
     for item in skipped:
         print(f"{item}: skipped (time budget)")
+    for item in errors:
+        print(item)
     last = rows[-1] if rows else None
     # the headline: the last row's fastest new decoder that kept the baseline's answers (static if none did)
     best = "static"
@@ -415,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in (rows[0]["engines"][2:] if rows else [])
         },
         "skipped": skipped,
+        "errors": errors,
         "rows": rows,
         "total_s": time.perf_counter() - START,
     }
