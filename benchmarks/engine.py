@@ -331,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     errors: list[str] = []
+    stop = False
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if stop:
+            break
         log(f"building {name}")
         model, processor = load(name, device, dtype, args.seed, args.init_std)
         engines = {
@@ -359,16 +362,22 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: {tiles} tiles")
             t0 = time.perf_counter()
             try:
-                row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
-            except Exception as exc:  # a failing graphs capture must not cost the run the other engines' figures
-                if "graphs" not in engines:
-                    raise
-                errors.append(f"{name} x{tiles}: cuda graphs: {type(exc).__name__}: {exc}")
-                log(f"CUDA graphs failed, timing without them: {errors[-1]}")
-                del engines["graphs"]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
+                try:
+                    row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
+                except Exception as exc:  # a failing graphs capture must not cost the other engines' figures
+                    if "graphs" not in engines:
+                        raise
+                    errors.append(f"{name} x{tiles}: cuda graphs: {type(exc).__name__}: {exc}")
+                    log(f"CUDA graphs failed, timing without them: {errors[-1]}")
+                    del engines["graphs"]
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
+            except Exception as exc:  # report what was measured before the failure, then the failure
+                errors.append(f"{name} x{tiles}: {type(exc).__name__}: {exc}")
+                log(f"stopping: {errors[-1]}")
+                stop = True
+                break
             last_s, last_tiles = time.perf_counter() - t0, tiles
             rows.append(row)
             log(f"  speedup {row['speedup_vs_baseline']:.2f}, identical {row['identical_greedy']}" + "".join(
@@ -433,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": time.perf_counter() - START,
     }
     print(json.dumps(summary))
-    return 0
+    return 1 if stop else 0  # a batch that failed (listed in "errors") fails the command, after the figures
 
 
 if __name__ == "__main__":

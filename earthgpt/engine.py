@@ -716,8 +716,7 @@ class InferenceEngine:
         ``max_slots``; positions: ``min_len`` rounded up to a multiple of :data:`_KEY_BUCKET`)."""
         steps = self._steps
         if steps is None or not slots <= steps.cache.slots <= max_slots or steps.cache.max_len < min_len:
-            self._steps = None  # the old cache and graphs go before the new cache is allocated
-            gc.collect()
+            self._steps = None  # the old cache and graphs go (by reference count) before the new cache is allocated
             max_len = -(-int(min_len) // _KEY_BUCKET) * _KEY_BUCKET
             cache = self.model.new_static_cache(min(_pow2_at_least(slots), int(max_slots)), max_len)
             steps = _DecodeSteps(self.model, cache, self._projections, graphs=self.cuda_graphs)
