@@ -21,6 +21,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default; it sees a run's reports, checkpoints, failures and
+# end only at a poll. The toy models' steps take a tenth of a second, so the tests' training runs were mostly that
+# wait (the worker-kill test: 82 s at 2 s, 59 s at 0.25 s). Ray passes it from the driver to the controller and the
+# workers; the nodes of cluster/local/up.sh get it from the environment the test starts them with.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 from tests.harness.servers import (  # noqa: E402
     HarnessError,
