@@ -11,7 +11,9 @@ Tiers: unmarked tests are fast unit tests; ``integration`` needs servers or Ray;
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default; it sees a run's reports, checkpoints, failures and
+# end only at a poll. The toy models' steps take a tenth of a second, so the tests' training runs were mostly that
+# wait (the worker-kill test: 82 s at 2 s, 59 s at 0.25 s). Ray passes it from the driver to the controller and the
+# workers; the nodes of cluster/local/up.sh get it from the environment the test starts them with.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# The venv's own tools first on PATH, as in an activated venv and on the nodes of cluster/local/up.sh. DeepSpeed
+# JIT-builds its ops with the first `ninja` on PATH, and two ninja versions (the venv's, the system's) each read the
+# other's build log as a changed command: every switch between them rebuilt `deepspeed_shm_comm` (about a minute).
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = os.pathsep.join([_VENV_BIN, os.environ.get("PATH", "")])
 
 from tests.harness.servers import (  # noqa: E402
     HarnessError,

@@ -305,11 +305,13 @@ def _zarr_groups(store: OutputStore) -> set[str]:
 
 
 def _s3_chaos(req: Request) -> str:
-    """A burst of three 503 SlowDown answers every 101 requests; a dropped connection every 97; PUTs at every 31st
-    request applied but their answers lost. (A run makes about 1,400 requests, most of them Zarr objects.)"""
-    if req.n % 101 in (3, 4, 5):
+    """A burst of three 503 SlowDown answers every 251 requests; a dropped connection every 197; PUTs at every 31st
+    request applied but their answers lost. (A run makes about 1,200 requests, most of them Zarr objects: five
+    bursts and six drops, the first burst on the run's first requests, the first drop on a COG read. Each burst
+    costs the clients seconds of backoff: a few bursts prove the retries as well as a dozen.)"""
+    if req.n % 251 in (3, 4, 5):
         return "503"
-    if req.n % 97 == 50:
+    if req.n % 197 == 50:
         return "drop"
     if req.method == "PUT" and req.n % 31 == 6:
         return "drop_after"

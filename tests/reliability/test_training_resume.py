@@ -44,8 +44,9 @@ def _log_lines(folder: Path) -> list[dict[str, Any]]:
 
 def _kill_a_worker(folder: Path, registered: Path, killed: dict[str, Any], stop: threading.Event) -> None:
     """SIGKILL rank 1's process of the first attempt once it has trained past ``KILL_AFTER_STEP`` and Ray Train has
-    registered a checkpoint (``registered`` exists: Ray Train's controller collects reports every couple of seconds,
-    and a checkpoint reported by a worker killed before that collection is lost with it)."""
+    registered a checkpoint (``registered`` exists: Ray Train's controller collects reports at each poll of its
+    workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, set in tests/conftest.py), and a checkpoint reported by a worker
+    killed before that collection is lost with it)."""
     path = folder / "rank1.jsonl"
     while not stop.is_set():
         lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
