@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (see README.md). Both are idempotent.
 PY := .venv/bin/python
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=20  # the slowest tests, at the end of every run (CI time is budgeted)
 
 .PHONY: setup demo test lint reliability image image-push manifests lock
 
