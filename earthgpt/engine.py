@@ -316,7 +316,6 @@ class InferenceEngine:
                 ):
                     self._projections = projections
             self.batch_plan["fused_projections"] = self._projections is not None
-            self.batch_plan.update(static_shapes=self.static_shapes, cuda_graphs=self.cuda_graphs)
         else:
             self.batch_plan = {"decoding": "baseline"}
 
@@ -521,8 +520,8 @@ class InferenceEngine:
                 plan[key] = min(plan[key], self._oom_caps[key])
         plan.update(
             decoding="static", memory_source=source, oom_halvings=self._oom_halvings,
-            fused_projections=getattr(self, "_projections", None) is not None,
-            static_shapes=getattr(self, "static_shapes", False), cuda_graphs=getattr(self, "cuda_graphs", False),
+            fused_projections=self._projections is not None, static_shapes=self.static_shapes,
+            cuda_graphs=self.cuda_graphs,
         )  # fmt: skip
         return plan
 
