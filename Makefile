@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine (see README.md). Both are idempotent.
 PY := .venv/bin/python
-PYTEST_ARGS ?= --durations=20  # the slowest tests, at the end of every run (CI time is budgeted)
+# -n auto: tests spread over the cores (pytest-xdist); those that start Ray run one after another in one worker
+# (tests/conftest.py). --durations: the slowest tests, at the end of every run (CI time is budgeted).
+PYTEST_ARGS ?= -n auto --dist loadgroup --durations=20
 
 .PHONY: setup demo test lint reliability image image-push manifests lock
 

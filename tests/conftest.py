@@ -45,8 +45,18 @@ from tests.harness.servers import (  # noqa: E402
     start_s3,
 )
 
+# Fixtures that start Ray in the test process or a local multi-node cluster.
+_RAY_FIXTURES = frozenset({"ray_local", "ray_for_results", "cluster"})
 
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests that start Ray (here, in a child process or as a local cluster) run one after another, in collection
+    # order, in one pytest-xdist worker (`--dist loadgroup`): two Ray instances at once on a 2-core machine time out
+    # at node start. The other tests spread over the workers. Without xdist the group mark is inert.
+    for item in items:
+        if "ray" in item.keywords or _RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray"))
     try:
         import torch
 
@@ -59,6 +69,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # in an xdist worker with --dist loadgroup, a grouped test's node id carries its group ("...@ray"); with a pytest
+    # / pytest-xdist pair that drops it, tests would start Ray in two workers at once and flake: fail them, saying why
+    grouped = getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group")
+    if grouped and "@" not in item.nodeid:
+        pytest.fail(
+            "pytest-xdist did not keep this test in the one worker that runs Ray (pytest-dev/pytest-xdist#1386, "
+            "pytest >= 9.2): install the pytest pinned in pyproject.toml (make setup), or run without -n",
+            pytrace=False,
+        )
 
 
 def _start(starter: Callable, *args):  # type: ignore[no-untyped-def]

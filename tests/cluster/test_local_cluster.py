@@ -20,7 +20,7 @@ import yaml
 
 from tests.harness.sockets import is_loopback, sockets_of_processes_naming
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_PORT = 28365

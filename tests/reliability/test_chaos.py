@@ -36,7 +36,7 @@ from tests.pipelines.oracle import oracle_stage
 from tests.reliability.faults import FaultProxy, Request, kill, pid_on_port
 from tests.reliability.outcomes import Outcome, check_exactly_once, record
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 SEED, SCENES, TILE = 41, 4, 128
 BUCKET, PREFIX = "chaos", "w41"

@@ -183,6 +183,7 @@ _RAY_DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.integration
+@pytest.mark.ray
 def test_local_ray_listens_on_loopback_only() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", _RAY_DRIVER], cwd=ROOT, env=env, capture_output=True, text=True,

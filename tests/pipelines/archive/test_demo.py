@@ -13,7 +13,7 @@ import yaml
 
 from pipelines.archive.store import OutputStore, read_table
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -85,9 +85,13 @@ def _config(world: ToyWorld, items: Path, root: Path, commit_tiles: int | None) 
 
 
 @pytest.fixture(scope="session")
-def ray_for_results() -> Iterator[Any]:
+def ray_for_results(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Local Ray for the job, sized like ``ray_local``; on a loaded machine Ray's 30-s node start can time out, so
-    a failed start is retried. An instance already running in this process is used as is (and left running)."""
+    a failed start is retried. An instance already running in this process is used as is (and left running).
+
+    The ``s3`` server is started first, as for ``ray_local``: a later test may reuse this instance, and its workers
+    must reach S3."""
+    request.getfixturevalue("s3")
     import ray
 
     started = False

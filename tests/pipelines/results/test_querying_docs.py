@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "querying.md"
