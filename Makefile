@@ -48,11 +48,13 @@ manifests:
 	  sed 's#$(SHIPPED_IMAGE)#$(IMAGE)#g' $$f > build/manifests/$$(basename $$f); done
 	@echo "manifests with image $(IMAGE) in build/manifests/"
 
-# The images' locked dependencies, resolved for Linux x86_64 / Python 3.11 (needs uv: pip install uv).
+# The images' locked dependencies, resolved for Linux x86_64 / Python 3.11 (with the uv that `make setup` installs
+# in .venv, else the uv on PATH).
+UV := $(if $(wildcard .venv/bin/uv),.venv/bin/uv,uv)
 lock:
 	@mkdir -p build
 	printf 'torch==2.13.0\nray==2.60.0\n' > build/lock-constraints.txt
-	uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(UV) pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  -c build/lock-constraints.txt --no-header --annotation-style line -o build/requirements.lock
 	{ sed -n '1,2p' cluster/image/requirements.lock; cat build/requirements.lock; } > cluster/image/requirements.lock.new
 	mv cluster/image/requirements.lock.new cluster/image/requirements.lock
