@@ -51,9 +51,13 @@ uv_install() {
         done ;;
     esac
   done < <("$VENV/bin/pip" config list 2>/dev/null)
-  # like pip, the newest version found on any index wins (uv's default stops at the first index that has the name)
+  # Like pip, the newest version found on any index wins (uv's default stops at the first index that has the name),
+  # and the installed modules are byte-compiled (uv's default is not to). Without .pyc files, and with
+  # PYTHONDONTWRITEBYTECODE set as on CI machines, every new process (each Ray worker, each job, each test
+  # subprocess) compiles torch, Ray and transformers from source again: about 6 s more per process, twice the
+  # test suite's time.
   UV_LINK_MODE=copy "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --index-strategy unsafe-best-match \
-    "${args[@]}" "$@"
+    --compile-bytecode "${args[@]}" "$@"
 }
 # CPU build of torch (from local disk where pip is configured so); a bare `torch` would pull a multi-GB CUDA build.
 if pip_install uv && uv_install -e ".[dev]" torch==2.13.0; then
