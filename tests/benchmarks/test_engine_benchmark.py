@@ -3,26 +3,18 @@ fails still leaves the figures measured before it, and the command fails."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "engine.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("engine_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["engine_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("engine")
 
 
 ARGS = ["--models", "tiny", "--batches", "2,3", "--repeats", "1", "--new-tokens", "6", "--init-std", "0.5",

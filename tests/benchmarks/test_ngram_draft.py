@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ngram_draft.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def ngram() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ngram_draft_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ngram_draft_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ngram_draft")
 
 
 def test_draft_continues_the_earliest_match_of_the_longest_tail(ngram: ModuleType) -> None:
