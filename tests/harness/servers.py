@@ -220,6 +220,7 @@ class PgStacServer:
     bindir: Path
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _as_postgres: bool = False
+    _postmaster: subprocess.Popen | None = None
 
     def _loader(self) -> Any:
         from pypgstac.db import PgstacDB
@@ -269,11 +270,30 @@ class PgStacServer:
         if self._as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         subprocess.run(cmd, capture_output=True, timeout=30)
+        if self._postmaster is not None:
+            _stop(self._postmaster)  # reaped (already gone after the immediate stop)
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
+
+
+def _wait_for_postgres(dsn: str, postmaster: subprocess.Popen, log: Path, timeout: float) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(dsn, connect_timeout=2).close()
+            return
+        except psycopg.OperationalError as exc:
+            if postmaster.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise HarnessError(f"PostgreSQL did not start ({exc}):\n{tail}") from exc
+            time.sleep(0.2)
 
 
 def start_pgstac() -> PgStacServer:
     """initdb a temporary cluster, start PostgreSQL, ``pypgstac migrate``, then serve stac-fastapi-pgstac."""
+    from pipelines.embedded import popen_child_server
+
     bindir = find_postgres_bindir()
     if not _postgis_available(bindir):
         raise HarnessError(f"PostGIS for PostgreSQL {bindir.parent.name} not found: {SETUP_HINT}")
@@ -299,17 +319,25 @@ def start_pgstac() -> PgStacServer:
     )
     if run.returncode != 0:
         raise HarnessError(f"initdb failed: {run.stderr[-2000:]}")
-    opts = f"-p {port} -k {sockdir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-    run = subprocess.run(
-        [*prefix, str(bindir / "pg_ctl"), "-D", str(datadir), "-o", opts, "-l", str(root / "pg.log"), "-w", "start"],
-        capture_output=True, text=True, timeout=60,
-    )
-    if run.returncode != 0:
-        log = (root / "pg.log").read_text(errors="replace")[-2000:] if (root / "pg.log").exists() else ""
-        raise HarnessError(f"PostgreSQL did not start: {run.stderr[-1000:]}\n{log}")
+    # The postmaster runs in the foreground as a child of this process, told by the kernel to stop (SIGTERM) when
+    # this process dies: a test run killed before its teardown leaves no PostgreSQL behind (`pg_ctl start` daemonizes
+    # it, and a killed run left it running). It is started as the postgres user directly (`user=`), not through
+    # `runuser`, so the death signal is set on the postmaster itself, after the user switch, which would clear it.
+    from pipelines.embedded import die_with_parent
+
+    log = open(root / "pg.log", "wb")  # noqa: SIM115 - the postmaster writes it for its whole life
+    postmaster = subprocess.Popen(
+        [str(bindir / "postgres"), "-D", str(datadir), "-p", str(port), "-k", str(sockdir),
+         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"],
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        user="postgres" if as_postgres else None, group="postgres" if as_postgres else None,
+    )  # fmt: skip
+    log.close()
     dsn = f"postgresql://postgres:postgres@127.0.0.1:{port}/postgres"
     server = PgStacServer(url="", dsn=dsn, datadir=datadir, bindir=bindir, _as_postgres=as_postgres)
+    server._postmaster = postmaster
     try:
+        _wait_for_postgres(dsn, postmaster, root / "pg.log", timeout=60)
         run = subprocess.run(
             [sys.executable, "-m", "pypgstac.pypgstac", "migrate", "--dsn", dsn],
             capture_output=True, text=True, timeout=120,
@@ -322,7 +350,7 @@ def start_pgstac() -> PgStacServer:
             PGUSER="postgres", PGPASSWORD="postgres", PGHOST="127.0.0.1", PGPORT=str(port), PGDATABASE="postgres",
             ENABLED_EXTENSIONS="query,sort,fields,filter,free_text,pagination,collection_search",
         )
-        proc = subprocess.Popen(
+        proc = popen_child_server(
             [sys.executable, "-m", "uvicorn", "stac_fastapi.pgstac.app:create_app", "--factory",
              "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
