@@ -320,19 +320,17 @@ def start_pgstac() -> PgStacServer:
     if run.returncode != 0:
         raise HarnessError(f"initdb failed: {run.stderr[-2000:]}")
     # The postmaster runs in the foreground as a child of this process, told by the kernel to stop (SIGTERM) when
-    # this process dies: a test run killed before its teardown leaves no PostgreSQL behind (`pg_ctl start` daemonizes
-    # it, and a killed run left it running). It is started as the postgres user directly (`user=`), not through
-    # `runuser`, so the death signal is set on the postmaster itself, after the user switch, which would clear it.
-    from pipelines.embedded import die_with_parent
-
-    log = open(root / "pg.log", "wb")  # noqa: SIM115 - the postmaster writes it for its whole life
-    postmaster = subprocess.Popen(
-        [str(bindir / "postgres"), "-D", str(datadir), "-p", str(port), "-k", str(sockdir),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-        user="postgres" if as_postgres else None, group="postgres" if as_postgres else None,
-    )  # fmt: skip
-    log.close()
+    # this process dies (`popen_child_server`): a test run killed before its teardown leaves no PostgreSQL behind
+    # (`pg_ctl start` daemonizes it, and a killed run left it running). It is started as the postgres user directly
+    # (`user=`), not through `runuser`, so the death signal is set on the postmaster itself, after the user switch,
+    # which would clear it.
+    with open(root / "pg.log", "wb") as log:  # the postmaster keeps its own copy of the descriptor
+        postmaster = popen_child_server(
+            [str(bindir / "postgres"), "-D", str(datadir), "-p", str(port), "-k", str(sockdir),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"],
+            stdout=log, stderr=subprocess.STDOUT,
+            user="postgres" if as_postgres else None, group="postgres" if as_postgres else None,
+        )  # fmt: skip
     dsn = f"postgresql://postgres:postgres@127.0.0.1:{port}/postgres"
     server = PgStacServer(url="", dsn=dsn, datadir=datadir, bindir=bindir, _as_postgres=as_postgres)
     server._postmaster = postmaster
