@@ -46,7 +46,16 @@ from tests.harness.servers import (  # noqa: E402
 )
 
 # Fixtures that start Ray in the test process or a local multi-node cluster.
-_RAY_FIXTURES = frozenset({"ray_local", "ray_for_results", "cluster"})
+_RAY_FIXTURES = frozenset({"ray_local", "cluster"})
+
+
+# Order of the Ray group's modules (by node id prefix); unlisted ones run before tests/reliability.
+_RAY_ORDER = ("tests/test_harness.py", "tests/pipelines/results/", "tests/pipelines/archive/", "tests/pipelines/",
+              "tests/reliability/", "tests/cluster/")
+
+
+def _ray_rank(nodeid: str) -> int:
+    return next((2 * rank for rank, prefix in enumerate(_RAY_ORDER) if nodeid.startswith(prefix)), 7)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the group marks
@@ -54,9 +63,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Tests that start Ray (here, in a child process or as a local cluster) run one after another, in collection
     # order, in one pytest-xdist worker (`--dist loadgroup`): two Ray instances at once on a 2-core machine time out
     # at node start. The other tests spread over the workers. Without xdist the group mark is inert.
-    for item in items:
-        if "ray" in item.keywords or _RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+    ray_items = [item for item in items if "ray" in item.keywords
+                 or _RAY_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    for item in ray_items:
+        item.add_marker(pytest.mark.xdist_group("ray"))
+    # The Ray group goes first (its worker is the critical path), lightest modules first: while the other worker
+    # still runs the rest, the two share the cores; the local multi-node cluster, slowed most by a busy machine
+    # (many processes per job), runs last, once the other worker is done. The sort is stable and the same in every
+    # worker, as pytest-xdist requires.
+    ranked = sorted(ray_items, key=lambda item: _ray_rank(item.nodeid))
+    grouped = set(ray_items)
+    items[:] = ranked + [item for item in items if item not in grouped]
     try:
         import torch
 
@@ -141,13 +158,16 @@ def ray_local(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
     from pipelines.raylocal import init_ray
 
-    # "local": never attach to a cluster started with `ray start` on this machine; on 127.0.0.1 like the jobs' Ray
-    init_ray(
-        "local",
-        num_cpus=2,
-        object_store_memory=256 * 2**20,
-        logging_level="warning",
-        log_to_driver=False,
-    )
+    # "local": never attach to a cluster started with `ray start` on this machine; on 127.0.0.1 like the jobs' Ray.
+    # On a loaded machine Ray's node start (30 s, fixed in Ray) can time out: a failed start is retried.
+    for attempt in range(3):
+        try:
+            init_ray("local", num_cpus=2, object_store_memory=256 * 2**20, logging_level="warning",
+                     log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()

@@ -80,7 +80,7 @@ def _job_info(job_id: str) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def _archive_config(tmp_path: Path, scenes: int, model: str = "tiny") -> Path:
+def _archive_config(tmp_path: Path, scenes: int, model: str = "tiny", tile: int = 64) -> Path:
     from catalogs.toyworld import generate_toyworld
 
     world = generate_toyworld(tmp_path / "world", scenes=scenes, seed=3, chips_per_scene=1,
@@ -95,7 +95,7 @@ def _archive_config(tmp_path: Path, scenes: int, model: str = "tiny") -> Path:
             "asset_prefixes": [str(tmp_path / "world")],
         },
         "tasks": ["caption", "detect"],
-        "tiling": {"size": 64, "overlap": 0, "min_valid_fraction": 0.5},
+        "tiling": {"size": tile, "overlap": 0, "min_valid_fraction": 0.5},
         "model": {"name_or_path": model, "max_new_tokens": 8},
         "actors": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 16, "read_num_cpus": 0.5},
         "output": {"root": str(tmp_path / "out"), "commit_tiles": 40},
@@ -117,7 +117,7 @@ def test_archive_job_in_a_runtime_env_watched_with_jobs_commands(cluster, runtim
     ).stdout)
     assert len(nodes) == 2 and sum("worker_node" in n.get("resources_total", {}) for n in nodes) == 1
 
-    cfg = _archive_config(tmp_path, scenes=2)
+    cfg = _archive_config(tmp_path, scenes=2, tile=128)  # 16 tiles a scene: the job, not the model, is tested
     done = _earthgpt("submit", "run", str(cfg), "--address", ADDRESS, "--runtime-env", str(runtime_env),
                      "--no-wait")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -199,7 +199,7 @@ def test_training_job_checkpoints_on_s3_and_exports_a_model(cluster, runtime_env
     assert sum(p.numel() for p in model.parameters()) > 0
 
     # the archive job, submitted to the same cluster, runs on the exported model
-    archive = _archive_config(tmp_path / "archive", scenes=1, model=str(tmp_path / "export"))
+    archive = _archive_config(tmp_path / "archive", scenes=1, model=str(tmp_path / "export"), tile=128)
     done = _earthgpt("submit", "run", str(archive), "--address", ADDRESS, "--runtime-env", str(runtime_env),
                      "--timeout", "400", timeout=480)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]

@@ -85,34 +85,7 @@ def _config(world: ToyWorld, items: Path, root: Path, commit_tiles: int | None) 
 
 
 @pytest.fixture(scope="session")
-def ray_for_results(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """Local Ray for the job, sized like ``ray_local``; on a loaded machine Ray's 30-s node start can time out, so
-    a failed start is retried. An instance already running in this process is used as is (and left running).
-
-    The ``s3`` server is started first, as for ``ray_local``: a later test may reuse this instance, and its workers
-    must reach S3."""
-    request.getfixturevalue("s3")
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        for attempt in range(3):
-            try:
-                ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-                         logging_level="warning", log_to_driver=False)
-                started = True
-                break
-            except Exception:
-                ray.shutdown()
-                if attempt == 2:
-                    raise
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def toy_outputs(tmp_path_factory: pytest.TempPathFactory, ray_for_results: Any) -> ToyOutputs:
+def toy_outputs(tmp_path_factory: pytest.TempPathFactory, ray_local: Any) -> ToyOutputs:
     """Run A (committed, with one broken item) and run B (interrupted before its commit) over one local root."""
     import geopandas as gpd
 
