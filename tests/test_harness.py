@@ -124,3 +124,24 @@ def test_ray_task_round_trip(ray_local):
     assert [r[0] for r in results] == [0, 1, 4, 9]
     assert all(pid != __import__("os").getpid() for _, pid in results)  # ran in worker processes
     assert ray.cluster_resources()["CPU"] == 2
+
+
+def test_temp_dirs_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A killed test run leaves its servers' temp dirs; the next start removes those whose process is gone."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.harness.servers import _owned_tempdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"pgstac-{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"pgstac-{os.getppid()}-def"
+    unnamed = tmp_path / "pgstac-xyz"  # not ours to judge: kept
+    for path in (dead, alive, unnamed):
+        (path / "data").mkdir(parents=True)
+    new = _owned_tempdir("pgstac-")
+    assert new.is_dir() and new.name.startswith(f"pgstac-{os.getpid()}-")
+    assert not dead.exists() and alive.exists() and unnamed.exists()

@@ -275,6 +275,17 @@ class PgStacServer:
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
 
+def _owned_tempdir(prefix: str) -> Path:
+    """A new temp dir named after this process (``<prefix><pid>-...``), after removing those of ``prefix`` left by
+    processes that are gone: a test run killed before its teardown (SIGKILL, a CI timeout) cannot remove its own,
+    and a PostgreSQL cluster is tens of MB."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = stale.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
 def _wait_for_postgres(dsn: str, postmaster: subprocess.Popen, log: Path, timeout: float) -> None:
     import psycopg
 
@@ -303,7 +314,7 @@ def start_pgstac() -> PgStacServer:
     except ImportError as exc:
         raise HarnessError(f"stac-fastapi-pgstac / pypgstac not installed ({exc}): {SETUP_HINT}") from exc
 
-    root = Path(tempfile.mkdtemp(prefix="pgstac-"))
+    root = _owned_tempdir("pgstac-")
     datadir, sockdir = root / "data", root / "sock"
     sockdir.mkdir()
     as_postgres = os.geteuid() == 0  # initdb and postgres refuse to run as root
@@ -382,7 +393,7 @@ def start_rustac(collections: list[dict], items: list[dict]) -> RustacServer:
     """Serve ``collections`` and ``items`` with :func:`pipelines.embedded.serve_stac` on a free port."""
     from pipelines.embedded import EmbeddedServerError, serve_stac
 
-    workdir = Path(tempfile.mkdtemp(prefix="rustac-"))
+    workdir = _owned_tempdir("rustac-")
     paths = []
     for i, collection in enumerate(collections):
         path = workdir / f"collection-{i}.json"
