@@ -49,15 +49,6 @@ from tests.harness.servers import (  # noqa: E402
 _RAY_FIXTURES = frozenset({"ray_local", "cluster"})
 
 
-# Order of the Ray group's modules (by node id prefix); unlisted ones run before tests/reliability.
-_RAY_ORDER = ("tests/test_harness.py", "tests/pipelines/results/", "tests/pipelines/archive/", "tests/pipelines/",
-              "tests/reliability/", "tests/cluster/")
-
-
-def _ray_rank(nodeid: str) -> int:
-    return next((2 * rank for rank, prefix in enumerate(_RAY_ORDER) if nodeid.startswith(prefix)), 7)
-
-
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests that start Ray (here, in a child process or as a local cluster) run one after another, in collection
@@ -67,14 +58,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                  or _RAY_FIXTURES & set(getattr(item, "fixturenames", ()))]
     for item in ray_items:
         item.add_marker(pytest.mark.xdist_group("ray"))
-    # The Ray group goes first (its worker is the critical path), lightest modules first: while the other worker
-    # still runs the rest, the two share the cores; the local multi-node cluster, slowed most by a busy machine
-    # (three Ray processes per node, a job driver, workers on both nodes), runs last, once the other worker is done,
-    # so its nodes start well inside the 30 s Ray allows a node. The suite's wall time stays about the same (work
-    # moves, it does not shrink). The sort is stable and the same in every worker, as pytest-xdist requires.
-    ranked = sorted(ray_items, key=lambda item: _ray_rank(item.nodeid))
-    grouped = set(ray_items)
-    items[:] = ranked + [item for item in items if item not in grouped]
     try:
         import torch
 
