@@ -54,10 +54,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Tests that start Ray (here, in a child process or as a local cluster) run one after another, in collection
     # order, in one pytest-xdist worker (`--dist loadgroup`): two Ray instances at once on a 2-core machine time out
     # at node start. The other tests spread over the workers. Without xdist the group mark is inert.
-    ray_items = [item for item in items if "ray" in item.keywords
-                 or _RAY_FIXTURES & set(getattr(item, "fixturenames", ()))]
-    for item in ray_items:
-        item.add_marker(pytest.mark.xdist_group("ray"))
+    for item in items:
+        if "ray" in item.keywords or _RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray"))
     try:
         import torch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ def _keys(frame: pd.DataFrame, table: str) -> set[tuple]:
     return set(frame[KEYS[table]].astype(str).itertuples(index=False, name=None))
 
 
+@functools.cache  # read once per root and table; callers only read the frame
 def _all(root: str, table: str) -> gpd.GeoDataFrame:
     """The reference, without the reader under test: the committed units found in the ledger by hand, then each of
     their files of ``table`` read with plain geopandas, its Hive partitions (``collection=``, ``date=``) added from
