@@ -52,9 +52,9 @@ from pipelines.archive.source import (
     SearchSpec,
     SourceStats,
     Window,
-    next_attempts,
     parse_time,
     plan_windows,
+    settle_retries,
     small_search_counts,
     window_datasource,
 )
@@ -708,6 +708,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
 
             stats = ray.remote(SourceStats).options(num_cpus=0).remote()
             committed_ref = ray.put(committed) if committed.num_rows else None
+            del committed  # the object store holds it for the read tasks; no second copy in the driver
             settings = AssemblySettings(
                 tasks=tuple(config.tasks), vqa=tuple(config.vqa), nms_iou=config.detection.nms_iou,
                 containment=config.detection.containment,
@@ -761,11 +762,11 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
         new_mark = max((t for t in (watermark, source["max_updated"]) if t is not None), default=None)
         summary.watermark = new_mark
         if cat.incremental and cat.max_items is None:  # a truncated listing must not move the watermark
-            seen = set(source["seen_retry"]) | committer.committed_keys
-            attempts, now_held = next_attempts(held, committer.failed_info, committer.committed_keys,
-                                               max_attempts=config.output.max_attempts, run_id=summary.run_id)
-            still = sorted((committer.failed_keys | (set(retry) - seen)) - set(now_held))
-            for key in sorted(set(now_held) & committer.failed_keys):
+            still, attempts, now_held = settle_retries(
+                held, retry, source["seen_retry"], committer.failed_info, committer.committed_keys,
+                max_attempts=config.output.max_attempts, run_id=summary.run_id,
+            )
+            for key in sorted(k for k, v in now_held.items() if v.get("run_id") == summary.run_id):
                 say(f"  quarantined {key}: failed {now_held[key]['attempts']} runs in a row "
                     f"({now_held[key]['error_type']})")
             ledger.write_state(state_name, {"watermark": new_mark, "retry": still, "run_id": summary.run_id,

@@ -45,6 +45,7 @@ SCENE_COLUMNS = (
     "scene_key", "scene", "meta", "error_stage", "error_type", "error_message", "error_asset", "error_href",
 )
 _BLOCK_SCENES = 8  # scenes per block a read task yields: small, so the first tiles reach the model early
+_INDEX_CHUNK = 512  # items whose ledger entries a read task looks up at once (see _PagedIndex)
 
 
 def scene_key(collection: str, scene_id: str) -> str:
@@ -335,7 +336,8 @@ def read_window(
         kwargs["datetime"] = window.datetime_param(spec.datetime)
         items = search_items(spec.url, **kwargs, on_filter_error="yield", stats=search_stats)
     counts: dict[str, Any] = {}
-    for block in scene_rows(items, window, _window_index(committed, window), href_policy, counts,
+    index = _PagedIndex(_window_table(committed, window))
+    for block in scene_rows(index.track(items), window, index, href_policy, counts,
                             retry_after=retry_after, quarantined=quarantined):
         yield block, {}
     counts["filter_errors"] = search_stats.get("filter_errors", 0)
@@ -487,16 +489,19 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
     return counts
 
 
-def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str, str], Any]:
-    """The ledger entries that can concern this window: its scenes' acquisition dates only (never all of them)."""
-    from pipelines.archive.ledger import CommittedScene
-
+def _window_table(committed: pa.Table | None, window: Window) -> pa.Table | None:
+    """The ledger entries that can concern this window, as Arrow: its scenes' acquisition dates, or a retry task's
+    own ids."""
     if committed is None or committed.num_rows == 0:
-        return {}
+        return None
     import pyarrow.compute as pc
 
     table = committed
-    if not window.ids:
+    if window.ids and window.ids != ("*",):  # a retry task: its own items' entries
+        table = table.filter(pc.is_in(table["scene_id"], value_set=pa.array(sorted(set(window.ids)))))
+        if window.collection:
+            table = table.filter(pc.equal(table["collection"], window.collection))
+    elif not window.ids:
         mask = None
         if window.start is not None:
             mask = pc.greater_equal(table["date"], (window.start - timedelta(days=1)).strftime("%Y-%m-%d"))
@@ -505,12 +510,71 @@ def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str,
             mask = upper if mask is None else pc.and_(mask, upper)
         if mask is not None:
             table = table.filter(pc.or_(mask, pc.equal(table["date"], "unknown")))
+    return table
+
+
+def _index_dict(table: pa.Table | None) -> dict[tuple[str, str], Any]:
+    from pipelines.archive.ledger import CommittedScene
+
     out: dict[tuple[str, str], Any] = {}
-    for row in table.to_pylist():
+    for row in (table.to_pylist() if table is not None else ()):
         out[(row["collection"], row["scene_id"])] = CommittedScene(
             row["collection"], row["scene_id"], row["date"], row["updated"], row["unit_id"]
         )
     return out
+
+
+def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str, str], Any]:
+    """The ledger entries that can concern this window, as ``(collection, scene_id) -> CommittedScene``."""
+    return _index_dict(_window_table(committed, window))
+
+
+class _PagedIndex(Mapping[tuple[str, str], Any]):
+    """The ledger entries of the items a read task is reading, looked up a chunk of items at a time.
+
+    The window's part of the index stays an Arrow table; only the current chunk's entries become Python objects.
+    (A window without a start, such as the first window of an incremental run, can span nearly the whole index: at
+    10^7 committed scenes, its Python objects alone would take gigabytes in one read task.) :meth:`track` passes the
+    items through, loading each chunk's entries before the chunk's first item is handed on; :func:`scene_rows` looks
+    an item up before it asks for the next one.
+    """
+
+    def __init__(self, table: pa.Table | None, chunk: int = _INDEX_CHUNK) -> None:
+        self._table = table if table is not None and table.num_rows else None
+        self._chunk = chunk
+        self._entries: dict[tuple[str, str], Any] = {}
+
+    def __getitem__(self, key: tuple[str, str]) -> Any:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def track(self, items: Iterable[Any]) -> Iterator[Any]:
+        """Yield ``items`` unchanged, with the entries of each chunk of them loaded."""
+        if self._table is None:
+            yield from items
+            return
+        chunk: list[Any] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= self._chunk:
+                self._load(chunk)
+                yield from chunk
+                chunk = []
+        if chunk:
+            self._load(chunk)
+            yield from chunk
+
+    def _load(self, items: Sequence[Any]) -> None:
+        import pyarrow.compute as pc
+
+        assert self._table is not None
+        ids = pa.array(sorted({str(i.get("id") or "") for i in items if isinstance(i, Mapping)}), pa.string())
+        self._entries = _index_dict(self._table.filter(pc.is_in(self._table["scene_id"], value_set=ids)))
 
 
 def source_batch(scenes: Sequence[Scene]) -> dict[str, Any]:
@@ -674,3 +738,43 @@ def next_attempts(
         else:
             quarantined.pop(key, None)
     return attempts, quarantined
+
+
+def settle_retries(
+    state: Mapping[str, Any] | None,
+    retry: Iterable[str],
+    seen_retry: Iterable[str],
+    failed: Mapping[str, Mapping[str, Any]],
+    succeeded: Iterable[str],
+    *,
+    max_attempts: int,
+    run_id: str,
+) -> tuple[list[str], dict[str, int], dict[str, dict[str, Any]]]:
+    """The state document's ``retry``, ``attempts`` and ``quarantined`` after an incremental run.
+
+    A scene in the retry list that the catalog no longer lists (its item deleted, moved or hidden: the retry task's
+    search by id returned nothing) counts as a failed run (``NotListed``). It is quarantined after ``max_attempts``
+    runs like any scene that keeps failing; otherwise it would stay in the retry list for ever, and its retry task
+    would keep every later night off the quiet path (no Ray, no model) that an empty retry list allows.
+
+    Args:
+        state: The previous state document.
+        retry: The scenes this run was asked to retry.
+        seen_retry: Those the retry tasks' searches listed.
+        failed: ``scene_key -> {"updated", "error_type", "message"}`` of this run's failed scenes.
+        succeeded: Scenes this run committed whole (at least those in ``retry`` and in the state's maps).
+        max_attempts: Failed runs in a row that quarantine a scene.
+        run_id: This run.
+
+    Returns:
+        ``(retry, attempts, quarantined)`` for the next state document.
+    """
+    done = set(succeeded)
+    failed_now = dict(failed)
+    for key in sorted(set(retry) - set(seen_retry) - done - set(failed)):
+        failed_now[key] = {"updated": None, "error_type": "NotListed",
+                           "message": "the catalog's search for this item's id returned nothing (deleted, moved or "
+                                      "hidden); quarantined after max_attempts runs"}
+    attempts, quarantined = next_attempts(state, failed_now, done, max_attempts=max_attempts, run_id=run_id)
+    return sorted(set(failed_now) - set(quarantined)), attempts, quarantined
+

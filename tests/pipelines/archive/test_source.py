@@ -176,3 +176,66 @@ def test_attempts_count_failed_runs_in_a_row_and_quarantine_at_the_limit():
     attempts, held = next_attempts({"attempts": attempts, "quarantined": held}, {}, ["a/x"], max_attempts=3,
                                    run_id="r5")
     assert attempts == {} and held == {}
+
+
+
+def test_a_retried_scene_the_catalog_no_longer_lists_is_quarantined_not_retried_for_ever():
+    """Before: a failed scene whose item was then deleted stayed in the retry list for ever, so every night ran a
+    retry task (Ray, the model) instead of the quiet path. Now each run that cannot list it counts as a failure."""
+    from pipelines.archive.source import settle_retries
+
+    bad = {"a/gone": {"updated": "2024-09-01T00:00:00Z", "error_type": "AssetNotFound", "message": "missing"}}
+    retry, attempts, held = settle_retries({}, [], [], bad, [], max_attempts=3, run_id="r1")
+    assert retry == ["a/gone"] and attempts == {"a/gone": 1} and held == {}
+    state: dict = {"retry": retry, "attempts": attempts, "quarantined": held}
+    for run in (2, 3):  # the item is deleted: its retry task lists nothing
+        retry, attempts, held = settle_retries(state, state["retry"], [], {}, [], max_attempts=3, run_id=f"r{run}")
+        state = {"retry": retry, "attempts": attempts, "quarantined": held}
+    assert retry == [] and held["a/gone"]["error_type"] == "NotListed" and held["a/gone"]["attempts"] == 3
+    assert held["a/gone"]["run_id"] == "r3"
+    # listed again and committed, or listed and failing: the usual rules
+    retry, attempts, held = settle_retries({"attempts": {"a/x": 1, "a/y": 1}}, ["a/x", "a/y"], ["a/x", "a/y"],
+                                           {"a/y": bad["a/gone"]}, ["a/x"], max_attempts=3, run_id="r4")
+    assert retry == ["a/y"] and attempts == {"a/y": 2} and held == {}
+    # listed but not processed here (left to another window): it leaves the list, as before
+    retry, attempts, held = settle_retries({}, ["a/z"], ["a/z"], {}, [], max_attempts=3, run_id="r5")
+    assert retry == [] and attempts == {}
+
+def test_a_read_task_looks_up_the_ledger_a_chunk_of_items_at_a_time(world_items, policy):
+    """A window without a start (the first window of an incremental run) can span nearly the whole index: the read
+    task keeps it as Arrow and turns only the current chunk's entries into Python objects, still skipping every
+    committed item and still pulling the search lazily."""
+    import pyarrow as pa
+
+    from pipelines.archive.source import _PagedIndex, _window_table
+
+    n, chunk = 1_000, 64
+    proto = [f"{world_items[k % len(world_items)]['id']}-{k}" for k in range(n)]
+    committed_ids = proto[::3]  # every third streamed item is committed...
+    noise = [f"elsewhere-{k}" for k in range(50_000)]  # ...among many entries of other scenes
+    collections = {i["id"]: i["collection"] for i in world_items}
+    rows = [(collections[s.rsplit("-", 1)[0]], s) for s in committed_ids] + [("toyworld-optical", s) for s in noise]
+    table = pa.table({
+        "collection": [c for c, _ in rows], "scene_id": [s for _, s in rows], "date": ["unknown"] * len(rows),
+        "updated": pa.array([datetime(2030, 1, 1, tzinfo=timezone.utc)] * len(rows)),
+        "unit_id": ["u0"] * len(rows),
+    })
+    index = _PagedIndex(_window_table(table, Window()), chunk=chunk)
+    largest = [0]
+
+    class Watched(dict):  # scene_rows' view of the index: record its size at every lookup
+        def get(self, key, default=None):  # type: ignore[override]
+            largest[0] = max(largest[0], len(index))
+            return index.get(key, default)
+
+    pulled = [0]
+    counts: dict = {}
+    blocks = scene_rows(index.track(_stream(world_items, n, pulled)), Window(), Watched(), policy, counts,
+                        build_scenes=False)
+    next(blocks)
+    assert pulled[0] == chunk  # lazy: one chunk listed, not the window
+    for _ in blocks:
+        pass
+    assert counts["matched"] == n and counts["skip_reasons"] == {"already committed": len(committed_ids)}
+    assert counts["planned"] == n - len(committed_ids)
+    assert 0 < largest[0] <= chunk  # never more than one chunk's entries as Python objects
