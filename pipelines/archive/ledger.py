@@ -187,7 +187,8 @@ class Ledger:
 
     def _publish(self, unit_id: str, moves: Sequence[Sequence[str]], deletes: Sequence[str],
                  strict: bool = False) -> None:
-        for staged, final in moves:
+        def move(pair: Sequence[str]) -> None:
+            staged, final = pair
             try:
                 self.store.move(staged, final)
             except FileNotFoundError:
@@ -199,8 +200,10 @@ class Ledger:
                         f"published: the unit's scenes are on record without all their rows. Remove "
                         f"{self._record_path(unit_id)} (and the unit's published part-{unit_id}*.parquet files) "
                         "and rerun with --full-scan to redo them") from None
-        for path in deletes:
-            self.store.remove(path)
+
+        # The record is written: the moves, then the deletes, may run in any order, and be replayed (recover).
+        _each(move, moves, serial=self.store.local)
+        _each(self.store.remove, deletes, serial=self.store.local)
         self.store.remove(self.staging_dir(unit_id), recursive=True)
 
     def recover(self) -> Recovery:
@@ -409,4 +412,25 @@ def rewrite_without(
                     store.write_bytes(f"{staging_dir}/{final}", geoparquet_bytes(kept))
                     staged.append(StagedFile(staged=f"{staging_dir}/{final}", final=final))
     return staged, delete
+
+
+# On an object store a move is a copy and a delete: several requests, each a round trip. One after another, a unit's
+# files (its tables' parts and its scenes' Zarr chunks: about 60 for three Sentinel-2 scenes) held the driver, and
+# with it every model actor's next batch, for seconds per unit (benchmarks/publish.py).
+PUBLISH_THREADS = 16
+
+
+def _each(fn: Any, items: Sequence[Any], serial: bool) -> None:
+    """``fn(item)`` for every item: in turn (a local disk), or on up to :data:`PUBLISH_THREADS` threads. The first
+    error is raised once every call has ended."""
+    if serial or PUBLISH_THREADS <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(PUBLISH_THREADS, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+    for future in futures:
+        future.result()
 

@@ -239,3 +239,50 @@ def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
     with pytest.raises(LeaseLost, match=RUN_B):
         ledger_a.commit(unit)
     assert ledger_a.committed("k") == {}
+
+
+@pytest.mark.integration
+def test_a_unit_published_in_parallel_on_s3_and_cut_short_is_rolled_forward_once(s3, monkeypatch):
+    """On an object store a unit's files are moved on a thread pool (one after another they held the driver for
+    seconds per unit: benchmarks/publish.py). A publish cut short part-way through is finished by the recovery:
+    every file once, at its final path, nothing left staged."""
+    import pipelines.archive.ledger as ledger_mod
+
+    s3.make_bucket("publish-test")
+    store = OutputStore("s3://publish-test/out")
+    ledger = Ledger(store)
+    scenes = [f"s{k:02d}" for k in range(24)]
+    staging = ledger.staging_dir("u1")
+    files = []
+    for k, scene in enumerate(scenes):  # one file per scene and date partition: 24 moves
+        rows = [("toy", f"2024-05-{k + 1:02d}", {"scene_id": scene, "tile_id": "t0", "output_key": "k",
+                                                  "unit_id": "u1"}, shapely.box(0, 0, 1, 1))]
+        files += stage_table(store, staging, "tiles", "u1", rows)
+    unit = UnitRecord(unit_id="u1", run_id="r", output_key="k",
+                      scenes=[("toy", s, f"2024-05-{k + 1:02d}", T0) for k, s in enumerate(scenes)], publish=files)
+    assert len(files) == 24 and ledger_mod.PUBLISH_THREADS > 1
+
+    import threading
+
+    moved: list[str] = []
+    lock = threading.Lock()
+    real_move = store.move
+
+    def move_then_die(src: str, dst: str) -> None:
+        with lock:  # exactly 10 moves go through, whatever the threads' order
+            if len(moved) >= 10:
+                raise KeyboardInterrupt("killed while publishing")
+            moved.append(dst)
+        real_move(src, dst)
+
+    monkeypatch.setattr(store, "move", move_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.commit(unit)
+    monkeypatch.undo()
+    published = store.glob("tiles/**/*.parquet")
+    assert len(published) == 10  # part of the unit, on record: the next run finishes it
+    report = _recovering(store).recover()
+    assert report.rolled_forward == ["u1"]
+    assert len(store.glob("tiles/**/*.parquet")) == 24 and not store.glob("_staging/**")
+    tiles = read_table(store, "tiles")
+    assert sorted(tiles["scene_id"]) == scenes
