@@ -765,6 +765,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             still, attempts, now_held = settle_retries(
                 held, retry, source["seen_retry"], committer.failed_info, committer.committed_keys,
                 max_attempts=config.output.max_attempts, run_id=summary.run_id,
+                searched=retry if watermark is not None else (),  # retry tasks run only after a watermark
             )
             for key in sorted(k for k, v in now_held.items() if v.get("run_id") == summary.run_id):
                 say(f"  quarantined {key}: failed {now_held[key]['attempts']} runs in a row "

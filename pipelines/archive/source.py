@@ -754,6 +754,7 @@ def settle_retries(
     *,
     max_attempts: int,
     run_id: str,
+    searched: Iterable[str] | None = None,
 ) -> tuple[list[str], dict[str, int], dict[str, dict[str, Any]]]:
     """The state document's ``retry``, ``attempts`` and ``quarantined`` after an incremental run.
 
@@ -770,16 +771,19 @@ def settle_retries(
         succeeded: Scenes this run committed whole (at least those in ``retry`` and in the state's maps).
         max_attempts: Failed runs in a row that quarantine a scene.
         run_id: This run.
+        searched: The scenes of ``retry`` that retry tasks searched for (default: all). Those not searched for (a
+            run without a watermark has no retry tasks) stay in the retry list unless they failed or succeeded.
 
     Returns:
         ``(retry, attempts, quarantined)`` for the next state document.
     """
     done = set(succeeded)
     failed_now = dict(failed)
-    for key in sorted(set(retry) - set(seen_retry) - done - set(failed)):
+    unseen = set(retry) - set(seen_retry) - done
+    for key in sorted(unseen & set(retry if searched is None else searched) - set(failed)):
         failed_now[key] = {"updated": None, "error_type": "NotListed",
                            "message": "the catalog's search for this item's id returned nothing (deleted, moved or "
                                       "hidden); quarantined after max_attempts runs"}
     attempts, quarantined = next_attempts(state, failed_now, done, max_attempts=max_attempts, run_id=run_id)
-    return sorted(set(failed_now) - set(quarantined)), attempts, quarantined
+    return sorted((set(failed_now) | unseen) - set(quarantined)), attempts, quarantined
 

@@ -200,6 +200,9 @@ def test_a_retried_scene_the_catalog_no_longer_lists_is_quarantined_not_retried_
     # listed but not processed here (left to another window): it leaves the list, as before
     retry, attempts, held = settle_retries({}, ["a/z"], ["a/z"], {}, [], max_attempts=3, run_id="r5")
     assert retry == [] and attempts == {}
+    # no retry task searched for it (a run without a watermark): it stays in the list, no failure counted
+    retry, attempts, held = settle_retries({}, ["a/w"], [], {}, [], max_attempts=3, run_id="r6", searched=())
+    assert retry == ["a/w"] and attempts == {} and held == {}
 
 def test_a_read_task_looks_up_the_ledger_a_chunk_of_items_at_a_time(world_items, policy):
     """A window without a start (the first window of an incremental run) can span nearly the whole index: the read
