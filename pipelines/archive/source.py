@@ -470,22 +470,17 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
     """
     import itertools
 
-    import pyarrow.compute as pc
-
     from catalogs.search import search_items
 
     items = list(itertools.islice(search_items(spec.url, client=client, **spec.search_kwargs(),
                                                on_filter_error="yield"), spec.page_size + 1))
     if len(items) > spec.page_size:
         return None
-    index: Mapping[tuple[str, str], Any] = {}
-    if committed is not None and committed.num_rows and items:
-        ids = pa.array(sorted({str(i.get("id") or "") for i in items}))
-        index = _window_index(committed.filter(pc.is_in(committed["scene_id"], value_set=ids)), Window(ids=("*",)))
+    index = _PagedIndex(committed, first=max(1, len(items)))  # the page's own entries, in one lookup
     counts: dict[str, Any] = {}
     # scenes are not built here (no header reads): only whether any item needs work
-    rows = sum(b.num_rows for b in scene_rows(items, Window(), index, href_policy, counts, build_scenes=False,
-                                              quarantined=quarantined))
+    rows = sum(b.num_rows for b in scene_rows(index.track(items), Window(), index, href_policy, counts,
+                                              build_scenes=False, quarantined=quarantined))
     counts["rows"] = rows
     return counts
 
@@ -498,11 +493,11 @@ def _window_table(committed: pa.Table | None, window: Window) -> pa.Table | None
     import pyarrow.compute as pc
 
     table = committed
-    if window.ids and window.ids != ("*",):  # a retry task: its own items' entries
+    if window.ids:  # a retry task: its own items' entries
         table = table.filter(pc.is_in(table["scene_id"], value_set=pa.array(sorted(set(window.ids)))))
         if window.collection:
             table = table.filter(pc.equal(table["collection"], window.collection))
-    elif not window.ids:
+    else:
         mask = None
         if window.start is not None:
             mask = pc.greater_equal(table["date"], (window.start - timedelta(days=1)).strftime("%Y-%m-%d"))
@@ -523,11 +518,6 @@ def _index_dict(table: pa.Table | None) -> dict[tuple[str, str], Any]:
             row["collection"], row["scene_id"], row["date"], row["updated"], row["unit_id"]
         )
     return out
-
-
-def _window_index(committed: pa.Table | None, window: Window) -> dict[tuple[str, str], Any]:
-    """The ledger entries that can concern this window, as ``(collection, scene_id) -> CommittedScene``."""
-    return _index_dict(_window_table(committed, window))
 
 
 class _PagedIndex(Mapping[tuple[str, str], Any]):
