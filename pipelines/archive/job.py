@@ -663,10 +663,9 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 spec = SearchSpec(**{**spec.__dict__, "updated_since": watermark})
             summary.full_scan = watermark is None
             summary.updated_since = watermark
-            committed = ledger.committed_table(output_key)
             say(f"run {summary.run_id}: model {redact_url(config.model.name_or_path)} ({config.model.engine}, "
-                f"{config.model.dtype}), tasks {', '.join(config.tasks)}; output key {output_key}, "
-                f"{committed.num_rows} scenes already committed under {store.url()}")
+                f"{config.model.dtype}), tasks {', '.join(config.tasks)}; output key {output_key} under "
+                f"{store.url()}")
 
             # 2. plan the source: disjoint windows of the search (+ the scenes to retry), no listing here
             from catalogs.search import open_client
@@ -685,7 +684,9 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             # a quiet night: a page at most, all committed -> no Ray, no model, just the bookkeeping
             if (len(windows) == len(plan.windows) == 1 and cat.max_items is None
                     and (plan.matched is None or plan.matched <= cat.page_size)):
-                quick = small_search_counts(spec, committed, policy, client=client, quarantined=quarantined)
+                # only the listed ids' ledger entries are read (row groups of the sorted ledger), not the index
+                quick = small_search_counts(spec, lambda ids: ledger.committed_entries(output_key, ids), policy,
+                                            client=client, quarantined=quarantined)
                 if quick is not None and quick["rows"] == 0:
                     say(f"nothing to do: {quick['matched']} items listed, all committed")
                     _finish_quiet(summary, quick)
@@ -703,6 +704,8 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                     return summary
 
             # 3. one streaming execution: read → tiles → model actors → parse → collect → assemble → commit
+            committed = ledger.committed_table(output_key)
+            say(f"{committed.num_rows} scenes already committed under output key {output_key}")
             started_ray = _start_ray(config)
             import ray
 

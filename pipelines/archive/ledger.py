@@ -251,8 +251,8 @@ class Ledger:
 
     # --------------------------------------------------------------------------------------------------- index
 
-    def _read_records(self, output_key: str | None = None) -> pa.Table:
-        files = self.store.glob(f"{LEDGER_DIR}/*.parquet")
+    def _read_records(self, output_key: str | None = None, files: Sequence[str] | None = None) -> pa.Table:
+        files = self.store.glob(f"{LEDGER_DIR}/*.parquet") if files is None else files
         if not files:
             return _LEDGER_SCHEMA.empty_table()
         import pyarrow.compute as pc
@@ -269,14 +269,38 @@ class Ledger:
         Columns ``collection, scene_id, date, updated, unit_id``: a few tens of bytes per scene, columnar, so the
         job shares it with its read tasks through the object store once (each task cuts it to its dates).
         """
-        table = self._read_records(output_key)
-        table = table.filter(pc_is_valid(table["scene_id"])) if table.num_rows else table
-        if table.num_rows == 0:
-            return table.select(["collection", "scene_id", "date", "updated", "unit_id"])
-        frame = table.sort_by([("committed_at", "ascending")]).to_pandas(types_mapper=pd.ArrowDtype)
-        frame = frame.drop_duplicates(["collection", "scene_id"], keep="last")
-        return pa.Table.from_pandas(frame[["collection", "scene_id", "date", "updated", "unit_id"]],
-                                    preserve_index=False)
+        return _latest(self._read_records(output_key))
+
+    def committed_entries(self, output_key: str, scene_ids: Iterable[str]) -> pa.Table:
+        """The latest ledger entries of some scene ids only (``committed_table``'s columns), without reading the
+        whole ledger.
+
+        Compaction keeps the ledger sorted by output key and scene id, in row groups of :data:`ROW_GROUP_ROWS`
+        entries: from each ledger file only the footer and the row groups whose scene-id range holds one of the ids
+        are read. A quiet night looks up its one page of listed ids this way: at 10^7 committed scenes the whole
+        index is hundreds of megabytes, a page's entries a few row groups.
+
+        Args:
+            output_key: The config's output key.
+            scene_ids: The ids to look up (any collection).
+        """
+        ids = sorted({str(s) for s in scene_ids})
+        files = self.store.glob(f"{LEDGER_DIR}/*.parquet") if ids else []
+        # each read is one ranged request on an object store (fsspec's default read-ahead would fetch 50 MB blocks)
+        options = {} if self.store.local else {"cache_type": "none"}
+        parts = []
+        for f in files:
+            with self.store.fs.open(self.store.full(f), "rb", **options) as fh:
+                reader = pq.ParquetFile(fh, pre_buffer=True)
+                groups = _groups_holding(reader.metadata, output_key, ids)
+                if groups:
+                    parts.append(reader.read_row_groups(groups, columns=_LEDGER_SCHEMA.names))
+        import pyarrow.compute as pc
+
+        table = pa.concat_tables(parts).cast(_LEDGER_SCHEMA) if parts else _LEDGER_SCHEMA.empty_table()
+        mask = pc.and_(pc.equal(table["output_key"], output_key),
+                       pc.is_in(table["scene_id"], value_set=pa.array(ids, pa.string())))
+        return _latest(table.filter(mask))
 
     # --------------------------------------------------------------------------------------------------- state
 
@@ -312,20 +336,40 @@ class Ledger:
             )
         return index
 
-    def compact(self, min_files: int = 64) -> int:
+    def compact(self, min_files: int = 64, merge_ratio: float = 8.0) -> int:
         """Fold many small ledger records into one file (after recovery; keeps the latest entry per scene).
 
+        Records are folded with the smaller compacted files into one new file; the largest compacted file (the
+        base) joins only once what is folded holds at least ``1 / merge_ratio`` of its entries. A nightly run thus
+        rewrites its own nights' entries, not the whole ledger (10^7 scenes), and the base is rewritten once every
+        few growths by an eighth. Compacted files are sorted by output key and scene id, in row groups of
+        :data:`ROW_GROUP_ROWS` entries, for :meth:`committed_entries`.
+
+        The records of units still staged (committed but not yet published, or of a live run) stay as they are:
+        recovery finds a unit's record by its name.
+
         Args:
-            min_files: Compact only when at least this many records exist.
+            min_files: Compact only when at least this many records can be folded.
+            merge_ratio: Fold the base in once the rest holds at least ``1 / merge_ratio`` of its entries.
 
         Returns:
-            The number of records folded (0 when below ``min_files``).
+            The number of files folded (0 when below ``min_files``).
         """
+        # ledger files first, then staging: a record listed before a staging listing that lacks its unit was
+        # published (a unit stages before its record is written and unstages after its files are published)
         files = self.store.glob(f"{LEDGER_DIR}/*.parquet")
-        if len(files) < min_files or self.store.glob(f"{STAGING_DIR}/*"):
+        staged = {p.split("/")[1] for p in self.store.glob(f"{STAGING_DIR}/*")}
+        records = [f for f in files if not _is_compacted(f) and _unit_of(f) not in staged]
+        if len(records) < min_files:
             return 0
-        table = self._read_records().sort_by([("committed_at", "ascending")])
-        frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+        sizes = {f: self._rows(f) for f in files if _is_compacted(f)}
+        base = max(sizes, key=lambda f: (sizes[f], f)) if sizes else None
+        fold = records + [f for f in sizes if f != base]
+        table = self._read_records(files=fold)
+        if base is not None and table.num_rows * merge_ratio >= sizes[base]:
+            fold.append(base)
+            table = pa.concat_tables([table, self._read_records(files=[base])])
+        frame = table.sort_by([("committed_at", "ascending")]).to_pandas(types_mapper=pd.ArrowDtype)
         scenes = frame[frame["scene_id"].notna()].drop_duplicates(["collection", "scene_id", "output_key"],
                                                                    keep="last")
         # every folded unit stays on record (readers show a unit's files only if its id is here): a unit whose
@@ -333,12 +377,65 @@ class Ledger:
         gone = frame[~frame["unit_id"].isin(set(scenes["unit_id"]))].drop_duplicates(["unit_id"], keep="last")
         gone = gone.assign(collection=None, scene_id=None, date=None, updated=None)
         frame = pd.concat([scenes, gone], ignore_index=True)
+        out = pa.Table.from_pandas(frame, schema=_LEDGER_SCHEMA, preserve_index=False).sort_by(
+            [("output_key", "ascending"), ("collection", "ascending"), ("scene_id", "ascending")])
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(frame, schema=_LEDGER_SCHEMA, preserve_index=False), buf)
-        self.store.write_bytes(f"{LEDGER_DIR}/compact-{new_run_id()}.parquet", buf.getvalue())
-        for f in files:  # a crash here leaves duplicate entries, which committed() folds anyway
+        pq.write_table(out, buf, row_group_size=ROW_GROUP_ROWS)
+        self.store.write_bytes(f"{LEDGER_DIR}/{COMPACTED_PREFIX}{new_run_id()}.parquet", buf.getvalue())
+        for f in fold:  # a crash here leaves duplicate entries, which readers fold anyway
             self.store.remove(f)
-        return len(files)
+        return len(fold)
+
+    def _rows(self, rel: str) -> int:
+        options = {} if self.store.local else {"cache_type": "none"}
+        with self.store.fs.open(self.store.full(rel), "rb", **options) as fh:
+            return int(pq.ParquetFile(fh).metadata.num_rows)
+
+
+# Entries per row group of a compacted ledger file: a lookup of a few ids reads a few of these (about 0.5 MB each).
+ROW_GROUP_ROWS = 65_536
+COMPACTED_PREFIX = "compact-"
+
+
+def _is_compacted(rel: str) -> bool:
+    return rel.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)
+
+
+def _unit_of(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def _groups_holding(metadata: Any, output_key: str, ids: Sequence[str]) -> list[int]:
+    """Row groups whose statistics allow ``output_key`` and one of the sorted ``ids`` (all when unknown)."""
+    import bisect
+
+    names = [metadata.schema.column(j).name for j in range(metadata.num_columns)]
+    key_col, id_col = names.index("output_key"), names.index("scene_id")
+    keep = []
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        key_stats, id_stats = group.column(key_col).statistics, group.column(id_col).statistics
+        if key_stats is not None and key_stats.has_min_max and not key_stats.min <= output_key <= key_stats.max:
+            continue
+        if id_stats is not None and id_stats.has_min_max:
+            at = bisect.bisect_left(ids, id_stats.min)
+            if at == len(ids) or ids[at] > id_stats.max:
+                continue
+        elif id_stats is not None and id_stats.null_count == group.num_rows:
+            continue  # marker rows only
+        keep.append(g)
+    return keep
+
+
+def _latest(table: pa.Table) -> pa.Table:
+    """The latest entry (by ``committed_at``) of each scene in ledger rows, as ``committed_table`` returns it."""
+    columns = ["collection", "scene_id", "date", "updated", "unit_id"]
+    table = table.filter(pc_is_valid(table["scene_id"])) if table.num_rows else table
+    if table.num_rows == 0:
+        return table.select(columns)
+    frame = table.sort_by([("committed_at", "ascending")]).to_pandas(types_mapper=pd.ArrowDtype)
+    frame = frame.drop_duplicates(["collection", "scene_id"], keep="last")
+    return pa.Table.from_pandas(frame[columns], preserve_index=False)
 
 
 def pc_is_valid(column: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -24,7 +24,7 @@ import logging
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -456,13 +456,22 @@ def scene_rows(
         yield pa.Table.from_pylist(rows, schema=scene_rows_schema())
 
 
-def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_policy: HrefPolicy,
+def small_search_counts(spec: SearchSpec, lookup: Callable[[list[str]], pa.Table | None], href_policy: HrefPolicy,
                         client: Any = None, quarantined: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """List a search known to fit in one page here, and count what a run would do with it (nothing is built).
 
     The nightly run of a quiet catalog matches a handful of items, usually all committed already (the search is
     inclusive at the watermark): answering that from one page in the driver spares starting Ray and loading the
     model for nothing. Only the ledger entries of the listed ids are looked up.
+
+    Args:
+        spec: The search.
+        lookup: The ledger entries (``collection, scene_id, date, updated, unit_id``) of some listed ids, such as
+            :meth:`~pipelines.archive.ledger.Ledger.committed_entries` (which reads only the row groups that can
+            hold them).
+        href_policy: Which asset hrefs may be read.
+        client: A ``pystac_client`` client to reuse.
+        quarantined: The output key's quarantine.
 
     Returns:
         The counters :func:`scene_rows` fills, plus ``rows``: how many scenes (or failed items) a run would emit;
@@ -476,7 +485,8 @@ def small_search_counts(spec: SearchSpec, committed: pa.Table | None, href_polic
                                                on_filter_error="yield"), spec.page_size + 1))
     if len(items) > spec.page_size:
         return None
-    index = _PagedIndex(committed, first=max(1, len(items)))  # the page's own entries, in one lookup
+    ids = sorted({str(i.get("id") or "") for i in items if isinstance(i, Mapping)})
+    index = _PagedIndex(lookup(ids) if ids else None, first=max(1, len(items)))  # the page's own entries
     counts: dict[str, Any] = {}
     # scenes are not built here (no header reads): only whether any item needs work
     rows = sum(b.num_rows for b in scene_rows(index.track(items), Window(), index, href_policy, counts,

@@ -56,6 +56,8 @@ class FaultProxy:
         self.rewrite = rewrite
         self.actions: Counter[str] = Counter()
         self.log: list[tuple[int, str, str, str]] = []  # (n, method, path, action)
+        self.bytes_up = 0  # request bodies forwarded
+        self.bytes_down = 0  # response bodies sent back
         self.held = threading.Event()
         self.held_client_port: int | None = None
         self._release = threading.Event()
@@ -93,6 +95,7 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.actions[action] += 1
                     proxy.log.append((n, self.command, self.path, action))
+                    proxy.bytes_up += len(body)
                 if action == "503":
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -125,6 +128,8 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.bytes_down += len(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815
 

@@ -286,3 +286,98 @@ def test_a_unit_published_in_parallel_on_s3_and_cut_short_is_rolled_forward_once
     assert len(store.glob("tiles/**/*.parquet")) == 24 and not store.glob("_staging/**")
     tiles = read_table(store, "tiles")
     assert sorted(tiles["scene_id"]) == scenes
+
+
+def _scenes_unit(unit: str, ids: list[str], key: str = "k", updated: datetime = T0) -> UnitRecord:
+    return UnitRecord(unit, "r", key, scenes=[("c", s, "2024-05-01", updated) for s in ids])
+
+
+def test_compaction_leaves_a_committed_unit_that_is_still_staged_to_recovery(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    for i in range(3):
+        ledger.commit(_scenes_unit(f"u{i}", [f"s{i}"]))
+    unit = _stage_unit(store, ledger, "u9", ["a"])
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed while publishing")
+
+    monkeypatch.setattr(store, "move", die)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.commit(unit)  # its record is written, its file still staged
+    monkeypatch.undo()
+    # another output key's run compacts meanwhile: the three published records fold, u9's record stays
+    assert ledger.compact(min_files=3) == 3
+    assert sorted(store.glob("_ledger/*.parquet"))[-1] == "_ledger/u9.parquet"
+    assert _recovering(store).recover().rolled_forward == ["u9"]
+    assert len(read_table(store, "tiles")) == 1
+    assert set(ledger.committed("k")) == {("c", "s0"), ("c", "s1"), ("c", "s2"), ("toy", "a")}
+
+
+def test_compaction_folds_new_records_without_rewriting_a_large_base(tmp_path):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    for i in range(4):  # the base: 4 units of 100 scenes
+        ledger.commit(_scenes_unit(f"b{i}", [f"s{i:02d}{j:03d}" for j in range(100)]))
+    assert ledger.compact(min_files=4) == 4
+    (base,) = store.glob("_ledger/*.parquet")
+    # two nights of 2 small units each (one supersedes a base scene): folded beside the base, then together
+    ledger.commit(_scenes_unit("n0", ["new0"]))
+    ledger.commit(_scenes_unit("n1", ["s00000"], updated=T0 + timedelta(days=1)))
+    assert ledger.compact(min_files=2) == 2
+    assert base in store.glob("_ledger/*.parquet") and len(store.glob("_ledger/*.parquet")) == 2
+    ledger.commit(_scenes_unit("n2", ["new2"]))
+    ledger.commit(_scenes_unit("n3", ["new3"]))
+    assert ledger.compact(min_files=2) == 3  # two records and the first night's file; the base stays
+    assert base in store.glob("_ledger/*.parquet") and len(store.glob("_ledger/*.parquet")) == 2
+    index = ledger.committed("k")
+    assert len(index) == 403 and index[("c", "s00000")].unit_id == "n1"
+    # once what is folded reaches an eighth of the base, the base is merged in: one file again
+    for i in range(50):
+        ledger.commit(_scenes_unit(f"m{i}", [f"more{i}"]))
+    assert ledger.compact(min_files=2) == 52
+    after = ledger.committed("k")
+    assert len(store.glob("_ledger/*.parquet")) == 1
+    assert len(after) == 453 and all(after[key] == entry for key, entry in index.items())
+
+
+def test_a_lookup_of_a_few_ids_reads_only_the_row_groups_that_can_hold_them(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from pipelines.archive import ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "ROW_GROUP_ROWS", 100)
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    for u in range(10):  # 2,000 scenes of key k, 500 of another key, in 10 + 5 units
+        ledger.commit(_scenes_unit(f"u{u}", [f"s{u * 200 + j:05d}" for j in range(200)]))
+    for u in range(5):
+        ledger.commit(_scenes_unit(f"o{u}", [f"s{u * 100 + j:05d}" for j in range(100)], key="other"))
+    assert ledger.compact(min_files=15) == 15
+    ledger.commit(_scenes_unit("late", ["s00150"], updated=T0 + timedelta(days=1)))  # a record beside the base
+    read: list[list[int]] = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, row_groups, *args, **kwargs):
+        read.append(list(row_groups))
+        return real(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    ids = ["s00150", "s01999", "s00151", "missing"]
+    entries = ledger.committed_entries("k", ids)
+    whole = ledger.committed_table("k")
+    expected = whole.filter(pa_is_in(whole["scene_id"], ids)).sort_by("scene_id")
+    assert entries.sort_by("scene_id").to_pylist() == expected.to_pylist()
+    assert {r["scene_id"]: r["unit_id"] for r in entries.to_pylist()} == {
+        "s00150": "late", "s00151": "u0", "s01999": "u9"}
+    # 25 row groups in the base (2,500 entries); s00150/s00151 share one, s01999 another; and the late record's one
+    assert sorted(len(groups) for groups in read) == [1, 2]
+    assert ledger.committed_entries("k", []).num_rows == 0
+    assert ledger.committed_entries("other", ["s00150"]).to_pylist()[0]["unit_id"] == "o1"
+
+
+def pa_is_in(column, ids):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.is_in(column, value_set=pa.array(ids))

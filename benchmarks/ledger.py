@@ -1,0 +1,186 @@
+"""The ledger at archive scale on an object store: a quiet night's lookup and a night's compaction, old and new.
+
+A ledger of ``--scenes`` committed scenes (Sentinel-2-like ids over a year, in units of 50,000, folded by the real
+``Ledger.compact`` into one base file) lies in a real S3-compatible server (moto), behind a proxy that counts requests
+and bytes. Side by side, alternating, median of ``--repeats``:
+
+1. **quiet night**: the ledger entries of one page of listed ids (``--page`` ids, all committed: the newest date's,
+   as a nightly search returns them; and, as the worst case, ids drawn from the whole year). Before: the whole
+   index (``committed_table``), then the page's rows (what the job read before the quiet-night check). Now:
+   ``committed_entries`` (the footer and the row groups of the sorted ledger whose id range holds a listed id).
+2. **nightly compaction**: a night's ``--night-units`` unit records (50 scenes each) folded with the ledger. Before:
+   every compaction rewrote the whole ledger (``merge_ratio=inf``). Now: the night's records go into a small file
+   beside the base (the default ``merge_ratio``).
+
+Both sides must return the same entries (checked). Prints a table, then one JSON line (``lookup_bytes_ratio``,
+``lookup_speedup``, ``compaction_bytes_ratio``, ``compaction_speedup``). Usage::
+
+    .venv/bin/python benchmarks/ledger.py [--scenes 1000000] [--page 100] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+UNIT = 50_000
+DAY0 = date(2024, 1, 1)
+
+
+def scene_ids(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` (scene id, date) pairs like Sentinel-2 L2A's, spread over a year (the date is part of the id)."""
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        day = DAY0 + timedelta(days=k * 365 // n)
+        tile = f"{rng.randint(1, 60):02d}{rng.choice('CDEFGHJKLMNPQRSTUVWX')}{rng.choice('ABCDEFGH')}" \
+               f"{rng.choice('ABCDEFGHJKLMNPQRSTUV')}"
+        out.append((f"S2{'AB'[k % 2]}_MSIL2A_{day:%Y%m%d}T{k % 240000:06d}_N0510_R{k % 143:03d}_T{tile}_{k:08d}",
+                    f"{day:%Y-%m-%d}"))
+    return out
+
+
+def _measure(proxy: Any, fn: Any) -> tuple[float, int, int, int, Any]:
+    n0, up0, down0 = len(proxy.log), proxy.bytes_up, proxy.bytes_down
+    t0 = time.perf_counter()
+    out = fn()
+    took = time.perf_counter() - t0
+    return took, len(proxy.log) - n0, proxy.bytes_down - down0, proxy.bytes_up - up0, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=1_000_000, help="committed scenes in the ledger")
+    parser.add_argument("--page", type=int, default=100, help="ids listed by a quiet night's search")
+    parser.add_argument("--night-units", type=int, default=64, help="unit records a night folds (compact's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import logging
+
+    import pyarrow.compute as pc
+
+    from pipelines.archive.ledger import Ledger, UnitRecord
+    from pipelines.archive.store import OutputStore
+    from tests.harness.servers import start_s3
+    from tests.reliability.faults import FaultProxy
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
+    updated = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    scenes = scene_ids(args.scenes)
+    s3 = start_s3()
+    proxy = None
+    try:
+        os.environ.update(s3.env)
+        bucket = s3.make_bucket("ledger-bench")
+        proxy = FaultProxy(s3.endpoint_url, lambda req: "pass")
+        store = OutputStore(f"s3://{bucket}/out", {"endpoint_url": proxy.url})
+        ledger = Ledger(store)
+        t0 = time.perf_counter()
+        for u, lo in enumerate(range(0, len(scenes), UNIT)):
+            ledger.commit(UnitRecord(f"seed-u{u:05d}", "seed", "k",
+                                     scenes=[("sentinel-2-l2a", s, d, updated) for s, d in scenes[lo:lo + UNIT]]))
+        folded = ledger.compact(min_files=1)
+        (base,) = store.glob("_ledger/*.parquet")
+        base_bytes = store.fs.size(store.full(base))
+        print(f"ledger: {args.scenes} scenes in {folded} units folded into one file of {base_bytes / 1e6:.1f} MB "
+              f"({time.perf_counter() - t0:.1f} s); moto S3 behind a counting proxy, median of {args.repeats}")
+
+        newest = [s for s, _ in scenes[-args.page:]]
+        spread = [s for s, _ in random.Random(1).sample(scenes, args.page)]
+
+        def before(ids: list[str]) -> Any:
+            whole = ledger.committed_table("k")  # the whole index, then the page's rows
+            return whole.filter(pc.is_in(whole["scene_id"], value_set=pc.cast(ids, "string")))
+
+        rows: list[dict[str, Any]] = []
+        for label, ids in (("newest date", newest), ("spread over the year", spread)):
+            runs: dict[str, list[tuple[float, int, int, int]]] = {"before": [], "now": []}
+            answers = {}
+            for _ in range(args.repeats):
+                for side, fn in (("before", lambda ids=ids: before(ids)),
+                                 ("now", lambda ids=ids: ledger.committed_entries("k", ids))):
+                    took, requests, down, up, out = _measure(proxy, fn)
+                    runs[side].append((took, requests, down, up))
+                    answers[side] = sorted(out.to_pylist(), key=lambda r: r["scene_id"])
+            if answers["before"] != answers["now"] or len(answers["now"]) != len(ids):
+                raise RuntimeError(f"{label}: the lookup returned other entries than the whole index")
+            for side in ("before", "now"):
+                rows.append({"part": f"quiet night, {label}", "side": side,
+                             "s": statistics.median(r[0] for r in runs[side]),
+                             "requests": statistics.median(r[1] for r in runs[side]),
+                             "mb_read": statistics.median(r[2] for r in runs[side]) / 1e6,
+                             "mb_written": statistics.median(r[3] for r in runs[side]) / 1e6})
+
+        # a night's unit records, then compaction; each side on the ledger as the other left it (same entries)
+        comp: dict[str, list[tuple[float, int, int, int]]] = {"before": [], "now": []}
+        night = 0
+        for _ in range(args.repeats):
+            for side, ratio in (("before", float("inf")), ("now", 8.0)):
+                for u in range(args.night_units):
+                    ledger.commit(UnitRecord(f"night{night}-u{u:05d}", f"night{night}", "k",
+                                             scenes=[("sentinel-2-l2a", f"NEW_{night}_{u}_{j}", "2025-01-01",
+                                                      updated) for j in range(50)]))
+                night += 1
+                took, requests, down, up, n_files = _measure(
+                    proxy, lambda r=ratio: ledger.compact(min_files=args.night_units, merge_ratio=r))
+                if n_files < args.night_units:
+                    raise RuntimeError(f"compaction folded {n_files} files, expected at least {args.night_units}")
+                comp[side].append((took, requests, down, up))
+        for side in ("before", "now"):
+            rows.append({"part": f"compaction of {args.night_units} units", "side": side,
+                         "s": statistics.median(r[0] for r in comp[side]),
+                         "requests": statistics.median(r[1] for r in comp[side]),
+                         "mb_read": statistics.median(r[2] for r in comp[side]) / 1e6,
+                         "mb_written": statistics.median(r[3] for r in comp[side]) / 1e6})
+        total = ledger.committed_table("k").num_rows
+        expected = args.scenes + night * args.night_units * 50
+        if total != expected:
+            raise RuntimeError(f"{total} scenes committed after the compactions, expected {expected}")
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        s3.stop()
+
+    print(f"{'part':<34} {'side':<7} {'seconds':>8} {'requests':>8} {'MB read':>9} {'MB written':>10}")
+    print("-" * 82)
+    for r in rows:
+        print(f"{r['part']:<34} {r['side']:<7} {r['s']:>8.3f} {r['requests']:>8.0f} {r['mb_read']:>9.3f} "
+              f"{r['mb_written']:>10.3f}")
+
+    def pair(part: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        old = next(r for r in rows if r["part"].startswith(part) and r["side"] == "before")
+        new = next(r for r in rows if r["part"].startswith(part) and r["side"] == "now")
+        return old, new
+
+    look_old, look_new = pair("quiet night, newest")
+    spread_old, spread_new = pair("quiet night, spread")
+    comp_old, comp_new = pair("compaction")
+    print(json.dumps({
+        "scenes": args.scenes, "page": args.page, "ledger_mb": round(base_bytes / 1e6, 2),
+        "lookup_bytes_ratio": round(look_new["mb_read"] / look_old["mb_read"], 4),
+        "lookup_speedup": round(look_old["s"] / look_new["s"], 2),
+        "lookup_mb": [round(look_old["mb_read"], 3), round(look_new["mb_read"], 3)],
+        "spread_lookup_bytes_ratio": round(spread_new["mb_read"] / spread_old["mb_read"], 4),
+        "spread_lookup_speedup": round(spread_old["s"] / spread_new["s"], 2),
+        "compaction_bytes_ratio": round((comp_new["mb_read"] + comp_new["mb_written"])
+                                        / (comp_old["mb_read"] + comp_old["mb_written"]), 4),
+        "compaction_speedup": round(comp_old["s"] / comp_new["s"], 2),
+        "compaction_s": [round(comp_old["s"], 3), round(comp_new["s"], 3)],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
