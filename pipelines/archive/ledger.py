@@ -252,7 +252,8 @@ class Ledger:
     # --------------------------------------------------------------------------------------------------- index
 
     def _read_records(self, output_key: str | None = None, files: Sequence[str] | None = None) -> pa.Table:
-        files = self.store.glob(f"{LEDGER_DIR}/*.parquet") if files is None else files
+        if files is None:
+            return _relisting(lambda: self._read_records(output_key, self.store.glob(f"{LEDGER_DIR}/*.parquet")))
         if not files:
             return _LEDGER_SCHEMA.empty_table()
         import pyarrow.compute as pc
@@ -285,7 +286,12 @@ class Ledger:
             scene_ids: The ids to look up (any collection).
         """
         ids = sorted({str(s) for s in scene_ids})
-        files = self.store.glob(f"{LEDGER_DIR}/*.parquet") if ids else []
+        if not ids:
+            return _latest(_LEDGER_SCHEMA.empty_table())
+        return _relisting(lambda: self._entries(output_key, ids))
+
+    def _entries(self, output_key: str, ids: list[str]) -> pa.Table:
+        files = self.store.glob(f"{LEDGER_DIR}/*.parquet")
         # each read is one ranged request on an object store (fsspec's default read-ahead would fetch 50 MB blocks)
         options = {} if self.store.local else {"cache_type": "none"}
         parts = []
@@ -427,6 +433,18 @@ def _groups_holding(metadata: Any, output_key: str, ids: Sequence[str]) -> list[
     return keep
 
 
+def _relisting(read: Any, tries: int = 3) -> Any:
+    """``read()``, listed and read again when a listed ledger file is gone: another output key's run compacted the
+    ledger meanwhile (it writes the folded file before it removes the records, so a new listing holds every entry)."""
+    for attempt in range(tries):
+        try:
+            return read()
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _latest(table: pa.Table) -> pa.Table:
     """The latest entry (by ``committed_at``) of each scene in ledger rows, as ``committed_table`` returns it."""
     columns = ["collection", "scene_id", "date", "updated", "unit_id"]
@@ -495,12 +513,13 @@ def rewrite_without(
         for (collection, date), ids in superseded.items():
             drop = set(ids)
             for i, path in enumerate(store.glob(f"{partition_dir(table, collection, date)}/*.parquet")):
-                keys = pq.read_table(io.BytesIO(store.read_bytes(path)), columns=["scene_id", "output_key"])
+                data = store.read_bytes(path)  # once: the two columns first, the whole file only on a hit
+                keys = pq.read_table(io.BytesIO(data), columns=["scene_id", "output_key"])
                 hit = [s in drop and k == output_key for s, k in zip(keys["scene_id"].to_pylist(),
                                                                     keys["output_key"].to_pylist(), strict=True)]
                 if not any(hit):
                     continue
-                frame = gpd.read_parquet(io.BytesIO(store.read_bytes(path)),
+                frame = gpd.read_parquet(io.BytesIO(data),
                                          to_pandas_kwargs={"types_mapper": pd.ArrowDtype})
                 delete.append(path)
                 kept = frame[[not h for h in hit]]

@@ -381,3 +381,23 @@ def pa_is_in(column, ids):
     import pyarrow.compute as pc
 
     return pc.is_in(column, value_set=pa.array(ids))
+
+
+def test_reads_list_the_ledger_again_when_a_compaction_removed_a_listed_record(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    for i in range(3):
+        ledger.commit(_scenes_unit(f"u{i}", [f"s{i}"]))
+    stale = store.glob("_ledger/*.parquet")
+    Ledger(store).compact(min_files=3)  # another run folds the records after this one listed them
+    real_glob = store.glob
+    listings = []
+
+    def glob(pattern):
+        listings.append(pattern)
+        return stale if len(listings) == 1 else real_glob(pattern)
+
+    monkeypatch.setattr(store, "glob", glob)
+    assert set(ledger.committed("k")) == {("c", "s0"), ("c", "s1"), ("c", "s2")} and len(listings) == 2
+    listings.clear()
+    assert ledger.committed_entries("k", ["s1"]).to_pylist()[0]["unit_id"] == "u1" and len(listings) == 2
