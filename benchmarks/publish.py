@@ -1,13 +1,16 @@
-"""A unit's commit on an object store: its files published one after another against on a thread pool.
+"""A unit's commit on an object store: its files moved one after another, moved on a thread pool, and copied
+concurrently then deleted in bulk.
 
-``Ledger.commit`` writes the unit's record, then moves every staged file to its final path (on S3: a copy and a
-delete, several requests each) and deletes the files it supersedes. It runs in the job's driver, between two units:
-while it runs, no batch is taken from the model actors. This benchmark commits the same units through the real
-``Ledger.commit`` on a real S3-compatible server (moto), behind a proxy that adds a fixed delay to every request (an
-object store's round trip; 0 ms is the local server alone), with ``PUBLISH_THREADS = 1`` (files one after another,
-the job as it was) and the default pool, alternating, and counts the requests at the proxy.
+``Ledger.commit`` writes the unit's record, then publishes every staged file at its final path and deletes the files
+it supersedes. It runs in the job's driver, between two units: while it runs, no batch is taken from the model
+actors. This benchmark commits the same units through the real ``Ledger.commit`` on a real S3-compatible server
+(moto), behind a proxy that adds a fixed delay to every request (an object store's round trip; 0 ms is the local
+server alone), three ways, alternating: ``serial`` (``BATCHED_COPIES = False``, ``PUBLISH_THREADS = 1``: each file
+moved in turn, a copy and a delete of several requests, the job as it was), ``pool`` (the same moves on
+``PUBLISH_THREADS`` threads) and ``batched`` (the default: every file copied in one concurrent call, then the staging
+folder deleted in bulk), and counts the requests at the proxy.
 
-Prints a table, then one JSON line (``speedup`` at the largest delay). Usage::
+Prints a table, then one JSON line (``speedup``: serial over batched at the largest delay). Usage::
 
     .venv/bin/python benchmarks/publish.py [--files 60] [--latency-ms 0,25,50] [--repeats 3]
 """
@@ -58,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
+    import logging
+
     from pipelines.archive import ledger as ledger_mod
     from pipelines.archive.ledger import Ledger
     from pipelines.archive.store import OutputStore
     from tests.harness.servers import start_s3
     from tests.reliability.faults import FaultProxy
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
     pool = ledger_mod.PUBLISH_THREADS
+    modes = {"serial": (False, 1), "pool": (False, pool), "batched": (True, pool)}  # (BATCHED_COPIES, threads)
     s3 = start_s3()
     rows: list[dict[str, Any]] = []
     try:
@@ -80,49 +87,50 @@ def main(argv: list[str] | None = None) -> int:
                 store = OutputStore(f"s3://{bucket}/lat{int(latency)}", {"endpoint_url": proxy.url})
                 ledger = Ledger(store)
                 _commit_once(ledger, "warmup-u00000", args.files, args.size)  # connections, first imports
-                times: dict[int, list[float]] = {1: [], pool: []}
-                requests: dict[int, list[int]] = {1: [], pool: []}
+                times: dict[str, list[float]] = {m: [] for m in modes}
+                requests: dict[str, list[int]] = {m: [] for m in modes}
                 for rep in range(args.repeats):
-                    for threads in (1, pool):
-                        ledger_mod.PUBLISH_THREADS = threads
+                    for mode, (batched, threads) in modes.items():
+                        ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = batched, threads
                         before = len(proxy.log)
                         # the staging writes are counted apart: only the commit's own requests
-                        unit = f"run{rep}t{threads}-u{rep:05d}"
+                        unit = f"run{rep}{mode}-u{rep:05d}"
                         took = _commit_once(ledger, unit, args.files, args.size)
-                        times[threads].append(took)
+                        times[mode].append(took)
                         commit_requests = sum(1 for n, method, path, _ in proxy.log[before:]
                                               if f"_staging/{unit}/" not in path or method != "PUT")
-                        requests[threads].append(commit_requests)
-                for threads in (1, pool):
-                    rows.append({"latency_ms": latency, "threads": threads,
-                                 "commit_s": statistics.median(times[threads]), "runs": times[threads],
-                                 "requests": statistics.median(requests[threads])})
+                        requests[mode].append(commit_requests)
+                for mode in modes:
+                    rows.append({"latency_ms": latency, "mode": mode, "threads": modes[mode][1],
+                                 "commit_s": statistics.median(times[mode]), "runs": times[mode],
+                                 "requests": statistics.median(requests[mode])})
             finally:
-                ledger_mod.PUBLISH_THREADS = pool
+                ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = True, pool
                 proxy.stop()
     finally:
         s3.stop()
 
     print(f"unit commit: {args.files} files of {args.size} B, moto S3 behind a delaying proxy, "
           f"median of {args.repeats}")
-    print(f"{'delay ms':>8} {'threads':>7} {'commit s':>9} {'requests':>8} {'files/s':>8}  runs")
-    print("-" * 64)
+    print(f"{'delay ms':>8} {'mode':>8} {'threads':>7} {'commit s':>9} {'requests':>8} {'files/s':>8}  runs")
+    print("-" * 73)
     for r in rows:
-        print(f"{r['latency_ms']:>8.0f} {r['threads']:>7} {r['commit_s']:>9.2f} {r['requests']:>8.0f} "
+        print(f"{r['latency_ms']:>8.0f} {r['mode']:>8} {r['threads']:>7} {r['commit_s']:>9.2f} {r['requests']:>8.0f} "
               f"{args.files / r['commit_s']:>8.1f}  {', '.join(f'{t:.2f}' for t in r['runs'])}")
-    speedups = {}
-    for latency in sorted({r["latency_ms"] for r in rows}):
-        serial = next(r for r in rows if r["latency_ms"] == latency and r["threads"] == 1)
-        pooled = next(r for r in rows if r["latency_ms"] == latency and r["threads"] == pool)
-        speedups[latency] = serial["commit_s"] / pooled["commit_s"]
-    top = max(speedups)
+
+    def row(latency: float, mode: str) -> dict[str, Any]:
+        return next(r for r in rows if r["latency_ms"] == latency and r["mode"] == mode)
+
+    top = max(r["latency_ms"] for r in rows)
     print(json.dumps({
         "files": args.files, "threads": pool, "latency_ms": top,
-        "serial_commit_s": round(next(r["commit_s"] for r in rows if r["latency_ms"] == top and r["threads"] == 1), 3),
-        "pooled_commit_s": round(next(r["commit_s"] for r in rows if r["latency_ms"] == top and r["threads"] == pool),
-                                 3),
-        "speedup": round(speedups[top], 2),
-        "speedup_by_latency_ms": {str(int(k)): round(v, 2) for k, v in speedups.items()},
+        "serial_commit_s": round(row(top, "serial")["commit_s"], 3),
+        "pooled_commit_s": round(row(top, "pool")["commit_s"], 3),
+        "batched_commit_s": round(row(top, "batched")["commit_s"], 3),
+        "speedup": round(row(top, "serial")["commit_s"] / row(top, "batched")["commit_s"], 2),
+        "speedup_by_latency_ms": {str(int(lat)): round(row(lat, "serial")["commit_s"] / row(lat, "batched")["commit_s"], 2)
+                                  for lat in sorted({r["latency_ms"] for r in rows})},
+        "requests": {m: row(top, m)["requests"] for m in modes},
     }))
     return 0
 

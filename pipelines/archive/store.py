@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -202,6 +203,8 @@ class OutputStore:
             os.makedirs(path, exist_ok=True)
         self.path = path.rstrip("/")
         self.storage_options = options
+        # fsspec's asynchronous filesystems (s3fs, gcsfs, adlfs) run a list of copies or deletes concurrently
+        self.batch_copies = not self.local and isinstance(self.fs, fsspec.asyn.AsyncFileSystem)
 
     def full(self, rel: str) -> str:
         """The filesystem path (no protocol) of ``rel`` under the root."""
@@ -239,6 +242,17 @@ class OutputStore:
             os.replace(self.full(src), self.full(dst))
         else:
             self.fs.mv(self.full(src), self.full(dst))
+
+    def copy_many(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Copy files (``(src, dst)`` pairs) in one call: concurrent requests on an asynchronous filesystem."""
+        if pairs:
+            self.fs.copy([self.full(s) for s, _ in pairs], [self.full(d) for _, d in pairs])
+
+    def remove_many(self, rels: Sequence[str]) -> None:
+        """Delete files in one call (bulk deletes on object stores); missing files are ignored."""
+        if rels:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm([self.full(r) for r in rels])
 
     def remove(self, rel: str, recursive: bool = False) -> None:
         """Delete a file (or a folder with ``recursive``); missing paths are ignored."""

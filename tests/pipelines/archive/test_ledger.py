@@ -241,51 +241,71 @@ def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
     assert ledger_a.committed("k") == {}
 
 
-@pytest.mark.integration
-def test_a_unit_published_in_parallel_on_s3_and_cut_short_is_rolled_forward_once(s3, monkeypatch):
-    """On an object store a unit's files are moved on a thread pool (one after another they held the driver for
-    seconds per unit: benchmarks/publish.py). A publish cut short part-way through is finished by the recovery:
-    every file once, at its final path, nothing left staged."""
-    import pipelines.archive.ledger as ledger_mod
-
-    s3.make_bucket("publish-test")
-    store = OutputStore("s3://publish-test/out")
-    ledger = Ledger(store)
+def _stage_24(store: OutputStore, ledger: Ledger) -> tuple[UnitRecord, list[str]]:
     scenes = [f"s{k:02d}" for k in range(24)]
     staging = ledger.staging_dir("u1")
     files = []
-    for k, scene in enumerate(scenes):  # one file per scene and date partition: 24 moves
+    for k, scene in enumerate(scenes):  # one file per scene and date partition: 24 files to publish
         rows = [("toy", f"2024-05-{k + 1:02d}", {"scene_id": scene, "tile_id": "t0", "output_key": "k",
                                                   "unit_id": "u1"}, shapely.box(0, 0, 1, 1))]
         files += stage_table(store, staging, "tiles", "u1", rows)
     unit = UnitRecord(unit_id="u1", run_id="r", output_key="k",
                       scenes=[("toy", s, f"2024-05-{k + 1:02d}", T0) for k, s in enumerate(scenes)], publish=files)
-    assert len(files) == 24 and ledger_mod.PUBLISH_THREADS > 1
+    assert len(files) == 24
+    return unit, scenes
 
-    import threading
 
-    moved: list[str] = []
-    lock = threading.Lock()
-    real_move = store.move
+@pytest.mark.integration
+def test_a_unit_published_on_s3_and_cut_short_is_rolled_forward_once(s3):
+    """On an object store a unit's files are copied concurrently, then the staging folder is deleted in bulk (one
+    file after another they held the driver for seconds per unit: benchmarks/publish.py). A publish cut short after
+    10 of its 24 copies is finished by the recovery: every file once, at its final path, nothing left staged."""
+    import asyncio
 
-    def move_then_die(src: str, dst: str) -> None:
-        with lock:  # exactly 10 moves go through, whatever the threads' order
-            if len(moved) >= 10:
-                raise KeyboardInterrupt("killed while publishing")
-            moved.append(dst)
-        real_move(src, dst)
+    s3.make_bucket("publish-test")
+    store = OutputStore("s3://publish-test/out")
+    assert store.batch_copies
+    ledger = Ledger(store)
+    unit, scenes = _stage_24(store, ledger)
+    copied: list[str] = []
+    fs = store.fs
+    real_copy = fs._cp_file
 
-    monkeypatch.setattr(store, "move", move_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        ledger.commit(unit)
-    monkeypatch.undo()
+    async def copy_then_die(path1: str, path2: str, **kwargs: object) -> None:
+        await asyncio.sleep(0.01 * len(copied))  # the first 10 finish before the 11th fails
+        if len(copied) >= 10:
+            raise OSError("killed while publishing")
+        copied.append(path2)
+        await real_copy(path1, path2, **kwargs)
+
+    fs._cp_file = copy_then_die
+    try:
+        with pytest.raises(OSError, match="killed"):
+            ledger.commit(unit)
+    finally:
+        del fs._cp_file
     published = store.glob("tiles/**/*.parquet")
-    assert len(published) == 10  # part of the unit, on record: the next run finishes it
+    assert len(published) == 10 and len(store.glob("_staging/u1/**/*.parquet")) == 24  # on record, not finished
     report = _recovering(store).recover()
     assert report.rolled_forward == ["u1"]
     assert len(store.glob("tiles/**/*.parquet")) == 24 and not store.glob("_staging/**")
     tiles = read_table(store, "tiles")
     assert sorted(tiles["scene_id"]) == scenes
+
+
+@pytest.mark.integration
+def test_a_units_commit_on_s3_costs_about_two_requests_a_file(s3):
+    """Copies (a HEAD and a CopyObject each) and bulk deletes: about 6 requests a file, moved one by one, before."""
+    s3.make_bucket("publish-count")
+    store = OutputStore("s3://publish-count/out")
+    ledger = Ledger(store)
+    unit, scenes = _stage_24(store, ledger)
+    s3.clear_requests()
+    ledger.commit(unit)
+    methods = [m for m, _, _ in s3.requests]
+    assert len(store.glob("tiles/**/*.parquet")) == 24 and not store.glob("_staging/**")
+    assert methods.count("PUT") == 24 + 1  # the copies (CopyObject is a PUT) and the record
+    assert len(methods) <= 2 * 24 + 8, methods
 
 
 def _scenes_unit(unit: str, ids: list[str], key: str = "k", updated: datetime = T0) -> UnitRecord:
