@@ -9,8 +9,8 @@ and bytes. Side by side, alternating, median of ``--repeats``:
    index (``committed_table``), then the page's rows (what the job read before the quiet-night check). Now:
    ``committed_entries`` (the footer and the row groups of the sorted ledger whose id range holds a listed id).
 2. **nightly compaction**: a night's ``--night-units`` unit records (50 scenes each) folded with the ledger. Before:
-   every compaction rewrote the whole ledger (``merge_ratio=inf``). Now: the night's records go into a small file
-   beside the base (the default ``merge_ratio``).
+   every compaction rewrote the whole ledger (``merge_ratio=inf``). Now (size-tiered, the default ``merge_ratio``):
+   the night's records go into a small file beside the base.
 
 Both sides must return the same entries (checked). Prints a table, then one JSON line (``lookup_bytes_ratio``,
 ``lookup_speedup``, ``compaction_bytes_ratio``, ``compaction_speedup``). Usage::

@@ -154,6 +154,7 @@ class Ledger:
             StagedFileMissing: A staged file is gone (nothing is committed).
             LeaseLost: This run no longer holds its output key (nothing is committed).
         """
+        present: set[str] | None = None
         if unit.publish:
             present = set(self.store.glob(f"{self.staging_dir(unit.unit_id)}/**"))
             missing = [f.staged for f in unit.publish if f.staged not in present]
@@ -183,10 +184,11 @@ class Ledger:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.store.write_bytes(self._record_path(unit.unit_id), buf.getvalue())
-        self._publish(unit.unit_id, [(f.staged, f.final) for f in unit.publish], unit.delete, strict=True)
+        self._publish(unit.unit_id, [(f.staged, f.final) for f in unit.publish], unit.delete, strict=True,
+                      staged=present)
 
     def _publish(self, unit_id: str, moves: Sequence[Sequence[str]], deletes: Sequence[str],
-                 strict: bool = False) -> None:
+                 strict: bool = False, staged: set[str] | None = None) -> None:
         def missing(staged: str, final: str) -> StagedFileMissing:
             return StagedFileMissing(
                 f"unit {unit_id} is committed but its staged file {staged} is gone and {final} was never "
@@ -200,7 +202,8 @@ class Ledger:
             # after a HEAD), then delete the superseded files and the whole staging folder in bulk (DeleteObjects,
             # 1,000 keys a request). A replay copies again what is still staged; a file no longer staged was
             # copied before the staging folder's deletion began, unless it was lost.
-            staged = set(self.store.glob(f"{self.staging_dir(unit_id)}/**"))
+            if staged is None:  # a replay lists the staging folder; a commit has just listed it
+                staged = set(self.store.glob(f"{self.staging_dir(unit_id)}/**"))
             for src, final in moves:
                 if src not in staged and (strict or not self.store.exists(final)):
                     raise missing(src, final)
@@ -359,21 +362,23 @@ class Ledger:
             )
         return index
 
-    def compact(self, min_files: int = 64, merge_ratio: float = 8.0) -> int:
-        """Fold many small ledger records into one file (after recovery; keeps the latest entry per scene).
+    def compact(self, min_files: int = 16, merge_ratio: float = 8.0) -> int:
+        """Fold the small ledger records into one file (after recovery; keeps the latest entry per scene).
 
-        Records are folded with the smaller compacted files into one new file; the largest compacted file (the
-        base) joins only once what is folded holds at least ``1 / merge_ratio`` of its entries. A nightly run thus
-        rewrites its own nights' entries, not the whole ledger (10^7 scenes), and the base is rewritten once every
-        few growths by an eighth. Compacted files are sorted by output key and scene id, in row groups of
-        :data:`ROW_GROUP_ROWS` entries, for :meth:`committed_entries`.
+        Size-tiered: the records are folded together with the compacted files, smallest first, as long as each one
+        holds at most ``merge_ratio`` times the entries folded so far. A nightly run thus rewrites about its own
+        nights' entries, not the whole ledger (10^7 scenes); a file is rewritten once the smaller ones add up to an
+        eighth of it, so an entry is rewritten about log8(ledger / night) times in all, and a few compacted files
+        remain (sizes about eight times apart). Compacted files are sorted by output key and scene id, in row
+        groups of :data:`ROW_GROUP_ROWS` entries, for :meth:`committed_entries`.
 
         The records of units still staged (committed but not yet published, or of a live run) stay as they are:
         recovery finds a unit's record by its name.
 
         Args:
-            min_files: Compact only when at least this many records can be folded.
-            merge_ratio: Fold the base in once the rest holds at least ``1 / merge_ratio`` of its entries.
+            min_files: Compact only when at least this many records can be folded (a quiet night's lookup opens
+                each record's footer).
+            merge_ratio: How much larger than what is folded so far a compacted file may be and still be folded.
 
         Returns:
             The number of files folded (0 when below ``min_files``).
@@ -386,12 +391,15 @@ class Ledger:
         if len(records) < min_files:
             return 0
         sizes = {f: self._rows(f) for f in files if _is_compacted(f)}
-        base = max(sizes, key=lambda f: (sizes[f], f)) if sizes else None
-        fold = records + [f for f in sizes if f != base]
-        table = self._read_records(files=fold)
-        if base is not None and table.num_rows * merge_ratio >= sizes[base]:
-            fold.append(base)
-            table = pa.concat_tables([table, self._read_records(files=[base])])
+        table = self._read_records(files=records)
+        fold, folded_rows = list(records), table.num_rows
+        for f in sorted(sizes, key=lambda f: (sizes[f], f)):
+            if folded_rows * merge_ratio < sizes[f]:
+                break
+            fold.append(f)
+            folded_rows += sizes[f]
+        if len(fold) > len(records):
+            table = pa.concat_tables([table, self._read_records(files=fold[len(records):])])
         frame = table.sort_by([("committed_at", "ascending")]).to_pandas(types_mapper=pd.ArrowDtype)
         scenes = frame[frame["scene_id"].notna()].drop_duplicates(["collection", "scene_id", "output_key"],
                                                                    keep="last")

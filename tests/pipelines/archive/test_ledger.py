@@ -421,3 +421,24 @@ def test_reads_list_the_ledger_again_when_a_compaction_removed_a_listed_record(t
     assert set(ledger.committed("k")) == {("c", "s0"), ("c", "s1"), ("c", "s2")} and len(listings) == 2
     listings.clear()
     assert ledger.committed_entries("k", ["s1"]).to_pylist()[0]["unit_id"] == "u1" and len(listings) == 2
+
+
+def test_nightly_compactions_keep_a_few_tiers_and_rewrite_the_base_rarely(tmp_path):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    ledger.commit(_scenes_unit("base", [f"b{j:04d}" for j in range(2000)]))
+    ledger.compact(min_files=1)
+    (base,) = store.glob("_ledger/*.parquet")
+    base_rewrites, most_files = 0, 1
+    for night in range(40):  # 2 units of 10 scenes a night
+        for u in range(2):
+            ledger.commit(_scenes_unit(f"n{night:02d}u{u}", [f"n{night:02d}u{u}s{j}" for j in range(10)]))
+        assert ledger.compact(min_files=2) >= 2
+        files = store.glob("_ledger/*.parquet")
+        most_files = max(most_files, len(files))
+        if base not in files:  # the base was folded into a new one
+            base_rewrites += 1
+            base = max(files, key=lambda f: ledger._rows(f))
+    assert len(ledger.committed("k")) == 2000 + 40 * 20
+    # 800 new entries over 40 nights: the base (2,000) is merged in when 250 have come, then (2,250) at 281 more
+    assert most_files <= 4 and base_rewrites == 2
