@@ -788,9 +788,12 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
         summary.wall_s = time.perf_counter() - t0
         try:
             _write_run_row(store, config, summary, started)
-            ledger.compact()
         except Exception:  # never mask the run's own exception
             log.exception("could not write the runs row")
+        try:
+            ledger.compact()
+        except Exception:  # the next run compacts (a concurrent compaction of another output key, say)
+            log.exception("could not compact the ledger")
         if started_ray:  # a Ray instance this job started ends with it (an attached cluster stays)
             import ray
 

@@ -208,7 +208,7 @@ class Ledger:
                 if src not in staged and (strict or not self.store.exists(final)):
                     raise missing(src, final)
             self.store.copy_many([(src, final) for src, final in moves if src in staged])
-            self.store.remove_many(deletes)
+            self._delete_superseded(unit_id, deletes)
             self.store.remove(self.staging_dir(unit_id), recursive=True)
             return
 
@@ -222,9 +222,28 @@ class Ledger:
                 if strict or not self.store.exists(final):
                     raise missing(staged, final) from None
 
-        _each(move, moves, serial=self.store.local)
-        _each(self.store.remove, deletes, serial=self.store.local)
+        # on an object store the staging folder exists only while it holds a file: the last move waits for the
+        # deletes, so that a crash before them leaves the unit visible to recovery, which replays them
+        _each(move, moves[:-1], serial=self.store.local)
+        self._delete_superseded(unit_id, deletes)
+        _each(move, moves[-1:], serial=True)
         self.store.remove(self.staging_dir(unit_id), recursive=True)
+
+    def _delete_superseded(self, unit_id: str, deletes: Sequence[str]) -> None:
+        """Delete the files a unit supersedes, and check they are gone (an object store's bulk delete reports a
+        key it could not delete only in its answer, which fsspec does not raise): a superseded file left published
+        would show a scene's old rows beside its new ones. Raised before the staging folder goes, so the next
+        run's recovery tries again."""
+        if not deletes:
+            return
+        if self.store.local:
+            _each(self.store.remove, deletes, serial=True)
+        else:
+            self.store.remove_many(deletes)
+        left = [d for d in deletes if self.store.exists(d)]
+        if left:
+            raise OSError(f"unit {unit_id}: {len(left)} superseded files could not be deleted (first: {left[0]}); "
+                          "the unit stays staged and the next run's recovery deletes them")
 
     def recover(self) -> Recovery:
         """Finish what crashed runs left: publish committed units' files, delete uncommitted units' files.
@@ -254,8 +273,16 @@ class Ledger:
                 report.left_live.append(unit_id)
                 continue
             record = self._record_path(unit_id)
+            data = None
             if self.store.exists(record):
-                table = pq.read_table(io.BytesIO(self.store.read_bytes(record)))
+                try:
+                    data = self.store.read_bytes(record)
+                except FileNotFoundError:
+                    # folded by another output key's compaction since: it folds only records of published units
+                    # (whose staging folder its run had removed after this listing), so nothing is left to do
+                    continue
+            if data is not None:
+                table = pq.read_table(io.BytesIO(data))
                 if set(table["output_key"].to_pylist()) != {self.lease.name}:
                     report.left_other_key.append(unit_id)
                     continue
@@ -390,11 +417,13 @@ class Ledger:
         records = [f for f in files if not _is_compacted(f) and _unit_of(f) not in staged]
         if len(records) < min_files:
             return 0
-        sizes = {f: self._rows(f) for f in files if _is_compacted(f)}
+        footers = {f: self._footer(f) for f in files if _is_compacted(f)}
+        sizes = {f: int(m.num_rows) for f, m in footers.items()}
         table = self._read_records(files=records)
         fold, folded_rows = list(records), table.num_rows
-        for f in sorted(sizes, key=lambda f: (sizes[f], f)):
-            if folded_rows * merge_ratio < sizes[f]:
+        # a compacted file written before the ledger was sorted is folded once, whatever its size
+        for f in sorted(sizes, key=lambda f: (_sorted(footers[f]), sizes[f], f)):
+            if _sorted(footers[f]) and folded_rows * merge_ratio < sizes[f]:
                 break
             fold.append(f)
             folded_rows += sizes[f]
@@ -410,6 +439,7 @@ class Ledger:
         frame = pd.concat([scenes, gone], ignore_index=True)
         out = pa.Table.from_pandas(frame, schema=_LEDGER_SCHEMA, preserve_index=False).sort_by(
             [("output_key", "ascending"), ("collection", "ascending"), ("scene_id", "ascending")])
+        out = out.replace_schema_metadata({**(out.schema.metadata or {}), _SORTED_KEY: b"output_key,collection,scene_id"})
         buf = io.BytesIO()
         pq.write_table(out, buf, row_group_size=ROW_GROUP_ROWS)
         self.store.write_bytes(f"{LEDGER_DIR}/{COMPACTED_PREFIX}{new_run_id()}.parquet", buf.getvalue())
@@ -417,15 +447,27 @@ class Ledger:
             self.store.remove(f)
         return len(fold)
 
-    def _rows(self, rel: str) -> int:
+    def _footer(self, rel: str) -> Any:
+        """A ledger file's Parquet footer (row count, row groups, key-value metadata)."""
         options = {} if self.store.local else {"cache_type": "none"}
         with self.store.fs.open(self.store.full(rel), "rb", **options) as fh:
-            return int(pq.ParquetFile(fh).metadata.num_rows)
+            return pq.ParquetFile(fh).metadata
+
+    def _rows(self, rel: str) -> int:
+        return int(self._footer(rel).num_rows)
 
 
 # Entries per row group of a compacted ledger file: a lookup of a few ids reads a few of these (about 0.5 MB each).
 ROW_GROUP_ROWS = 65_536
 COMPACTED_PREFIX = "compact-"
+
+
+_SORTED_KEY = b"earthgpt:sorted_by"
+
+
+def _sorted(metadata: Any) -> bool:
+    """Whether a compacted file is sorted for :meth:`Ledger.committed_entries` (written since the ledger is)."""
+    return _SORTED_KEY in (metadata.metadata or {})
 
 
 def _is_compacted(rel: str) -> bool:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import shapely
 
 TABLES: tuple[str, ...] = ("scenes", "tiles", "detections", "errors", "runs")
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})  # fsspec's listing-caching filesystems
 EMBEDDINGS_STORE = "embeddings.zarr"
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -192,8 +193,9 @@ class OutputStore:
 
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
         options = dict(storage_options or {})
-        if root.startswith("s3://"):
-            # a run writes then lists; a cached listing would hide what it just wrote
+        if root.split("://", 1)[0] in _OBJECT_STORES:
+            # a run writes then lists; a cached listing would hide what it just wrote (and the ledger's compaction
+            # relies on listing the records before the staging folders, each listing fresh)
             options.setdefault("use_listings_cache", False)
         self.fs, path = fsspec.core.url_to_fs(root, **options)
         self.protocol = root.split("://", 1)[0] if "://" in root else "file"

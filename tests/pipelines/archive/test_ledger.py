@@ -442,3 +442,45 @@ def test_nightly_compactions_keep_a_few_tiers_and_rewrite_the_base_rarely(tmp_pa
     assert len(ledger.committed("k")) == 2000 + 40 * 20
     # 800 new entries over 40 nights: the base (2,000) is merged in when 250 have come, then (2,250) at 281 more
     assert most_files <= 4 and base_rewrites == 2
+
+
+def test_a_compacted_file_written_before_the_ledger_was_sorted_is_folded_once(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.archive.ledger import _LEDGER_SCHEMA
+
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    rows = [{"collection": "c", "scene_id": f"old{j:04d}", "date": "2024-05-01", "updated": T0, "output_key": "k",
+             "unit_id": "old-u", "run_id": "old", "committed_at": T0} for j in reversed(range(1000))]
+    (tmp_path / "_ledger").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=_LEDGER_SCHEMA),
+                   store.full("_ledger/compact-20240101T000000Z-000000.parquet"))  # unsorted, no marker
+    for u in range(2):
+        ledger.commit(_scenes_unit(f"u{u}", [f"new{u}"]))
+    assert ledger.compact(min_files=2) == 3  # 2 entries fold a 1,000-entry file: it was not sorted
+    (path,) = store.glob("_ledger/*.parquet")
+    ids = pq.read_table(store.full(path))["scene_id"].to_pylist()
+    assert ids == sorted(ids) and len(ids) == 1002
+    for u in range(2, 4):
+        ledger.commit(_scenes_unit(f"u{u}", [f"new{u}"]))
+    assert ledger.compact(min_files=2) == 2  # sorted now: it stays
+
+
+def test_a_superseded_file_that_is_not_deleted_keeps_the_unit_staged_for_recovery(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    ledger.commit(_stage_unit(store, ledger, "u1", ["a", "b"]))
+    staged, delete = rewrite_without(store, "_staging/u2", "u2", ["tiles"], {("toy", "2024-05-01"): ["a"]}, "k")
+    unit = _stage_unit(store, ledger, "u2", ["a"])
+    unit = UnitRecord(unit.unit_id, unit.run_id, unit.output_key, scenes=unit.scenes,
+                      publish=[*unit.publish, *staged], delete=delete)
+    monkeypatch.setattr(store, "remove", lambda rel, recursive=False: None)  # the delete "fails" silently
+    with pytest.raises(OSError, match="could not be deleted"):
+        ledger.commit(unit)
+    monkeypatch.undo()
+    assert store.glob("_staging/u2/**/*.parquet")  # the unit stays staged
+    assert _recovering(store).recover().rolled_forward == ["u2"]
+    tiles = read_table(store, "tiles")
+    assert sorted(zip(tiles["scene_id"], tiles["unit_id"], strict=True)) == [("a", "u2"), ("b", "u1")]
