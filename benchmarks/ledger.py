@@ -59,6 +59,14 @@ def _measure(proxy: Any, fn: Any) -> tuple[float, int, int, int, Any]:
     return took, len(proxy.log) - n0, proxy.bytes_down - down0, proxy.bytes_up - up0, out
 
 
+def _medians(part: str, runs: dict[str, list[tuple[float, int, int, int]]]) -> list[dict[str, Any]]:
+    """One table row per side: median seconds, requests, MB read and MB written of its runs."""
+    return [{"part": part, "side": side, "s": statistics.median(r[0] for r in runs[side]),
+             "requests": statistics.median(r[1] for r in runs[side]),
+             "mb_read": statistics.median(r[2] for r in runs[side]) / 1e6,
+             "mb_written": statistics.median(r[3] for r in runs[side]) / 1e6} for side in ("before", "now")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=1_000_000, help="committed scenes in the ledger")
@@ -116,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     answers[side] = sorted(out.to_pylist(), key=lambda r: r["scene_id"])
             if answers["before"] != answers["now"] or len(answers["now"]) != len(ids):
                 raise RuntimeError(f"{label}: the lookup returned other entries than the whole index")
-            for side in ("before", "now"):
-                rows.append({"part": f"quiet night, {label}", "side": side,
-                             "s": statistics.median(r[0] for r in runs[side]),
-                             "requests": statistics.median(r[1] for r in runs[side]),
-                             "mb_read": statistics.median(r[2] for r in runs[side]) / 1e6,
-                             "mb_written": statistics.median(r[3] for r in runs[side]) / 1e6})
+            rows += _medians(f"quiet night, {label}", runs)
 
         # a night's unit records, then compaction; each side on the ledger as the other left it (same entries)
         comp: dict[str, list[tuple[float, int, int, int]]] = {"before": [], "now": []}
@@ -138,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 if n_files < args.night_units:
                     raise RuntimeError(f"compaction folded {n_files} files, expected at least {args.night_units}")
                 comp[side].append((took, requests, down, up))
-        for side in ("before", "now"):
-            rows.append({"part": f"compaction of {args.night_units} units", "side": side,
-                         "s": statistics.median(r[0] for r in comp[side]),
-                         "requests": statistics.median(r[1] for r in comp[side]),
-                         "mb_read": statistics.median(r[2] for r in comp[side]) / 1e6,
-                         "mb_written": statistics.median(r[3] for r in comp[side]) / 1e6})
+        rows += _medians(f"compaction of {args.night_units} units", comp)
         total = ledger.committed_table("k").num_rows
         expected = args.scenes + night * args.night_units * 50
         if total != expected:
