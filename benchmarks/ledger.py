@@ -1,13 +1,14 @@
 """The ledger at archive scale on an object store: a quiet night's lookup and a night's compaction, old and new.
 
-A ledger of ``--scenes`` committed scenes (Sentinel-2-like ids over a year, in units of 50,000, folded by the real
-``Ledger.compact`` into one base file) lies in a real S3-compatible server (moto), behind a proxy that counts requests
+A ledger of ``--scenes`` committed scenes (Sentinel-2-like or Landsat-like ids, ``--ids``, over a year, in units of
+50,000, folded by the real ``Ledger.compact`` into one base file) lies in a real S3-compatible server (moto), behind a proxy that counts requests
 and bytes. Side by side, alternating, median of ``--repeats``:
 
 1. **quiet night**: the ledger entries of one page of listed ids (``--page`` ids, all committed: the newest date's,
    as a nightly search returns them; and, as the worst case, ids drawn from the whole year). Before: the whole
    index (``committed_table``), then the page's rows (what the job read before the quiet-night check). Now:
-   ``committed_entries`` (the footer and the row groups of the sorted ledger whose id range holds a listed id).
+   ``committed_entries`` with the page's dates, as the job calls it (the footer and the row groups of the ledger,
+   sorted by date then id, whose statistics can hold a listed date and id).
 2. **nightly compaction**: a night's ``--night-units`` unit records (50 scenes each) folded with the ledger. Before:
    every compaction rewrote the whole ledger (``merge_ratio=inf``). Now (size-tiered, the default ``merge_ratio``):
    the night's records go into a small file beside the base.
@@ -15,7 +16,7 @@ and bytes. Side by side, alternating, median of ``--repeats``:
 Both sides must return the same entries (checked). Prints a table, then one JSON line (``lookup_bytes_ratio``,
 ``lookup_speedup``, ``compaction_bytes_ratio``, ``compaction_speedup``). Usage::
 
-    .venv/bin/python benchmarks/ledger.py [--scenes 1000000] [--page 100] [--repeats 3]
+    .venv/bin/python benchmarks/ledger.py [--scenes 1000000] [--page 100] [--repeats 3] [--ids landsat]
 """
 
 from __future__ import annotations
@@ -38,17 +39,30 @@ UNIT = 50_000
 DAY0 = date(2024, 1, 1)
 
 
-def scene_ids(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """``n`` (scene id, date) pairs like Sentinel-2 L2A's, spread over a year (the date is part of the id)."""
+def scene_ids(n: int, scheme: str = "sentinel-2", seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` (scene id, date) pairs spread over a year: ids like Sentinel-2 L2A's (the date early in the id) or
+    Landsat's (``LC08_L2SP_PPPRRR_YYYYMMDD_...``: the path and row first, so one date's ids span the whole range)."""
     rng = random.Random(seed)
     out = []
     for k in range(n):
         day = DAY0 + timedelta(days=k * 365 // n)
-        tile = f"{rng.randint(1, 60):02d}{rng.choice('CDEFGHJKLMNPQRSTUVWX')}{rng.choice('ABCDEFGH')}" \
-               f"{rng.choice('ABCDEFGHJKLMNPQRSTUV')}"
-        out.append((f"S2{'AB'[k % 2]}_MSIL2A_{day:%Y%m%d}T{k % 240000:06d}_N0510_R{k % 143:03d}_T{tile}_{k:08d}",
-                    f"{day:%Y-%m-%d}"))
+        if scheme == "landsat":
+            scene = f"LC0{8 + k % 2}_L2SP_{rng.randint(1, 233):03d}{rng.randint(1, 248):03d}_{day:%Y%m%d}_" \
+                    f"{day + timedelta(days=9):%Y%m%d}_02_T1_{k:08d}"
+        else:
+            tile = f"{rng.randint(1, 60):02d}{rng.choice('CDEFGHJKLMNPQRSTUVWX')}{rng.choice('ABCDEFGH')}" \
+                   f"{rng.choice('ABCDEFGHJKLMNPQRSTUV')}"
+            scene = f"S2{'AB'[k % 2]}_MSIL2A_{day:%Y%m%d}T{k % 240000:06d}_N0510_R{k % 143:03d}_T{tile}_{k:08d}"
+        out.append((scene, f"{day:%Y-%m-%d}"))
     return out
+
+
+def page_dates(page: list[tuple[str, str]]) -> list[str]:
+    """The dates the job's quiet-night check looks the page up with (each item's date, a day either side,
+    ``unknown``): the job's own helper, on items carrying only an id and a datetime."""
+    from pipelines.archive.source import _entry_dates
+
+    return _entry_dates([{"id": s, "properties": {"datetime": f"{d}T10:30:00Z"}} for s, d in page])
 
 
 def _measure(proxy: Any, fn: Any) -> tuple[float, int, int, int, Any]:
@@ -73,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", type=int, default=100, help="ids listed by a quiet night's search")
     parser.add_argument("--night-units", type=int, default=64, help="unit records a night folds (compact's default)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ids", choices=("sentinel-2", "landsat"), default="sentinel-2", help="the id scheme")
     args = parser.parse_args(argv)
 
     import logging
@@ -86,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
     updated = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    scenes = scene_ids(args.scenes)
+    scenes = scene_ids(args.scenes, args.ids)
     s3 = start_s3()
     proxy = None
     try:
         os.environ.update(s3.env)
-        bucket = s3.make_bucket("ledger-bench")
+        # a bucket of its own: the in-process S3 server keeps its objects for the life of this process
+        bucket = s3.make_bucket(f"ledger-bench-{os.urandom(4).hex()}")
         proxy = FaultProxy(s3.endpoint_url, lambda req: "pass")
         store = OutputStore(f"s3://{bucket}/out", {"endpoint_url": proxy.url})
         ledger = Ledger(store)
@@ -102,23 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         folded = ledger.compact(min_files=1)
         (base,) = store.glob("_ledger/*.parquet")
         base_bytes = store.fs.size(store.full(base))
-        print(f"ledger: {args.scenes} scenes in {folded} units folded into one file of {base_bytes / 1e6:.1f} MB "
+        print(f"ledger: {args.scenes} scenes ({args.ids} ids) in {folded} units folded into one file of {base_bytes / 1e6:.1f} MB "
               f"({time.perf_counter() - t0:.1f} s); moto S3 behind a counting proxy, median of {args.repeats}")
 
-        newest = [s for s, _ in scenes[-args.page:]]
-        spread = [s for s, _ in random.Random(1).sample(scenes, args.page)]
+        newest = scenes[-args.page:]
+        spread = random.Random(1).sample(scenes, args.page)
 
         def before(ids: list[str]) -> Any:
             whole = ledger.committed_table("k")  # the whole index, then the page's rows
             return whole.filter(pc.is_in(whole["scene_id"], value_set=pc.cast(ids, "string")))
 
         rows: list[dict[str, Any]] = []
-        for label, ids in (("newest date", newest), ("spread over the year", spread)):
+        for label, page in (("newest date", newest), ("spread over the year", spread)):
+            ids, dates = [s for s, _ in page], page_dates(page)
             runs: dict[str, list[tuple[float, int, int, int]]] = {"before": [], "now": []}
             answers = {}
             for _ in range(args.repeats):
                 for side, fn in (("before", lambda ids=ids: before(ids)),
-                                 ("now", lambda ids=ids: ledger.committed_entries("k", ids))):
+                                 ("now", lambda ids=ids, dates=dates: ledger.committed_entries("k", ids, dates))):
                     took, requests, down, up, out = _measure(proxy, fn)
                     runs[side].append((took, requests, down, up))
                     answers[side] = sorted(out.to_pylist(), key=lambda r: r["scene_id"])
@@ -166,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     spread_old, spread_new = pair("quiet night, spread")
     comp_old, comp_new = pair("compaction")
     print(json.dumps({
-        "scenes": args.scenes, "page": args.page, "ledger_mb": round(base_bytes / 1e6, 2),
+        "scenes": args.scenes, "ids": args.ids, "page": args.page, "ledger_mb": round(base_bytes / 1e6, 2),
         "lookup_bytes_ratio": round(look_new["mb_read"] / look_old["mb_read"], 4),
         "lookup_speedup": round(look_old["s"] / look_new["s"], 2),
         "lookup_mb": [round(look_old["mb_read"], 3), round(look_new["mb_read"], 3)],

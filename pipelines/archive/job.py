@@ -684,9 +684,9 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             # a quiet night: a page at most, all committed -> no Ray, no model, just the bookkeeping
             if (len(windows) == len(plan.windows) == 1 and cat.max_items is None
                     and (plan.matched is None or plan.matched <= cat.page_size)):
-                # only the listed ids' ledger entries are read (row groups of the sorted ledger), not the index
-                quick = small_search_counts(spec, lambda ids: ledger.committed_entries(output_key, ids), policy,
-                                            client=client, quarantined=quarantined)
+                # only the listed items' ledger entries are read (row groups of the sorted ledger), not the index
+                quick = small_search_counts(spec, lambda ids, dates: ledger.committed_entries(output_key, ids, dates),
+                                            policy, client=client, quarantined=quarantined)
                 if quick is not None and quick["rows"] == 0:
                     say(f"nothing to do: {quick['matched']} items listed, all committed")
                     _finish_quiet(summary, quick)

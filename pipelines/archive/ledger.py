@@ -319,25 +319,31 @@ class Ledger:
         """
         return _latest(self._read_records(output_key))
 
-    def committed_entries(self, output_key: str, scene_ids: Iterable[str]) -> pa.Table:
+    def committed_entries(self, output_key: str, scene_ids: Iterable[str],
+                          dates: Iterable[str] | None = None) -> pa.Table:
         """The latest ledger entries of some scene ids only (``committed_table``'s columns), without reading the
         whole ledger.
 
-        Compaction keeps the ledger sorted by output key and scene id, in row groups of :data:`ROW_GROUP_ROWS`
-        entries: from each ledger file only the footer and the row groups whose scene-id range holds one of the ids
-        are read. A quiet night looks up its one page of listed ids this way: at 10^7 committed scenes the whole
-        index is hundreds of megabytes, a page's entries a few row groups.
+        Compaction keeps the ledger sorted by output key, acquisition date and scene id, in row groups of
+        :data:`ROW_GROUP_ROWS` entries: from each ledger file only the footer and the row groups whose statistics
+        can hold one of the ids (and, with ``dates``, one of the dates) are read. A quiet night looks up its one
+        page of listed ids this way: at 10^7 committed scenes the whole index is hundreds of megabytes, a page's
+        entries a few row groups, whatever the catalog's id scheme.
 
         Args:
             output_key: The config's output key.
             scene_ids: The ids to look up (any collection).
+            dates: Acquisition dates (``YYYY-MM-DD`` or ``unknown``) the entries may have: an entry committed under
+                another date is not returned, so a caller must take a missing entry for "maybe not committed" (the
+                job's quiet-night check then runs the job, which reads the whole index).
         """
         ids = sorted({str(s) for s in scene_ids})
         if not ids:
             return _latest(_LEDGER_SCHEMA.empty_table())
-        return _relisting(lambda: self._entries(output_key, ids))
+        days = None if dates is None else sorted({str(d) for d in dates})
+        return _relisting(lambda: self._entries(output_key, ids, days))
 
-    def _entries(self, output_key: str, ids: list[str]) -> pa.Table:
+    def _entries(self, output_key: str, ids: list[str], dates: list[str] | None) -> pa.Table:
         files = self.store.glob(f"{LEDGER_DIR}/*.parquet")
         # each read is one ranged request on an object store (fsspec's default read-ahead would fetch 50 MB blocks)
         options = {} if self.store.local else {"cache_type": "none"}
@@ -345,7 +351,7 @@ class Ledger:
         for f in files:
             with self.store.fs.open(self.store.full(f), "rb", **options) as fh:
                 reader = pq.ParquetFile(fh, pre_buffer=True)
-                groups = _groups_holding(reader.metadata, output_key, ids)
+                groups = _groups_holding(reader.metadata, output_key, ids, dates)
                 if groups:
                     parts.append(reader.read_row_groups(groups, columns=_LEDGER_SCHEMA.names))
         import pyarrow.compute as pc
@@ -396,7 +402,7 @@ class Ledger:
         holds at most ``merge_ratio`` times the entries folded so far. A nightly run thus rewrites about its own
         nights' entries, not the whole ledger (10^7 scenes); a file is rewritten once the smaller ones add up to an
         eighth of it, so an entry is rewritten about log8(ledger / night) times in all, and a few compacted files
-        remain (sizes about eight times apart). Compacted files are sorted by output key and scene id, in row
+        remain (sizes about eight times apart). Compacted files are sorted by output key, date and scene id, in row
         groups of :data:`ROW_GROUP_ROWS` entries, for :meth:`committed_entries`.
 
         The records of units still staged (committed but not yet published, or of a live run) stay as they are:
@@ -438,8 +444,8 @@ class Ledger:
         gone = gone.assign(collection=None, scene_id=None, date=None, updated=None)
         frame = pd.concat([scenes, gone], ignore_index=True)
         out = pa.Table.from_pandas(frame, schema=_LEDGER_SCHEMA, preserve_index=False).sort_by(
-            [("output_key", "ascending"), ("collection", "ascending"), ("scene_id", "ascending")])
-        out = out.replace_schema_metadata({**(out.schema.metadata or {}), _SORTED_KEY: b"output_key,collection,scene_id"})
+            [(column, "ascending") for column in _SORT_ORDER])
+        out = out.replace_schema_metadata({**(out.schema.metadata or {}), _SORTED_KEY: ",".join(_SORT_ORDER).encode()})
         buf = io.BytesIO()
         pq.write_table(out, buf, row_group_size=ROW_GROUP_ROWS)
         self.store.write_bytes(f"{LEDGER_DIR}/{COMPACTED_PREFIX}{new_run_id()}.parquet", buf.getvalue())
@@ -463,11 +469,14 @@ COMPACTED_PREFIX = "compact-"
 
 
 _SORTED_KEY = b"earthgpt:sorted_by"
+# the date before the id: a night's new items have recent acquisition dates whatever their ids look like (Landsat's
+# start with the path and row, Sentinel-2's with the date), so their entries lie in the last row groups
+_SORT_ORDER = ("output_key", "date", "collection", "scene_id")
 
 
 def _sorted(metadata: Any) -> bool:
-    """Whether a compacted file is sorted for :meth:`Ledger.committed_entries` (written since the ledger is)."""
-    return _SORTED_KEY in (metadata.metadata or {})
+    """Whether a compacted file is sorted for :meth:`Ledger.committed_entries` (written in today's order)."""
+    return (metadata.metadata or {}).get(_SORTED_KEY) == ",".join(_SORT_ORDER).encode()
 
 
 def _is_compacted(rel: str) -> bool:
@@ -478,26 +487,35 @@ def _unit_of(rel: str) -> str:
     return rel.rsplit("/", 1)[-1].removesuffix(".parquet")
 
 
-def _groups_holding(metadata: Any, output_key: str, ids: Sequence[str]) -> list[int]:
-    """Row groups whose statistics allow ``output_key`` and one of the sorted ``ids`` (all when unknown)."""
-    import bisect
-
+def _groups_holding(metadata: Any, output_key: str, ids: Sequence[str], dates: Sequence[str] | None) -> list[int]:
+    """Row groups whose statistics allow ``output_key``, one of the sorted ``ids`` and, given, one of the sorted
+    ``dates`` (a group without statistics is kept)."""
     names = [metadata.schema.column(j).name for j in range(metadata.num_columns)]
-    key_col, id_col = names.index("output_key"), names.index("scene_id")
+    key_col, id_col, date_col = names.index("output_key"), names.index("scene_id"), names.index("date")
     keep = []
     for g in range(metadata.num_row_groups):
         group = metadata.row_group(g)
         key_stats, id_stats = group.column(key_col).statistics, group.column(id_col).statistics
         if key_stats is not None and key_stats.has_min_max and not key_stats.min <= output_key <= key_stats.max:
             continue
-        if id_stats is not None and id_stats.has_min_max:
-            at = bisect.bisect_left(ids, id_stats.min)
-            if at == len(ids) or ids[at] > id_stats.max:
-                continue
-        elif id_stats is not None and id_stats.null_count == group.num_rows:
+        if id_stats is not None and not id_stats.has_min_max and id_stats.null_count == group.num_rows:
             continue  # marker rows only
+        if not _may_hold(id_stats, ids):
+            continue
+        if dates is not None and not _may_hold(group.column(date_col).statistics, dates):
+            continue
         keep.append(g)
     return keep
+
+
+def _may_hold(stats: Any, values: Sequence[str]) -> bool:
+    """Whether a column chunk whose statistics are ``stats`` may hold one of the sorted ``values``."""
+    import bisect
+
+    if stats is None or not stats.has_min_max:
+        return True
+    at = bisect.bisect_left(values, stats.min)
+    return at < len(values) and values[at] <= stats.max
 
 
 def _relisting(read: Any, tries: int = 3) -> Any:

@@ -456,7 +456,8 @@ def scene_rows(
         yield pa.Table.from_pylist(rows, schema=scene_rows_schema())
 
 
-def small_search_counts(spec: SearchSpec, lookup: Callable[[list[str]], pa.Table | None], href_policy: HrefPolicy,
+def small_search_counts(spec: SearchSpec, lookup: Callable[[list[str], list[str]], pa.Table | None],
+                        href_policy: HrefPolicy,
                         client: Any = None, quarantined: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """List a search known to fit in one page here, and count what a run would do with it (nothing is built).
 
@@ -466,9 +467,10 @@ def small_search_counts(spec: SearchSpec, lookup: Callable[[list[str]], pa.Table
 
     Args:
         spec: The search.
-        lookup: The ledger entries (``collection, scene_id, date, updated, unit_id``) of some listed ids, such as
-            :meth:`~pipelines.archive.ledger.Ledger.committed_entries` (which reads only the row groups that can
-            hold them).
+        lookup: The ledger entries (``collection, scene_id, date, updated, unit_id``) of the listed ids, given
+            the acquisition dates their entries may have (each item's UTC date, a day either side, and
+            ``unknown``), such as :meth:`~pipelines.archive.ledger.Ledger.committed_entries` (which reads only the
+            row groups that can hold them). An entry it misses only makes the page look like work.
         href_policy: Which asset hrefs may be read.
         client: A ``pystac_client`` client to reuse.
         quarantined: The output key's quarantine.
@@ -486,13 +488,28 @@ def small_search_counts(spec: SearchSpec, lookup: Callable[[list[str]], pa.Table
     if len(items) > spec.page_size:
         return None
     ids = sorted({str(i.get("id") or "") for i in items if isinstance(i, Mapping)})
-    index = _PagedIndex(lookup(ids) if ids else None, first=max(1, len(items)))  # the page's own entries
+    index = _PagedIndex(lookup(ids, _entry_dates(items)) if ids else None, first=max(1, len(items)))
     counts: dict[str, Any] = {}
     # scenes are not built here (no header reads): only whether any item needs work
     rows = sum(b.num_rows for b in scene_rows(index.track(items), Window(), index, href_policy, counts,
                                               build_scenes=False, quarantined=quarantined))
     counts["rows"] = rows
     return counts
+
+
+def _entry_dates(items: Iterable[Any]) -> list[str]:
+    """The acquisition dates the ledger entries of ``items`` may have: each item's UTC date and a day either side
+    (as :func:`_window_table` allows), and ``unknown``."""
+    dates = {"unknown"}
+    for item in items:
+        try:
+            t = item_time(item) if isinstance(item, Mapping) else None
+        except (ValueError, TypeError):
+            t = None
+        if t is not None:
+            day = t.astimezone(timezone.utc)
+            dates.update((day + timedelta(days=k)).strftime("%Y-%m-%d") for k in (-1, 0, 1))
+    return sorted(dates)
 
 
 def _window_table(committed: pa.Table | None, window: Window) -> pa.Table | None:

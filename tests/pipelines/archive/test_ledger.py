@@ -484,3 +484,34 @@ def test_a_superseded_file_that_is_not_deleted_keeps_the_unit_staged_for_recover
     assert _recovering(store).recover().rolled_forward == ["u2"]
     tiles = read_table(store, "tiles")
     assert sorted(zip(tiles["scene_id"], tiles["unit_id"], strict=True)) == [("a", "u2"), ("b", "u1")]
+
+
+def test_a_lookup_with_dates_reads_only_those_dates_row_groups_whatever_the_ids(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from pipelines.archive import ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "ROW_GROUP_ROWS", 100)
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    # Landsat-like ids start with the path and row: a night's new scenes spread over the whole id range
+    for day in range(1, 21):  # 20 dates x 50 scenes
+        date = f"2024-05-{day:02d}"
+        ledger.commit(UnitRecord(f"u{day:02d}", "r", "k", scenes=[
+            ("landsat", f"LC08_L2SP_{p:03d}034_202405{day:02d}", date, T0) for p in range(50)]))
+    assert ledger.compact(min_files=20) == 20
+    read: list[list[int]] = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, row_groups, *args, **kwargs):
+        read.append(list(row_groups))
+        return real(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    newest = [f"LC08_L2SP_{p:03d}034_20240520" for p in (0, 17, 49)]
+    by_dates = ledger.committed_entries("k", newest, dates=["2024-05-19", "2024-05-20", "2024-05-21", "unknown"])
+    assert sorted(r["scene_id"] for r in by_dates.to_pylist()) == newest and read == [[9]]  # the last of 10 groups
+    read.clear()
+    assert ledger.committed_entries("k", newest).num_rows == 3 and len(read[0]) == 10  # ids alone: every group
+    # an entry committed under another date is not found with dates (the caller then treats the scene as work)
+    assert ledger.committed_entries("k", newest, dates=["2024-05-01"]).num_rows == 0
