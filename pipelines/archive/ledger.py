@@ -333,14 +333,16 @@ class Ledger:
         Args:
             output_key: The config's output key.
             scene_ids: The ids to look up (any collection).
-            dates: Acquisition dates (``YYYY-MM-DD`` or ``unknown``) the entries may have: an entry committed under
-                another date is not returned, so a caller must take a missing entry for "maybe not committed" (the
+            dates: Acquisition dates (``YYYY-MM-DD`` or ``unknown``) the entries may have (none: by ids alone): an
+                entry committed under another date is not returned, so a caller must take a missing entry for "maybe not committed" (the
                 job's quiet-night check then runs the job, which reads the whole index).
         """
         ids = sorted({str(s) for s in scene_ids})
         if not ids:
             return _latest(_LEDGER_SCHEMA.empty_table())
-        days = None if dates is None else sorted({str(d) for d in dates})
+        days = sorted({str(d) for d in dates}) if dates is not None else None
+        if days == []:
+            days = None  # no date known: by ids alone
         return _relisting(lambda: self._entries(output_key, ids, days))
 
     def _entries(self, output_key: str, ids: list[str], dates: list[str] | None) -> pa.Table:

@@ -309,6 +309,7 @@ def test_a_units_commit_on_s3_costs_about_two_requests_a_file(s3):
 
 
 def _scenes_unit(unit: str, ids: list[str], key: str = "k", updated: datetime = T0) -> UnitRecord:
+    # one collection and one date: a compacted file's order (output key, date, collection, id) is then the ids'
     return UnitRecord(unit, "r", key, scenes=[("c", s, "2024-05-01", updated) for s in ids])
 
 
