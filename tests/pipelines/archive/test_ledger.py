@@ -363,7 +363,6 @@ def test_compaction_folds_new_records_without_rewriting_a_large_base(tmp_path):
 
 
 def test_a_lookup_of_a_few_ids_reads_only_the_row_groups_that_can_hold_them(tmp_path, monkeypatch):
-    import pyarrow.parquet as pq
 
     from pipelines.archive import ledger as ledger_mod
 
@@ -376,14 +375,7 @@ def test_a_lookup_of_a_few_ids_reads_only_the_row_groups_that_can_hold_them(tmp_
         ledger.commit(_scenes_unit(f"o{u}", [f"s{u * 100 + j:05d}" for j in range(100)], key="other"))
     assert ledger.compact(min_files=15) == 15
     ledger.commit(_scenes_unit("late", ["s00150"], updated=T0 + timedelta(days=1)))  # a record beside the base
-    read: list[list[int]] = []
-    real = pq.ParquetFile.read_row_groups
-
-    def spy(self, row_groups, *args, **kwargs):
-        read.append(list(row_groups))
-        return real(self, row_groups, *args, **kwargs)
-
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    read = _spy_row_groups(monkeypatch)
     ids = ["s00150", "s01999", "s00151", "missing"]
     entries = ledger.committed_entries("k", ids)
     whole = ledger.committed_table("k")
@@ -488,7 +480,6 @@ def test_a_superseded_file_that_is_not_deleted_keeps_the_unit_staged_for_recover
 
 
 def test_a_lookup_with_dates_reads_only_those_dates_row_groups_whatever_the_ids(tmp_path, monkeypatch):
-    import pyarrow.parquet as pq
 
     from pipelines.archive import ledger as ledger_mod
 
@@ -501,6 +492,20 @@ def test_a_lookup_with_dates_reads_only_those_dates_row_groups_whatever_the_ids(
         ledger.commit(UnitRecord(f"u{day:02d}", "r", "k", scenes=[
             ("landsat", f"LC08_L2SP_{p:03d}034_202405{day:02d}", date, T0) for p in range(50)]))
     assert ledger.compact(min_files=20) == 20
+    read = _spy_row_groups(monkeypatch)
+    newest = [f"LC08_L2SP_{p:03d}034_20240520" for p in (0, 17, 49)]
+    by_dates = ledger.committed_entries("k", newest, dates=["2024-05-19", "2024-05-20", "2024-05-21", "unknown"])
+    assert sorted(r["scene_id"] for r in by_dates.to_pylist()) == newest and read == [[9]]  # the last of 10 groups
+    read.clear()
+    assert ledger.committed_entries("k", newest).num_rows == 3 and len(read[0]) == 10  # ids alone: every group
+    # an entry committed under another date is not found with dates (the caller then treats the scene as work)
+    assert ledger.committed_entries("k", newest, dates=["2024-05-01"]).num_rows == 0
+
+
+def _spy_row_groups(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The row groups each ``ParquetFile.read_row_groups`` call reads, from now on in this test."""
+    import pyarrow.parquet as pq
+
     read: list[list[int]] = []
     real = pq.ParquetFile.read_row_groups
 
@@ -509,10 +514,4 @@ def test_a_lookup_with_dates_reads_only_those_dates_row_groups_whatever_the_ids(
         return real(self, row_groups, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
-    newest = [f"LC08_L2SP_{p:03d}034_20240520" for p in (0, 17, 49)]
-    by_dates = ledger.committed_entries("k", newest, dates=["2024-05-19", "2024-05-20", "2024-05-21", "unknown"])
-    assert sorted(r["scene_id"] for r in by_dates.to_pylist()) == newest and read == [[9]]  # the last of 10 groups
-    read.clear()
-    assert ledger.committed_entries("k", newest).num_rows == 3 and len(read[0]) == 10  # ids alone: every group
-    # an entry committed under another date is not found with dates (the caller then treats the scene as work)
-    assert ledger.committed_entries("k", newest, dates=["2024-05-01"]).num_rows == 0
+    return read
