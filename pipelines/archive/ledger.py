@@ -273,14 +273,12 @@ class Ledger:
                 report.left_live.append(unit_id)
                 continue
             record = self._record_path(unit_id)
-            data = None
-            if self.store.exists(record):
-                try:
-                    data = self.store.read_bytes(record)
-                except FileNotFoundError:
-                    # folded by another output key's compaction since: it folds only records of published units
-                    # (whose staging folder its run had removed after this listing), so nothing is left to do
-                    continue
+            try:
+                data = self.store.read_bytes(record)
+            except FileNotFoundError:
+                # never committed; or committed, published and folded since by another output key's compaction
+                # (it folds only records of published units), whose staging folder is gone: either way, deleted
+                data = None
             if data is not None:
                 table = pq.read_table(io.BytesIO(data))
                 if set(table["output_key"].to_pylist()) != {self.lease.name}:
@@ -346,12 +344,9 @@ class Ledger:
         return _relisting(lambda: self._entries(output_key, ids, days))
 
     def _entries(self, output_key: str, ids: list[str], dates: list[str] | None) -> pa.Table:
-        files = self.store.glob(f"{LEDGER_DIR}/*.parquet")
-        # each read is one ranged request on an object store (fsspec's default read-ahead would fetch 50 MB blocks)
-        options = {} if self.store.local else {"cache_type": "none"}
         parts = []
-        for f in files:
-            with self.store.fs.open(self.store.full(f), "rb", **options) as fh:
+        for f in self.store.glob(f"{LEDGER_DIR}/*.parquet"):
+            with self._open(f) as fh:
                 reader = pq.ParquetFile(fh, pre_buffer=True)
                 groups = _groups_holding(reader.metadata, output_key, ids, dates)
                 if groups:
@@ -426,15 +421,14 @@ class Ledger:
         if len(records) < min_files:
             return 0
         footers = {f: self._footer(f) for f in files if _is_compacted(f)}
-        sizes = {f: int(m.num_rows) for f, m in footers.items()}
         table = self._read_records(files=records)
         fold, folded_rows = list(records), table.num_rows
         # a compacted file written before the ledger was sorted is folded once, whatever its size
-        for f in sorted(sizes, key=lambda f: (_sorted(footers[f]), sizes[f], f)):
-            if _sorted(footers[f]) and folded_rows * merge_ratio < sizes[f]:
+        for f in sorted(footers, key=lambda f: (_sorted(footers[f]), footers[f].num_rows, f)):
+            if _sorted(footers[f]) and folded_rows * merge_ratio < footers[f].num_rows:
                 break
             fold.append(f)
-            folded_rows += sizes[f]
+            folded_rows += footers[f].num_rows
         if len(fold) > len(records):
             table = pa.concat_tables([table, self._read_records(files=fold[len(records):])])
         frame = table.sort_by([("committed_at", "ascending")]).to_pandas(types_mapper=pd.ArrowDtype)
@@ -457,12 +451,13 @@ class Ledger:
 
     def _footer(self, rel: str) -> Any:
         """A ledger file's Parquet footer (row count, row groups, key-value metadata)."""
-        options = {} if self.store.local else {"cache_type": "none"}
-        with self.store.fs.open(self.store.full(rel), "rb", **options) as fh:
+        with self._open(rel) as fh:
             return pq.ParquetFile(fh).metadata
 
-    def _rows(self, rel: str) -> int:
-        return int(self._footer(rel).num_rows)
+    def _open(self, rel: str) -> Any:
+        """A ledger file opened for ranged reads: on an object store each read is one request (fsspec's default
+        read-ahead would fetch 50 MB blocks)."""
+        return self.store.fs.open(self.store.full(rel), "rb", **({} if self.store.local else {"cache_type": "none"}))
 
 
 # Entries per row group of a compacted ledger file: a lookup of a few ids reads a few of these (about 0.5 MB each).

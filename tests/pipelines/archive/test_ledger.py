@@ -431,7 +431,7 @@ def test_nightly_compactions_keep_a_few_tiers_and_rewrite_the_base_rarely(tmp_pa
         most_files = max(most_files, len(files))
         if base not in files:  # the base was folded into a new one
             base_rewrites += 1
-            base = max(files, key=lambda f: ledger._rows(f))
+            base = max(files, key=lambda f: ledger._footer(f).num_rows)
     assert len(ledger.committed("k")) == 2000 + 40 * 20
     # 800 new entries over 40 nights: the base (2,000) is merged in when 250 have come, then (2,250) at 281 more
     assert most_files <= 4 and base_rewrites == 2
