@@ -33,6 +33,7 @@ def test_table_then_one_json_line(bench: ModuleType, capsys: pytest.CaptureFixtu
     for key in ("prefill_efficiency", "decode_efficiency", "tiles_per_s", "speedup_vs_baseline"):
         assert summary[key] > 0, key
     assert summary["identical_greedy"] is True and summary["shapes_identical_greedy"] is True
+    assert summary["same_up_to_ties"] is True and summary["rows"][0]["tie_gaps"] == []
     assert [r["tiles"] for r in summary["rows"]] == [2, 3] and summary["errors"] == []
     row = summary["rows"][-1]
     assert row["static"]["prefill_tokens"] < row["static"]["baseline_prefill_tokens"]  # the shared prefix
@@ -56,3 +57,34 @@ def test_a_failing_batch_keeps_the_earlier_figures(
     _, summary = _summary(capsys)
     assert [r["tiles"] for r in summary["rows"]] == [2]
     assert summary["errors"] == ["tiny x3: RuntimeError: CUDA error: an illegal memory access was encountered"]
+
+
+def test_a_wrong_token_is_not_called_a_near_tie(bench: ModuleType) -> None:
+    """The near-tie check of differing answers: a decoder that picks a token the baseline finds whole nats less likely
+    is flagged, and the rounding noise it is judged against comes from the baseline model alone (float32: tiny)."""
+    import dataclasses
+
+    import torch
+
+    model, processor = bench.load("tiny", torch.device("cpu"), torch.float32, 0, 0.5)
+    engine = bench.InferenceEngine(model, processor, dtype=torch.float32, device="cpu", decoding="baseline")
+    images, prompts, index = bench.workload(processor, 2, 0)
+    base = engine.generate(images, prompts, max_new_tokens=6, image_index=index)
+
+    same = bench.compare(engine, images, prompts, index, base, base)
+    assert same["identical_greedy"] and same["same_up_to_ties"] and same["tie_gaps"] == []
+
+    # row 1 takes, at its third token, the token the baseline finds least likely there
+    a = base[1]
+    ids = processor.encode_prompt(prompts[1]) + a.token_ids[:2]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), image_features=engine.encode_images([images[index[1]]]),
+                       image_index=torch.zeros(1, dtype=torch.long)).logits[0, -1]
+    worst = int(logits.argmin())
+    wrong = [*base]
+    wrong[1] = dataclasses.replace(a, token_ids=[*a.token_ids[:2], worst, *a.token_ids[3:]])
+    found = bench.compare(engine, images, prompts, index, base, wrong)
+    assert not found["identical_greedy"] and found["first_difference"] == [2]
+    assert found["tie_gaps"][0] > 1.0  # nats
+    assert found["rounding_noise"] < 1e-3  # float32: the baseline computed twice agrees closely
+    assert found["same_up_to_ties"] is False
