@@ -228,6 +228,7 @@ def tie_gaps(
         hidden = model.language_model.model(
             inputs_embeds=embeds,
             position_ids=torch.arange(embeds.shape[1], device=engine.device)[None],
+            use_cache=False,
             return_dict=True,
         ).last_hidden_state
         logits = model.language_model.lm_head(hidden[0, len(prompt) - 1 : len(prompt) - 1 + a.n_tokens])
