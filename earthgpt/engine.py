@@ -306,15 +306,13 @@ class InferenceEngine:
         if decoding == "static":
             prompt_len = len(processor.encode_prompt("What is in this image?")) + 64
             self.batch_plan = self._plan(prompt_len, 64)
-            if fuse_projections is not False:
-                projections = self.model.fused_projections()
-                copies = sum(
-                    a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in projections or []
-                )
-                if projections is not None and (
-                    fuse_projections or copies <= 0.05 * self.batch_plan["memory_bytes"]
-                ):
-                    self._projections = projections
+            # the stacked copies are sized from the weights first: a paper-scale model's would be ~18 GB, made only
+            # to be dropped
+            if fuse_projections or (
+                fuse_projections is None
+                and _projection_copies_nbytes(self.model) <= 0.05 * self.batch_plan["memory_bytes"]
+            ):
+                self._projections = self.model.fused_projections()
             self.batch_plan["fused_projections"] = self._projections is not None
         else:
             self.batch_plan = {"decoding": "baseline"}
@@ -493,18 +491,21 @@ class InferenceEngine:
     def _memory(self) -> tuple[int, str]:
         if self._memory_budget is not None:
             return int(self._memory_budget), "configured"
+        # the kept cache of fixed-shape decoding is ours to plan with: a plan that counted it as taken would come out
+        # smaller than the cache and replace it, graphs and all, on every call
+        kept = self._steps.cache.nbytes if self._steps is not None else 0
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             # memory PyTorch holds in its cache but no tensor uses is ours too
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            return int(free + cached) + self._weights_bytes, "cuda_free+cached+weights"
+            return int(free + cached + kept) + self._weights_bytes, "cuda_free+cached+weights"
         try:
             import psutil
 
             available = int(psutil.virtual_memory().available)
         except ImportError:  # pragma: no cover - psutil ships with Ray; a bare GPU machine may lack it
             available = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        return available + self._weights_bytes, "ram_available+weights"
+        return available + kept + self._weights_bytes, "ram_available+weights"
 
     def _plan(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
         memory, source = self._memory()
@@ -715,7 +716,10 @@ class InferenceEngine:
         ``max_slots``; positions: ``min_len`` rounded up to a multiple of :data:`_KEY_BUCKET`)."""
         steps = self._steps
         if steps is None or not slots <= steps.cache.slots <= max_slots or steps.cache.max_len < min_len:
-            self._steps = None  # the old cache and graphs go (by reference count) before the new cache is allocated
+            # the old cache and graphs go (by reference count) before the new cache is allocated
+            steps = self._steps = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             max_len = -(-int(min_len) // _KEY_BUCKET) * _KEY_BUCKET
             cache = self.model.new_static_cache(min(_pow2_at_least(slots), int(max_slots)), max_len)
             steps = _DecodeSteps(self.model, cache, self._projections, graphs=self.cuda_graphs)
@@ -802,6 +806,18 @@ class _PrefixGroup:
 
 _KEY_BUCKET = 64
 """Fixed-shape decode: keys attended in multiples of this many positions (and the kept cache's length)."""
+
+
+def _projection_copies_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of the stacked q/k/v and gate/up copies that :meth:`fused_projections` would make."""
+    total = 0
+    for layer in model.language_model.model.layers:  # type: ignore[union-attr]
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                       layer.mlp.up_proj):  # fmt: skip
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                total += weight.numel() * weight.element_size()
+    return total
 
 
 def _pow2_at_least(n: int) -> int:

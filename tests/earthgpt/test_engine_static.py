@@ -111,6 +111,31 @@ def test_static_shapes_match_baseline_and_keep_their_cache(
     assert new._steps is None
 
 
+def test_the_kept_cache_counts_as_memory_to_plan_with(
+    peaky_model: EarthGPTForConditionalGeneration, processor: EarthGPTProcessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning while the fixed-shape cache is kept counts that cache as the engine's own: the next call plans with
+    the memory the first one had, so it keeps the cache (and on a GPU its graphs) instead of shrinking and replacing
+    it on every call."""
+    import psutil
+
+    class _Machine:
+        available = 8 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Machine)
+    new = InferenceEngine(copy.deepcopy(peaky_model), processor, device="cpu", static_shapes=True)
+    before = new._memory()[0]
+    tiles = random_tiles(5, seed=3, shapes=((32, 32),))
+    prompts, index = _tile_prompts(5)
+    new.generate(tiles, prompts, max_new_tokens=12, image_index=index)
+    steps = new._steps
+    assert steps is not None and steps.cache.nbytes > 0
+    _Machine.available -= steps.cache.nbytes  # the machine's view once the cache is allocated
+    assert new._memory()[0] == before
+    new.generate(tiles, prompts, max_new_tokens=12, image_index=index)
+    assert new._steps is steps
+
+
 def test_cuda_graphs_need_a_gpu_and_one_rank(
     peaky_model: EarthGPTForConditionalGeneration, processor: EarthGPTProcessor
 ) -> None:
