@@ -6,7 +6,8 @@ For each model (preset with random weights, or a saved folder) and each batch of
    FLOP/s) and a weights-read probe (a matrix-vector product over a large weight matrix: the memory-bandwidth bound
    of decoding, bytes/s);
 2. the same tiles and prompts (caption + detect per tile, the demo's tasks) through ``decoding="baseline"`` and
-   ``decoding="static"``, alternating, ``--repeats`` times each (median wall time); greedy answers compared token
+   ``decoding="static"``, ``--repeats`` times each (median wall time; alternating on a CPU, one decoder after the
+   other on a GPU, each alone in memory; the baseline in calls of as many tiles as fit); greedy answers compared token
    for token;
 3. per engine: tiles/s, prefill tokens/s and ``prefill_efficiency`` (decoder matmul FLOP/s over the GEMM probe),
    decode steps/s and ``decode_efficiency`` (the time a step must take at the probed bandwidth, reading the decoder's
@@ -31,6 +32,7 @@ repository root). ``--budget-s`` skips the batches that would not fit in the tim
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -47,7 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from earthgpt.engine import Generation, InferenceEngine  # noqa: E402
+from earthgpt.engine import Generation, InferenceEngine, is_out_of_memory  # noqa: E402
 from earthgpt.modeling import EarthGPTForConditionalGeneration  # noqa: E402
 from earthgpt.processor import EarthGPTProcessor  # noqa: E402
 from earthgpt.tasks import build_prompt  # noqa: E402
@@ -270,6 +272,52 @@ def compare(
     }
 
 
+class GraphsFailed(RuntimeError):
+    """The CUDA-graphs decoder failed (capture or replay): its row is dropped, the other decoders are timed again."""
+
+
+class _Baseline:
+    """Today's engine on a batch, in calls of as many whole tiles as fit: one call for the batch unless it runs out
+    of memory (its dynamic cache is not planned: 128 tiles of the paper preset need ~78 GB of keys and values), then
+    halved until it fits, and kept so for every later call on this batch (``tiles_per_call`` in the row)."""
+
+    def __init__(self, engine: InferenceEngine, tiles: int) -> None:
+        self.engine = engine
+        self.tiles_per_call = tiles
+
+    def generate(
+        self, images: list[torch.Tensor], prompts: list[str], index: list[int], max_new_tokens: int
+    ) -> list[Generation]:
+        while True:
+            failed = False
+            try:
+                return self._calls(images, prompts, index, max_new_tokens)
+            except Exception as exc:  # noqa: BLE001 - out of memory is retried below, outside this block
+                if not is_out_of_memory(exc) or self.tiles_per_call == 1:
+                    raise
+                failed = True
+            if failed:  # retried here, once the traceback and the tensors it holds are gone (PyTorch FAQ)
+                self.tiles_per_call = max(1, self.tiles_per_call // 2)
+                log(f"  baseline out of memory: {self.tiles_per_call} tiles per call")
+                self.engine.release_memory()
+
+    def _calls(
+        self, images: list[torch.Tensor], prompts: list[str], index: list[int], max_new_tokens: int
+    ) -> list[Generation]:
+        assert index == sorted(index), "prompts must come tile by tile"
+        out: list[Generation] = []
+        for lo in range(0, len(images), self.tiles_per_call):
+            hi = min(lo + self.tiles_per_call, len(images))
+            chosen = [i for i, j in enumerate(index) if lo <= j < hi]
+            out += self.engine.generate(
+                images[lo:hi],
+                [prompts[i] for i in chosen],
+                max_new_tokens=max_new_tokens,
+                image_index=[index[i] - lo for i in chosen],
+            )
+        return out
+
+
 def run_batch(
     name: str,
     engines: dict[str, InferenceEngine],
@@ -283,54 +331,86 @@ def run_batch(
     news = [k for k in kinds if k != "baseline"]
     device = engines["static"].device
     images, prompts, index = workload(engines["static"].processor, tiles, args.seed)
+    baseline = _Baseline(engines["baseline"], tiles)
     outputs: dict[str, list[Generation]] = {}
     walls: dict[str, list[float]] = {k: [] for k in kinds}
     cpus: dict[str, list[float]] = {k: [] for k in kinds}  # process CPU time: steadier on a shared machine
     stats: dict[str, list[dict[str, float]]] = {k: [] for k in news}
-    for kind in kinds:  # warm-up: allocations, kernel selection
-        engines[kind].generate(images[:1], prompts[:2], max_new_tokens=2, image_index=index[:2])
     warmup_s: dict[str, float] = {}
-    # fixed shapes: the kept cache is allocated, and each shape bucket captured (once per actor), before the timing
-    for kind in news[1:]:
+
+    def call(kind: str, max_new_tokens: int, n: int | None = None) -> list[Generation]:
+        n = len(images) if n is None else n
+        todo = [i for i, j in enumerate(index) if j < n]
+        if kind == "baseline":
+            return baseline.generate(images[:n], [prompts[i] for i in todo], index[: len(todo)], max_new_tokens)
+        try:
+            return engines[kind].generate(
+                images[:n], [prompts[i] for i in todo], max_new_tokens=max_new_tokens, image_index=index[: len(todo)]
+            )
+        except Exception as exc:
+            if kind == "graphs":
+                raise GraphsFailed(f"{type(exc).__name__}: {exc}") from None  # no traceback: its tensors go now
+            raise
+
+    def make_room(kind: str) -> None:
+        # on a GPU each decoder runs alone: the kept caches of the fixed-shape ones go before another one runs
+        if device.type == "cuda":
+            for other in news:
+                if other != kind and engines[other]._steps is not None:
+                    engines[other].release_memory()
+
+    def timed(kind: str) -> None:
+        make_room(kind)
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = call(kind, args.new_tokens)
+        sync(device)
+        walls[kind].append(time.perf_counter() - t0)
+        cpus[kind].append(time.process_time() - c0)
+        outputs.setdefault(kind, out)
+        if kind != "baseline":
+            stats[kind].append(dict(engines[kind].last_stats))
+
+    def warm_up(kind: str) -> None:
+        # fixed shapes: the kept cache is allocated, and each shape bucket captured (once per actor), before timing
+        make_room(kind)
         sync(device)
         t0 = time.perf_counter()
-        engines[kind].generate(images, prompts, max_new_tokens=args.new_tokens, image_index=index)
+        call(kind, args.new_tokens)
         sync(device)
         warmup_s[kind] = time.perf_counter() - t0
-    for _ in range(args.repeats):
+
+    for kind in kinds:  # warm-up: allocations, kernel selection
+        call(kind, 2, n=1)
+    # the baseline's split: a 1-token call less the image encoding is its prefill (left-padded: padding computed too)
+    make_room("baseline")
+    encode_s = _timed(lambda: engines["baseline"].encode_images(images), device, args.repeats)
+    base_prefill_s = _timed(lambda: call("baseline", 1), device, args.repeats) - encode_s
+    if device.type == "cuda":  # one decoder after the other, each alone on the GPU
         for kind in kinds:
-            engine = engines[kind]
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = engine.generate(images, prompts, max_new_tokens=args.new_tokens, image_index=index)
-            sync(device)
-            walls[kind].append(time.perf_counter() - t0)
-            cpus[kind].append(time.process_time() - c0)
-            outputs.setdefault(kind, out)
-            if kind != "baseline":
-                stats[kind].append(dict(engine.last_stats))
+            if kind in news[1:]:
+                warm_up(kind)
+            for _ in range(args.repeats):
+                timed(kind)
+    else:  # alternating: a shared CPU's load falls on every decoder alike
+        for kind in news[1:]:
+            warm_up(kind)
+        for _ in range(args.repeats):
+            for kind in kinds:
+                timed(kind)
     base = outputs["baseline"]
     row: dict[str, Any] = {"model": name, "tiles": tiles, "prompts": len(prompts), "engines": kinds}
     for kind in news:
         prefix = "" if kind == "static" else f"{kind}_"
         found = compare(engines["baseline"], images, prompts, index, base, outputs[kind])
         row.update({prefix + key: value for key, value in found.items()})
-    # baseline split: a 1-token call less the image encoding is its prefill (left-padded: padding is computed too)
-    encode_s = _timed(lambda: engines["baseline"].encode_images(images), device, args.repeats)
-    base_prefill_s = (
-        _timed(
-            lambda: engines["baseline"].generate(images, prompts, max_new_tokens=1, image_index=index),
-            device,
-            args.repeats,
-        )
-        - encode_s
-    )
     width = max(len(engines["baseline"].processor.encode_prompt(q)) for q in prompts)
     steps = max(g.n_tokens for g in base) - 1
     base_wall = statistics.median(walls["baseline"])
     row["baseline"] = {
         "wall_s": base_wall,
         "tiles_per_s": tiles / base_wall,
+        "tiles_per_call": baseline.tiles_per_call,
         **efficiencies(
             costs,
             kv_bytes_per_token,
@@ -377,6 +457,7 @@ def run_batch(
         steps_runner = engines[kind]._steps
         row[kind]["warmup_s"] = seconds
         row[kind]["captured_graphs"] = steps_runner.captures if steps_runner is not None else 0
+    make_room("baseline")  # the next batch starts with the baseline
     return row
 
 
@@ -457,22 +538,27 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"{name}: {tiles} tiles")
             t0 = time.perf_counter()
-            try:
+            row = None
+            for _attempt in range(2):  # a failing graphs decoder is dropped and the batch timed again without it
+                retry = False
                 try:
                     row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
-                except Exception as exc:  # a failing graphs capture must not cost the other engines' figures
-                    if "graphs" not in engines:
-                        raise
-                    errors.append(f"{name} x{tiles}: cuda graphs: {type(exc).__name__}: {exc}")
+                except GraphsFailed as exc:  # only the graphs decoder's own failure: the others' figures still count
+                    errors.append(f"{name} x{tiles}: cuda graphs: {exc}")
                     log(f"CUDA graphs failed, timing without them: {errors[-1]}")
-                    del engines["graphs"]
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    row = run_batch(name, engines, tiles, args, probes, costs, kv_bytes_per_token)
-            except Exception as exc:  # report what was measured before the failure, then the failure
-                errors.append(f"{name} x{tiles}: {type(exc).__name__}: {exc}")
-                log(f"stopping: {errors[-1]}")
-                stop = True
+                    retry = True
+                except Exception as exc:  # report what was measured before the failure, then the failure
+                    errors.append(f"{name} x{tiles}: {type(exc).__name__}: {exc}")
+                    log(f"stopping: {errors[-1]}")
+                    stop = True
+                if not retry:
+                    break
+                # outside the except block: the failure's traceback no longer holds its tensors (PyTorch FAQ)
+                engines.pop("graphs", None)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if stop or row is None:
                 break
             last_s, last_tiles = time.perf_counter() - t0, tiles
             rows.append(row)
@@ -543,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "identical_greedy": bool(rows) and all(r["identical_greedy"] for r in rows),
         "same_up_to_ties": bool(rows) and all(r["same_up_to_ties"] for r in rows),
         **{
-            f"{kind}_{key}": all(r[f"{kind}_{key}"] for r in rows)
+            f"{kind}_{key}": all(r.get(f"{kind}_{key}", False) for r in rows)  # False where the decoder was dropped
             for kind in (rows[0]["engines"][2:] if rows else [])
             for key in ("identical_greedy", "same_up_to_ties")
         },

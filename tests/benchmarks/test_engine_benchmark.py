@@ -88,3 +88,47 @@ def test_a_wrong_token_is_not_called_a_near_tie(bench: ModuleType) -> None:
     assert found["tie_gaps"][0] > 1.0  # nats
     assert found["rounding_noise"] < 1e-3  # float32: the baseline computed twice agrees closely
     assert found["same_up_to_ties"] is False
+
+
+def test_a_failing_graphs_decoder_is_dropped_and_the_batch_timed_again(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the graphs decoder's own failure is retried without it (outside the except block, so the failure's
+    tensors are freed first); the run goes on and exits 0, the failure listed."""
+    real = bench.run_batch
+    calls = []
+
+    def graphs_fail_once(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(args[2])
+        if len(calls) == 1:
+            raise bench.GraphsFailed("RuntimeError: operation not permitted when stream is capturing")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_batch", graphs_fail_once)
+    assert bench.main(ARGS) == 0
+    _, summary = _summary(capsys)
+    assert calls == [2, 2, 3] and [r["tiles"] for r in summary["rows"]] == [2, 3]
+    assert summary["errors"] == ["tiny x2: cuda graphs: RuntimeError: operation not permitted when stream is capturing"]
+
+
+def test_the_baseline_runs_in_calls_that_fit(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Today's engine plans no memory: a batch it cannot hold is run in halves (whole tiles per call) until it fits,
+    with the same answers as one call."""
+    import torch
+
+    model, processor = bench.load("tiny", torch.device("cpu"), torch.float32, 0, 0.5)
+    engine = bench.InferenceEngine(model, processor, dtype=torch.float32, device="cpu", decoding="baseline")
+    images, prompts, index = bench.workload(processor, 5, 0)
+    whole = engine.generate(images, prompts, max_new_tokens=4, image_index=index)
+    real = engine.generate
+
+    def small_device(images: list[Any], prompts: list[str], **kwargs: Any) -> Any:
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 39.00 GiB")
+        return real(images, prompts, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", small_device)
+    baseline = bench._Baseline(engine, 5)
+    got = baseline.generate(images, prompts, index, 4)
+    assert baseline.tiles_per_call == 2
+    assert [g.token_ids for g in got] == [g.token_ids for g in whole]
