@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -116,9 +116,15 @@ def load(
     return EarthGPTForConditionalGeneration.from_pretrained(name), EarthGPTProcessor.from_pretrained(name)
 
 
-def workload(
-    processor: EarthGPTProcessor, tiles: int, seed: int
-) -> tuple[list[torch.Tensor], list[str], list[int]]:
+class Workload(NamedTuple):
+    """Tiles and their prompts: ``index[i]`` is the tile of ``prompts[i]``, in tile order."""
+
+    images: list[torch.Tensor]
+    prompts: list[str]
+    index: list[int]
+
+
+def workload(processor: EarthGPTProcessor, tiles: int, seed: int) -> Workload:
     """``tiles`` random tiles, each asked the demo's caption and detect prompts."""
     g = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, processor.image_size, processor.image_size, generator=g) for _ in range(tiles)]
@@ -127,7 +133,7 @@ def workload(
         for task in ("caption", "detect"):
             prompts.append(build_prompt(task, SENSORS[j % len(SENSORS)]))
             index.append(j)
-    return images, prompts, index
+    return Workload(images, prompts, index)
 
 
 def decoder_costs(model: Any) -> dict[str, int]:
@@ -188,9 +194,7 @@ def logprob_drift(base: list[Generation], new: list[Generation]) -> float:
 @torch.no_grad()
 def tie_gaps(
     engine: InferenceEngine,
-    images: list[torch.Tensor],
-    prompts: list[str],
-    index: list[int],
+    work: Workload,
     base: list[Generation],
     new: list[Generation],
     limit: int = 64,
@@ -217,7 +221,7 @@ def tie_gaps(
         a, b = base[i], new[i]
         k = first_difference(a, b)
         assert k is not None
-        prompt = engine.processor.encode_prompt(prompts[i])
+        prompt = engine.processor.encode_prompt(work.prompts[i])
         model = engine.model
         # the answer is embedded as tokens, never parsed: a random model may answer with the <image> id
         embeds = torch.cat(
@@ -225,7 +229,7 @@ def tie_gaps(
                 model.embed_inputs(
                     torch.tensor([prompt], device=engine.device),
                     image_index=zero,
-                    image_features=engine.encode_images([images[index[i]]]),
+                    image_features=engine.encode_images([work.images[work.index[i]]]),
                 )[0],
                 model.get_input_embeddings()(torch.tensor([a.token_ids], device=engine.device)),
             ],
@@ -247,9 +251,7 @@ def tie_gaps(
 
 def compare(
     engine: InferenceEngine,
-    images: list[torch.Tensor],
-    prompts: list[str],
-    index: list[int],
+    work: Workload,
     base: list[Generation],
     new: list[Generation],
 ) -> dict[str, Any]:
@@ -261,7 +263,7 @@ def compare(
     same = sum(sum(x == y for x, y in zip(a.token_ids, b.token_ids, strict=False)) for a, b in pairs)
     first = [first_difference(a, b) for a, b in pairs]
     identical = [g.token_ids for g in base] == [g.token_ids for g in new]
-    gaps, noise = tie_gaps(engine, images, prompts, index, base, new) if not identical else ([], 0.0)
+    gaps, noise = tie_gaps(engine, work, base, new) if not identical else ([], 0.0)
     return {
         "identical_greedy": identical,
         # greedy decoding continues from its own tokens, so one flipped near-tie changes everything after it
@@ -332,7 +334,8 @@ def run_batch(
     kinds = list(engines)  # "baseline", "static", and "shapes" (--static-shapes) or "graphs" (--cuda-graphs)
     news = [k for k in kinds if k != "baseline"]
     device = engines["static"].device
-    images, prompts, index = workload(engines["static"].processor, tiles, args.seed)
+    work = workload(engines["static"].processor, tiles, args.seed)
+    images, prompts, index = work
     baseline = _Baseline(engines["baseline"], tiles)
     outputs: dict[str, list[Generation]] = {}
     walls: dict[str, list[float]] = {k: [] for k in kinds}
@@ -410,7 +413,7 @@ def run_batch(
     row: dict[str, Any] = {"model": name, "tiles": tiles, "prompts": len(prompts), "engines": kinds}
     for kind in news:
         prefix = "" if kind == "static" else f"{kind}_"
-        found = compare(engines["baseline"], images, prompts, index, base, outputs[kind])
+        found = compare(engines["baseline"], work, base, outputs[kind])
         row.update({prefix + key: value for key, value in found.items()})
     width = max(len(engines["baseline"].processor.encode_prompt(q)) for q in prompts)
     steps = max(g.n_tokens for g in base) - 1

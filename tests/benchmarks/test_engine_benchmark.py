@@ -68,10 +68,11 @@ def test_a_wrong_token_is_not_called_a_near_tie(bench: ModuleType) -> None:
 
     model, processor = bench.load("tiny", torch.device("cpu"), torch.float32, 0, 0.5)
     engine = bench.InferenceEngine(model, processor, dtype=torch.float32, device="cpu", decoding="baseline")
-    images, prompts, index = bench.workload(processor, 2, 0)
+    work = bench.workload(processor, 2, 0)
+    images, prompts, index = work
     base = engine.generate(images, prompts, max_new_tokens=6, image_index=index)
 
-    same = bench.compare(engine, images, prompts, index, base, base)
+    same = bench.compare(engine, work, base, base)
     assert same["identical_greedy"] and same["same_up_to_ties"] and same["tie_gaps"] == []
 
     # row 1 takes, at its third token, the token the baseline finds least likely there
@@ -83,7 +84,7 @@ def test_a_wrong_token_is_not_called_a_near_tie(bench: ModuleType) -> None:
     worst = int(logits.argmin())
     wrong = [*base]
     wrong[1] = dataclasses.replace(a, token_ids=[*a.token_ids[:2], worst, *a.token_ids[3:]])
-    found = bench.compare(engine, images, prompts, index, base, wrong)
+    found = bench.compare(engine, work, base, wrong)
     assert not found["identical_greedy"] and found["first_difference"] == [2]
     assert found["tie_gaps"][0] > 1.0  # nats
     assert found["rounding_noise"] < 1e-3  # float32: the baseline computed twice agrees closely
