@@ -323,10 +323,13 @@ def stage_unit(
                            [(r.collection, r.date, rec, g) for r in ok for rec, g in r.detection_rows])
     publish += stage_table(store, staging_dir, "errors", unit_id,
                            [(r.collection, r.date, rec, g) for r in results for rec, g in r.error_rows])
+    parents: set[str] = set()  # the group nodes above a scene's, written once per collection
     for r in ok:
         if r.grid is None:
             continue
-        ensure_parent_groups(store, embeddings_group(output_key, r.collection, r.scene_id))
+        if r.collection not in parents:
+            ensure_parent_groups(store, embeddings_group(output_key, r.collection, r.scene_id))
+            parents.add(r.collection)
         for rel in write_scene_grid(store, r.grid, under=staging_dir):
             publish.append(StagedFile(staged=f"{staging_dir}/{rel}", final=rel))
     return {

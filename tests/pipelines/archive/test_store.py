@@ -177,6 +177,25 @@ def test_tables_and_zarr_on_s3(s3):
     _check_grid(ds, grid)
 
 
+@pytest.mark.integration
+def test_a_staged_zarr_group_on_s3_is_one_put_a_file(s3):
+    """A scene's group staged on an object store is made in memory and uploaded in one concurrent call: one PUT per
+    file and nothing else (through zarr's fsspec store each array listed and probed its prefix first, ~80 requests
+    one after another per scene)."""
+    s3.make_bucket("zarr-stage-count")
+    store = OutputStore("s3://zarr-stage-count/out")
+    grid = _grid()
+    s3.clear_requests()
+    files = write_scene_grid(store, grid, under="_staging/u1")
+    methods = [m for m, _, _ in s3.requests]
+    assert len(files) >= 10 and methods == ["PUT"] * len(files), methods
+    group = embeddings_group("key1", "toy-opt", "scene-1")
+    for rel in files:  # as the commit publishes them
+        store.move(f"_staging/u1/{rel}", rel)
+    ensure_parent_groups(store, group)
+    _check_grid(open_scene_grid(store, "key1", "toy-opt", "scene-1"), grid)
+
+
 def test_docs_outputs_documents_every_column():
     """docs/outputs.md has a table row for every column of every table (and only real columns)."""
     import re
