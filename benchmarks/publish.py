@@ -62,50 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    import logging
-
     from pipelines.archive import ledger as ledger_mod
     from pipelines.archive.ledger import Ledger
-    from pipelines.archive.store import OutputStore
-    from tests.harness.servers import start_s3
-    from tests.reliability.faults import FaultProxy
+    from tests.reliability.faults import delayed_s3_stores
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
     pool = ledger_mod.PUBLISH_THREADS
     modes = {"serial": (False, 1), "pool": (False, pool), "batched": (True, pool)}  # (BATCHED_COPIES, threads)
-    s3 = start_s3()
     rows: list[dict[str, Any]] = []
-    try:
-        os.environ.update(s3.env)  # the server's credentials
-        bucket = s3.make_bucket("publish-bench")
-        for latency in [float(x) for x in args.latency_ms.split(",")]:
-            def delay(req: Any, latency: float = latency) -> str:
-                time.sleep(latency / 1000)
-                return "pass"
-
-            proxy = FaultProxy(s3.endpoint_url, delay)
-            try:
-                store = OutputStore(f"s3://{bucket}/lat{int(latency)}", {"endpoint_url": proxy.url})
-                ledger = Ledger(store)
-                _commit_once(ledger, "warmup-u00000", args.files, args.size, proxy.log)  # connections, imports
-                times: dict[str, list[float]] = {m: [] for m in modes}
-                requests: dict[str, list[int]] = {m: [] for m in modes}
-                for rep in range(args.repeats):
-                    for mode, (batched, threads) in modes.items():
-                        ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = batched, threads
-                        unit = f"run{rep}{mode}-u{rep:05d}"
-                        took, commit_requests = _commit_once(ledger, unit, args.files, args.size, proxy.log)
-                        times[mode].append(took)
-                        requests[mode].append(commit_requests)
-                for mode in modes:
-                    rows.append({"latency_ms": latency, "mode": mode, "threads": modes[mode][1],
-                                 "commit_s": statistics.median(times[mode]), "runs": times[mode],
-                                 "requests": statistics.median(requests[mode])})
-            finally:
-                ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = True, pool
-                proxy.stop()
-    finally:
-        s3.stop()
+    latencies = [float(x) for x in args.latency_ms.split(",")]
+    for latency, store, proxy in delayed_s3_stores("publish-bench", latencies):
+        try:
+            ledger = Ledger(store)
+            _commit_once(ledger, "warmup-u00000", args.files, args.size, proxy.log)  # connections, imports
+            times: dict[str, list[float]] = {m: [] for m in modes}
+            requests: dict[str, list[int]] = {m: [] for m in modes}
+            for rep in range(args.repeats):
+                for mode, (batched, threads) in modes.items():
+                    ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = batched, threads
+                    unit = f"run{rep}{mode}-u{rep:05d}"
+                    took, commit_requests = _commit_once(ledger, unit, args.files, args.size, proxy.log)
+                    times[mode].append(took)
+                    requests[mode].append(commit_requests)
+            for mode in modes:
+                rows.append({"latency_ms": latency, "mode": mode, "threads": modes[mode][1],
+                             "commit_s": statistics.median(times[mode]), "runs": times[mode],
+                             "requests": statistics.median(requests[mode])})
+        finally:
+            ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = True, pool
 
     print(f"unit commit: {args.files} files of {args.size} B, moto S3 behind a delaying proxy, "
           f"median of {args.repeats}")

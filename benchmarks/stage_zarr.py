@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import statistics
 import sys
 import time
@@ -60,59 +58,41 @@ def main(argv: list[str] | None = None) -> int:
     rows_n, cols_n = (int(x) for x in args.grid.split("x"))
 
     from pipelines.archive.store import (
-        OutputStore,
         embeddings_group,
         ensure_parent_groups,
         open_scene_grid,
         write_scene_grid,
     )
-    from tests.harness.servers import start_s3
-    from tests.reliability.faults import FaultProxy
+    from tests.reliability.faults import delayed_s3_stores
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
-    s3 = start_s3()
     results: list[dict[str, Any]] = []
-    try:
-        os.environ.update(s3.env)  # the server's credentials
-        bucket = s3.make_bucket("stage-zarr-bench")
-        for latency in [float(x) for x in args.latency_ms.split(",")]:
-
-            def delay(req: Any, latency: float = latency) -> str:
-                time.sleep(latency / 1000)
-                return "pass"
-
-            proxy = FaultProxy(s3.endpoint_url, delay)
-            try:
-                store = OutputStore(f"s3://{bucket}/lat{int(latency)}", {"endpoint_url": proxy.url})
-                write_scene_grid(store, _grid("warmup", 2, 2, 4), under="_staging/warmup")  # connections, imports
-                times: dict[str, list[float]] = {"fsspec": [], "memory": []}
-                requests: dict[str, list[int]] = {"fsspec": [], "memory": []}
-                files: dict[str, int] = {}
-                for rep in range(args.repeats):
-                    for mode in ("fsspec", "memory"):
-                        scene = f"scene-{mode}-{rep}"
-                        grid = _grid(scene, rows_n, cols_n, args.features)
-                        under = "" if mode == "fsspec" else f"_staging/u{rep}"  # "": in place, zarr's fsspec store
-                        n0, t0 = len(proxy.log), time.perf_counter()
-                        written = write_scene_grid(store, grid, under=under)
-                        times[mode].append(time.perf_counter() - t0)
-                        requests[mode].append(len(proxy.log) - n0)
-                        files[mode] = len(written)
-                        if under:  # read it back where the commit would publish it
-                            for rel in written:
-                                store.move(f"{under}/{rel}", rel)
-                        ensure_parent_groups(store, embeddings_group("bench", grid.collection, scene))
-                        back = open_scene_grid(store, "bench", grid.collection, scene)
-                        if not np.array_equal(back["embedding"].values, grid.embedding):
-                            raise RuntimeError(f"{mode}: {embeddings_group('bench', grid.collection, scene)} differs")
-                for mode in times:
-                    results.append({"latency_ms": latency, "mode": mode, "files": files[mode],
-                                    "stage_s": statistics.median(times[mode]), "runs": times[mode],
-                                    "requests": statistics.median(requests[mode])})  # fmt: skip
-            finally:
-                proxy.stop()
-    finally:
-        s3.stop()
+    latencies = [float(x) for x in args.latency_ms.split(",")]
+    for latency, store, proxy in delayed_s3_stores("stage-zarr-bench", latencies):
+        write_scene_grid(store, _grid("warmup", 2, 2, 4), under="_staging/warmup")  # connections, imports
+        times: dict[str, list[float]] = {"fsspec": [], "memory": []}
+        requests: dict[str, list[int]] = {"fsspec": [], "memory": []}
+        files: dict[str, int] = {}
+        for rep in range(args.repeats):
+            for mode in ("fsspec", "memory"):
+                scene = f"scene-{mode}-{rep}"
+                grid = _grid(scene, rows_n, cols_n, args.features)
+                under = "" if mode == "fsspec" else f"_staging/u{rep}"  # "": in place, zarr's fsspec store
+                n0, t0 = len(proxy.log), time.perf_counter()
+                written = write_scene_grid(store, grid, under=under)
+                times[mode].append(time.perf_counter() - t0)
+                requests[mode].append(len(proxy.log) - n0)
+                files[mode] = len(written)
+                if under:  # read it back where the commit would publish it
+                    for rel in written:
+                        store.move(f"{under}/{rel}", rel)
+                ensure_parent_groups(store, embeddings_group("bench", grid.collection, scene))
+                back = open_scene_grid(store, "bench", grid.collection, scene)
+                if not np.array_equal(back["embedding"].values, grid.embedding):
+                    raise RuntimeError(f"{mode}: {embeddings_group('bench', grid.collection, scene)} differs")
+        for mode in times:
+            results.append({"latency_ms": latency, "mode": mode, "files": files[mode],
+                            "stage_s": statistics.median(times[mode]), "runs": times[mode],
+                            "requests": statistics.median(requests[mode])})  # fmt: skip
 
     mb = rows_n * cols_n * args.features * 4 / 1e6
     print(f"one scene's Zarr group staged on moto S3 behind a delaying proxy: {rows_n}x{cols_n} tiles, "
@@ -122,17 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['latency_ms']:>8.0f} {r['mode']:>7} {r['files']:>5} {r['stage_s']:>8.3f} {r['requests']:>8.0f}  "
               f"{', '.join(f'{t:.3f}' for t in r['runs'])}")
-
-    def row(latency: float, mode: str) -> dict[str, Any]:
-        return next(r for r in results if r["latency_ms"] == latency and r["mode"] == mode)
-
     top = max(r["latency_ms"] for r in results)
+    at_top = {r["mode"]: r for r in results if r["latency_ms"] == top}
     print(json.dumps({
         "latency_ms": top, "grid": args.grid, "features": args.features,
-        "fsspec_stage_s": round(row(top, "fsspec")["stage_s"], 3),
-        "memory_stage_s": round(row(top, "memory")["stage_s"], 3),
-        "speedup": round(row(top, "fsspec")["stage_s"] / row(top, "memory")["stage_s"], 2),
-        "requests": {m: row(top, m)["requests"] for m in ("fsspec", "memory")},
+        "fsspec_stage_s": round(at_top["fsspec"]["stage_s"], 3),
+        "memory_stage_s": round(at_top["memory"]["stage_s"], 3),
+        "speedup": round(at_top["fsspec"]["stage_s"] / at_top["memory"]["stage_s"], 2),
+        "requests": {m: at_top[m]["requests"] for m in ("fsspec", "memory")},
     }))  # fmt: skip
     return 0
 

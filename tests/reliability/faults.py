@@ -13,10 +13,12 @@ import http.client
 import os
 import signal
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your '
@@ -180,3 +182,36 @@ def pid_on_port(port: int) -> int | None:
 def kill(pid: int) -> None:
     """SIGKILL: the process gets no chance to clean up (a preempted machine, the OOM killer)."""
     os.kill(pid, signal.SIGKILL)
+
+
+def delayed_s3_stores(bucket: str, latencies_ms: list[float]) -> Iterator[tuple[float, Any, FaultProxy]]:
+    """For the benchmarks: a real S3-compatible server (moto) and, for each delay, a proxy adding it to every
+    request (an object store's round trip) and an output store under ``s3://<bucket>/lat<ms>`` reached through it.
+
+    Yields:
+        ``(latency_ms, store, proxy)``; ``proxy.log`` counts the requests. The proxy stops before the next delay,
+        the server once the loop ends (or breaks off).
+    """
+    import logging
+
+    from pipelines.archive.store import OutputStore
+    from tests.harness.servers import start_s3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
+    s3 = start_s3()
+    try:
+        os.environ.update(s3.env)  # the server's credentials
+        name = s3.make_bucket(bucket)
+        for latency in latencies_ms:
+
+            def delay(req: Request, latency: float = latency) -> str:
+                time.sleep(latency / 1000)
+                return "pass"
+
+            proxy = FaultProxy(s3.endpoint_url, delay)
+            try:
+                yield latency, OutputStore(f"s3://{name}/lat{int(latency)}", {"endpoint_url": proxy.url}), proxy
+            finally:
+                proxy.stop()
+    finally:
+        s3.stop()
