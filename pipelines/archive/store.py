@@ -530,12 +530,16 @@ def _async_fs(store: OutputStore) -> Any:
 
 
 def open_scene_grid(store: OutputStore, output_key: str, collection: str, scene_id: str) -> Any:
-    """Open one scene's tile-grid dataset lazily (dask-backed) with ``xarray.open_zarr``."""
+    """Open one scene's tile-grid dataset lazily (dask-backed) with ``xarray.open_zarr``.
+
+    The scene's group is opened as a store of its own: its consolidated metadata lives in its own ``zarr.json``
+    (opened from the root with ``group=``, xarray looks for it at the root, warns, and reads every array's metadata
+    instead: a request per array on an object store)."""
     import xarray as xr
 
     return xr.open_zarr(
-        store.url(EMBEDDINGS_STORE), group=embeddings_group(output_key, collection, scene_id),
-        storage_options=None if store.local else store.storage_options, zarr_format=3,
+        store.url(posixpath.join(EMBEDDINGS_STORE, embeddings_group(output_key, collection, scene_id))),
+        storage_options=None if store.local else store.storage_options, zarr_format=3, consolidated=True,
     )
 
 

@@ -143,6 +143,7 @@ def test_zarr_scene_grid_stages_under_a_folder(tmp_path):
     assert not (tmp_path / "embeddings.zarr").exists()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # opened with its own consolidated metadata, no fallback
 def test_zarr_scene_grid_rewrite_replaces_group(tmp_path):
     store = OutputStore(str(tmp_path))
     write_scene_grid(store, _grid(rows=5, cols=5))
