@@ -268,7 +268,7 @@ class OutputConfig(_Strict):
             environment.
         commit_tiles: A commit unit closes once its finished scenes hold at least this many tiles. ``None``: no
             tile limit. Closed units that waited for the commit before them are merged when their turn comes, up to
-            16 times this.
+            16 times this (and 4,096 scenes).
         commit_seconds: ... or once its oldest finished scene has waited this long. ``None``: no time limit. With
             both ``None`` the whole run is one unit. Commits never stop the model: it works on while a unit is
             staged and committed, and a crash loses only the scenes not yet committed.

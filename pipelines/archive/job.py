@@ -355,12 +355,18 @@ class _Unit:
 
 
 _MERGE_FACTOR = 16
-"""Closed units that waited are merged up to this many times ``commit_tiles`` (what one stage task holds)."""
+"""Closed units that waited are merged up to this many times ``commit_tiles`` (or, without a tile limit, the oldest
+unit's tiles): what one stage task holds."""
+
+_MERGE_SCENES = 4096
+"""... and up to this many scenes: a unit's record lists every staged file in its Parquet footer, which readers refuse
+past 100 MB (a Zarr group is 16 files; 16 x 2048 one-tile scenes would list ~120 MB)."""
 
 
 def _merge_waiting(closed: collections.deque[_Unit], max_tiles: int | None) -> _Unit:
     """The next unit to stage: the oldest closed one, with the closed units that queued behind it folded in while
-    their tiles stay within ``max_tiles`` (None: all).
+    their tiles stay within ``max_tiles`` (None: :data:`_MERGE_FACTOR` times the oldest unit's) and their scenes
+    within :data:`_MERGE_SCENES`.
 
     Units close at the model's pace but stage and commit one at a time. When a cluster finishes units faster than
     the output store commits them (100 GPU actors at 20 tiles/s close a 2048-tile unit every second; one commit on
@@ -370,7 +376,12 @@ def _merge_waiting(closed: collections.deque[_Unit], max_tiles: int | None) -> _
     puts two versions of a scene in one unit.
     """
     unit = closed.popleft()
-    while closed and (max_tiles is None or unit.tiles + closed[0].tiles <= max_tiles):
+    limit = _MERGE_FACTOR * unit.tiles if max_tiles is None else max_tiles
+    while (
+        closed
+        and unit.tiles + closed[0].tiles <= limit
+        and len(unit.parts) + len(closed[0].parts) <= _MERGE_SCENES
+    ):
         later = closed.popleft()
         unit.parts.extend(later.parts)
         unit.tiles += later.tiles

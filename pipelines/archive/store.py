@@ -504,7 +504,7 @@ def write_scene_grid(store: OutputStore, grid: SceneGrid, under: str = "") -> li
         ds.to_zarr(zstore, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
     prefix = posixpath.join(under, "") if under else ""
     if memory is not None:
-        files = {posixpath.join(rel, key): value.to_bytes() for key, value in memory.items()}
+        files = {posixpath.join(rel, key): memory.pop(key).to_bytes() for key in list(memory)}  # one copy held
         store.fs.pipe({store.full(path): data for path, data in files.items()})
         return sorted(path[len(prefix):] for path in files)
     return [p[len(prefix):] for p in store.glob(f"{rel}/**") if not store.fs.isdir(store.full(p))]

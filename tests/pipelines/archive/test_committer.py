@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
+from pipelines.archive import job
 from pipelines.archive.job import _merge_waiting, _Unit
 
 
@@ -30,7 +33,16 @@ def test_waiting_units_are_merged_in_order_up_to_the_bound() -> None:
     assert nxt.unit_id == "r-u00004" and nxt.merged == 0 and not closed
 
 
-def test_without_a_tile_limit_everything_waiting_is_merged() -> None:
-    closed = _units(5, 7, 11)
-    unit = _merge_waiting(closed, None)
-    assert unit.merged == 2 and unit.tiles == 23 and len(unit.parts) == 3 and not closed
+def test_without_a_tile_limit_units_merge_up_to_sixteen_times_the_oldest() -> None:
+    closed = _units(5, 7, 11, 60)
+    unit = _merge_waiting(closed, None)  # 16 x 5 = 80 tiles: 5 + 7 + 11 fit, + 60 would not
+    assert unit.merged == 2 and unit.tiles == 23 and len(unit.parts) == 3
+    assert [u.tiles for u in closed] == [60]
+
+
+def test_merging_stops_at_the_scene_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit's record lists every staged file: many one-tile scenes must not merge into a record readers refuse."""
+    monkeypatch.setattr(job, "_MERGE_SCENES", 3)
+    closed = _units(1, 1, 1, 1, 1)
+    unit = _merge_waiting(closed, 2048)
+    assert len(unit.parts) == 3 and unit.merged == 2 and len(closed) == 2
