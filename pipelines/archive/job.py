@@ -363,20 +363,20 @@ _MERGE_SCENES = 4096
 past 100 MB (a Zarr group is 16 files; 16 x 2048 one-tile scenes would list ~120 MB)."""
 
 
-def _merge_waiting(closed: collections.deque[_Unit], max_tiles: int | None) -> _Unit:
+def _merge_waiting(closed: collections.deque[_Unit], commit_tiles: int | None) -> _Unit:
     """The next unit to stage: the oldest closed one, with the closed units that queued behind it folded in while
-    their tiles stay within ``max_tiles`` (None: :data:`_MERGE_FACTOR` times the oldest unit's) and their scenes
-    within :data:`_MERGE_SCENES`.
+    their tiles stay within :data:`_MERGE_FACTOR` times ``commit_tiles`` (None: times the oldest unit's tiles) and
+    their scenes within :data:`_MERGE_SCENES`.
 
     Units close at the model's pace but stage and commit one at a time. When a cluster finishes units faster than
     the output store commits them (100 GPU actors at 20 tiles/s close a 2048-tile unit every second; one commit on
-    S3 takes a second or more, benchmarks/publish.py), the waiting line would grow for the whole run, every waiting unit holding its results in the
-    object store, and a night would leave tens of thousands of small files. Merged, the units grow to what the store
-    can commit, and a unit that keeps pace is left as it is. A scene is in one unit of a run only, so merging never
-    puts two versions of a scene in one unit.
+    S3 takes a second or more, benchmarks/publish.py), the waiting line would grow for the whole run, every waiting
+    unit holding its results in the object store, and a night would leave tens of thousands of small files. Merged,
+    the units grow to what the store can commit, and a unit that keeps pace is left as it is. A scene is in one unit
+    of a run only, so merging never puts two versions of a scene in one unit.
     """
     unit = closed.popleft()
-    limit = _MERGE_FACTOR * unit.tiles if max_tiles is None else max_tiles
+    limit = _MERGE_FACTOR * (commit_tiles or unit.tiles)
     while (
         closed
         and unit.tiles + closed[0].tiles <= limit
@@ -467,7 +467,7 @@ class UnitCommitter:
                 self.staging = None
             if not self.closed:
                 return
-            unit = _merge_waiting(self.closed, _MERGE_FACTOR * out.commit_tiles if out.commit_tiles else None)
+            unit = _merge_waiting(self.closed, out.commit_tiles)
             if unit.merged:
                 self.say(f"unit {unit.unit_id} takes {unit.merged} more closed units that waited for the commit "
                          f"before it ({unit.tiles} tiles)")

@@ -19,17 +19,17 @@ def _units(*tiles: int) -> collections.deque[_Unit]:
 
 def test_a_unit_that_keeps_pace_is_staged_alone() -> None:
     closed = _units(2048)
-    unit = _merge_waiting(closed, 16 * 2048)
+    unit = _merge_waiting(closed, 2048)
     assert unit.unit_id == "r-u00000" and unit.merged == 0 and unit.parts == [("s0", "r0")] and not closed
 
 
 def test_waiting_units_are_merged_in_order_up_to_the_bound() -> None:
     closed = _units(2048, 2050, 2100, 2048, 9000)
-    unit = _merge_waiting(closed, 4 * 2048 + 100)  # 2048 + 2050 + 2100 + 2048 = 8246 fits; + 9000 would not
+    unit = _merge_waiting(closed, 518)  # 16 x 518 = 8288: 2048 + 2050 + 2100 + 2048 = 8246 fits; + 9000 not
     assert unit.unit_id == "r-u00000" and unit.merged == 3 and unit.tiles == 8246
     assert unit.parts == [("s0", "r0"), ("s1", "r1"), ("s2", "r2"), ("s3", "r3")]  # every scene once, in order
     assert [u.unit_id for u in closed] == ["r-u00004"]  # the rest waits for the next turn
-    nxt = _merge_waiting(closed, 4 * 2048 + 100)
+    nxt = _merge_waiting(closed, 518)
     assert nxt.unit_id == "r-u00004" and nxt.merged == 0 and not closed
 
 
