@@ -179,12 +179,11 @@ def first_difference(a: Generation, b: Generation) -> int | None:
     return next((k for k, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y), None)
 
 
-def logprob_drift(base: list[Generation], new: list[Generation]) -> float:
+def logprob_drift(base: list[Generation], new: list[Generation], first: list[int | None]) -> float:
     """How far the two decoders' log-probabilities of the same token drift apart where their answers still agree:
-    the largest ``|log p_baseline - log p_new|`` before each answer's first difference."""
+    the largest ``|log p_baseline - log p_new|`` before each answer's first difference (``first``)."""
     drift = 0.0
-    for a, b in zip(base, new, strict=True):
-        k = first_difference(a, b)
+    for a, b, k in zip(base, new, first, strict=True):
         upto = min(a.n_tokens, b.n_tokens) if k is None else k
         for x, y in zip(a.token_logprobs[:upto], b.token_logprobs[:upto], strict=True):
             drift = max(drift, abs(x - y))
@@ -197,6 +196,7 @@ def tie_gaps(
     work: Workload,
     base: list[Generation],
     new: list[Generation],
+    first: list[int | None],
     limit: int = 64,
 ) -> tuple[list[float], float]:
     """Measures, for each differing answer (at most ``limit``, spread over them), how close its first difference was
@@ -208,18 +208,20 @@ def tie_gaps(
     the baseline's own decoding gave: the rounding noise of the model computed two ways, which does not depend on the
     new decoder.
 
+    Args:
+        first: Each answer's first differing position (:func:`first_difference`), None where the answers agree.
+
     Returns:
         The gaps, and the largest such noise over the answers examined.
     """
     gaps: list[float] = []
     noise = 0.0
     zero = torch.zeros(1, dtype=torch.long, device=engine.device)
-    differing = [i for i, (a, b) in enumerate(zip(base, new, strict=True)) if first_difference(a, b) is not None]
+    differing = [i for i, k in enumerate(first) if k is not None]
     # spread over all differing answers (prompts admitted late as well as early), at most ``limit``
     chosen = [differing[round(j * len(differing) / limit)] for j in range(limit)] if len(differing) > limit else differing
     for i in chosen:
-        a, b = base[i], new[i]
-        k = first_difference(a, b)
+        a, b, k = base[i], new[i], first[i]
         assert k is not None
         prompt = engine.processor.encode_prompt(work.prompts[i])
         model = engine.model
@@ -263,13 +265,13 @@ def compare(
     same = sum(sum(x == y for x, y in zip(a.token_ids, b.token_ids, strict=False)) for a, b in pairs)
     first = [first_difference(a, b) for a, b in pairs]
     identical = [g.token_ids for g in base] == [g.token_ids for g in new]
-    gaps, noise = tie_gaps(engine, work, base, new) if not identical else ([], 0.0)
+    gaps, noise = tie_gaps(engine, work, base, new, first) if not identical else ([], 0.0)
     return {
         "identical_greedy": identical,
         # greedy decoding continues from its own tokens, so one flipped near-tie changes everything after it
         "token_agreement": same / max(sum(max(a.n_tokens, b.n_tokens) for a, b in pairs), 1),
         "first_difference": [k for k in first if k is not None],
-        "logprob_drift": logprob_drift(base, new),
+        "logprob_drift": logprob_drift(base, new, first),
         "tie_gaps": gaps,
         "rounding_noise": noise,
         "same_up_to_ties": identical or all(g <= max(2 * noise, 1e-6) for g in gaps),
