@@ -310,7 +310,7 @@ class InferenceEngine:
             # to be dropped
             if fuse_projections or (
                 fuse_projections is None
-                and _projection_copies_nbytes(self.model) <= 0.05 * self.batch_plan["memory_bytes"]
+                and self.model.fused_projections_nbytes() <= 0.05 * self.batch_plan["memory_bytes"]
             ):
                 self._projections = self.model.fused_projections()
             self.batch_plan["fused_projections"] = self._projections is not None
@@ -717,9 +717,8 @@ class InferenceEngine:
         steps = self._steps
         if steps is None or not slots <= steps.cache.slots <= max_slots or steps.cache.max_len < min_len:
             # the old cache and graphs go (by reference count) before the new cache is allocated
-            steps = self._steps = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            steps = None
+            self.release_memory()
             max_len = -(-int(min_len) // _KEY_BUCKET) * _KEY_BUCKET
             cache = self.model.new_static_cache(min(_pow2_at_least(slots), int(max_slots)), max_len)
             steps = _DecodeSteps(self.model, cache, self._projections, graphs=self.cuda_graphs)
@@ -806,18 +805,6 @@ class _PrefixGroup:
 
 _KEY_BUCKET = 64
 """Fixed-shape decode: keys attended in multiples of this many positions (and the kept cache's length)."""
-
-
-def _projection_copies_nbytes(model: torch.nn.Module) -> int:
-    """Bytes of the stacked q/k/v and gate/up copies that :meth:`fused_projections` would make."""
-    total = 0
-    for layer in model.language_model.model.layers:  # type: ignore[union-attr]
-        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-                       layer.mlp.up_proj):  # fmt: skip
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                total += weight.numel() * weight.element_size()
-    return total
 
 
 def _pow2_at_least(n: int) -> int:

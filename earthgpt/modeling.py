@@ -961,18 +961,18 @@ class EarthGPTForConditionalGeneration(EarthGPTPreTrainedModel):
         """
         out = []
         for layer in self.language_model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+            linears = _fused_linears(layer)
             if any(type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks
                    for m in linears):  # fmt: skip
                 return None
-            out.append(
-                (
-                    torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                )
-            )
+            q, k, v, gate, up = linears
+            out.append((torch.cat([q.weight, k.weight, v.weight]), torch.cat([gate.weight, up.weight])))
         return out
+
+    def fused_projections_nbytes(self) -> int:
+        """Bytes the stacked copies of :meth:`fused_projections` would take (read from the weights, nothing made)."""
+        weights = [getattr(m, "weight", None) for layer in self.language_model.model.layers for m in _fused_linears(layer)]
+        return sum(w.numel() * w.element_size() for w in weights if isinstance(w, torch.Tensor))
 
     @torch.no_grad()
     def forward_cached(
@@ -1177,3 +1177,9 @@ __all__ = [
     "StaticKVCache",
     "causal_lm_loss",
 ]
+
+
+def _fused_linears(layer: Any) -> tuple[Any, ...]:
+    """A decoder layer's q/k/v and gate/up projections: what :meth:`fused_projections` stacks."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
