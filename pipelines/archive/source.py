@@ -488,10 +488,10 @@ def small_search_counts(spec: SearchSpec, lookup: Callable[[list[str], list[str]
     if len(items) > spec.page_size:
         return None
     ids = sorted({str(i.get("id") or "") for i in items if isinstance(i, Mapping)})
-    index = _PagedIndex(lookup(ids, _entry_dates(items)) if ids else None, first=max(1, len(items)))
+    index = _index_dict(lookup(ids, _entry_dates(items)) if ids else None)  # this page's entries only
     counts: dict[str, Any] = {}
     # scenes are not built here (no header reads): only whether any item needs work
-    rows = sum(b.num_rows for b in scene_rows(index.track(items), Window(), index, href_policy, counts,
+    rows = sum(b.num_rows for b in scene_rows(items, Window(), index, href_policy, counts,
                                               build_scenes=False, quarantined=quarantined))
     counts["rows"] = rows
     return counts
