@@ -90,26 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ids", choices=("sentinel-2", "landsat"), default="sentinel-2", help="the id scheme")
     args = parser.parse_args(argv)
 
-    import logging
-
     import pyarrow.compute as pc
 
     from pipelines.archive.ledger import Ledger, UnitRecord
-    from pipelines.archive.store import OutputStore
-    from tests.harness.servers import start_s3
-    from tests.reliability.faults import FaultProxy
+    from tests.reliability.faults import delayed_s3_stores
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
     updated = datetime(2025, 1, 1, tzinfo=timezone.utc)
     scenes = scene_ids(args.scenes, args.ids)
-    s3 = start_s3()
-    proxy = None
+    # a bucket of its own: the in-process S3 server keeps its objects for the life of this process
+    stores = delayed_s3_stores(f"ledger-bench-{os.urandom(4).hex()}", [0.0])
+    _latency, store, proxy = next(stores)
     try:
-        os.environ.update(s3.env)
-        # a bucket of its own: the in-process S3 server keeps its objects for the life of this process
-        bucket = s3.make_bucket(f"ledger-bench-{os.urandom(4).hex()}")
-        proxy = FaultProxy(s3.endpoint_url, lambda req: "pass")
-        store = OutputStore(f"s3://{bucket}/out", {"endpoint_url": proxy.url})
         ledger = Ledger(store)
         t0 = time.perf_counter()
         for u, lo in enumerate(range(0, len(scenes), UNIT)):
@@ -164,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if total != expected:
             raise RuntimeError(f"{total} scenes committed after the compactions, expected {expected}")
     finally:
-        if proxy is not None:
-            proxy.stop()
-        s3.stop()
+        stores.close()  # the proxy and the server stop
 
     print(f"{'part':<34} {'side':<7} {'seconds':>8} {'requests':>8} {'MB read':>9} {'MB written':>10}")
     print("-" * 82)

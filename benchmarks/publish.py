@@ -5,7 +5,7 @@ concurrently then deleted in bulk.
 it supersedes. It runs in the job's driver, between two units: while it runs, no batch is taken from the model
 actors. This benchmark commits the same units through the real ``Ledger.commit`` on a real S3-compatible server
 (moto), behind a proxy that adds a fixed delay to every request (an object store's round trip; 0 ms is the local
-server alone), three ways, alternating: ``serial`` (``BATCHED_COPIES = False``, ``PUBLISH_THREADS = 1``: each file
+server alone), three ways, alternating: ``serial`` (``store.batch_copies = False``, ``PUBLISH_THREADS = 1``: each file
 moved in turn, a copy and a delete of several requests, the job as it was), ``pool`` (the same moves on
 ``PUBLISH_THREADS`` threads) and ``batched`` (the default: every file copied in one concurrent call, then the staging
 folder deleted in bulk), and counts the requests at the proxy.
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.reliability.faults import delayed_s3_stores
 
     pool = ledger_mod.PUBLISH_THREADS
-    modes = {"serial": (False, 1), "pool": (False, pool), "batched": (True, pool)}  # (BATCHED_COPIES, threads)
+    modes = {"serial": (False, 1), "pool": (False, pool), "batched": (True, pool)}  # (store.batch_copies, threads)
     rows: list[dict[str, Any]] = []
     latencies = [float(x) for x in args.latency_ms.split(",")]
     for latency, store, proxy in delayed_s3_stores("publish-bench", latencies):
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             requests: dict[str, list[int]] = {m: [] for m in modes}
             for rep in range(args.repeats):
                 for mode, (batched, threads) in modes.items():
-                    ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = batched, threads
+                    store.batch_copies, ledger_mod.PUBLISH_THREADS = batched, threads
                     unit = f"run{rep}{mode}-u{rep:05d}"
                     took, commit_requests = _commit_once(ledger, unit, args.files, args.size, proxy.log)
                     times[mode].append(took)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                              "commit_s": statistics.median(times[mode]), "runs": times[mode],
                              "requests": statistics.median(requests[mode])})
         finally:
-            ledger_mod.BATCHED_COPIES, ledger_mod.PUBLISH_THREADS = True, pool
+            ledger_mod.PUBLISH_THREADS = pool
 
     print(f"unit commit: {args.files} files of {args.size} B, moto S3 behind a delaying proxy, "
           f"median of {args.repeats}")

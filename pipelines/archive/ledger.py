@@ -197,7 +197,7 @@ class Ledger:
                 "and rerun with --full-scan to redo them")
 
         # The record is written: what follows may run in any order, and be replayed (recover).
-        if BATCHED_COPIES and self.store.batch_copies:
+        if self.store.batch_copies:
             # an object store's "move" is a copy and a delete: copy every file (concurrent requests, one each
             # after a HEAD), then delete the superseded files and the whole staging folder in bulk (DeleteObjects,
             # 1,000 keys a request). A replay copies again what is still staged; a file no longer staged was
@@ -616,8 +616,8 @@ def rewrite_without(
 # files (its tables' parts and its scenes' Zarr chunks: about 60 for three Sentinel-2 scenes) held the driver, and
 # with it every model actor's next batch, for seconds per unit (benchmarks/publish.py). On a store whose fsspec
 # filesystem is asynchronous (S3, GCS, Azure) a unit's files are copied concurrently and deleted in bulk (about two
-# requests a file instead of six); on other remote stores each file is moved on a pool of threads.
-BATCHED_COPIES = True
+# requests a file instead of six; ``OutputStore.batch_copies``); on other remote stores each file is moved on a pool
+# of threads.
 PUBLISH_THREADS = 16
 
 
