@@ -295,17 +295,15 @@ class _Baseline:
         self, images: list[torch.Tensor], prompts: list[str], index: list[int], max_new_tokens: int
     ) -> list[Generation]:
         while True:
-            failed = False
             try:
                 return self._calls(images, prompts, index, max_new_tokens)
             except Exception as exc:  # noqa: BLE001 - out of memory is retried below, outside this block
                 if not is_out_of_memory(exc) or self.tiles_per_call == 1:
                     raise
-                failed = True
-            if failed:  # retried here, once the traceback and the tensors it holds are gone (PyTorch FAQ)
-                self.tiles_per_call = max(1, self.tiles_per_call // 2)
-                log(f"  baseline out of memory: {self.tiles_per_call} tiles per call")
-                self.engine.release_memory()
+            # retried here, once the traceback and the tensors it holds are gone (PyTorch FAQ)
+            self.tiles_per_call = max(1, self.tiles_per_call // 2)
+            log(f"  baseline out of memory: {self.tiles_per_call} tiles per call")
+            self.engine.release_memory()
 
     def _calls(
         self, images: list[torch.Tensor], prompts: list[str], index: list[int], max_new_tokens: int

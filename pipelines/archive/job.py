@@ -385,7 +385,7 @@ def _merge_waiting(closed: collections.deque[_Unit], commit_tiles: int | None) -
         later = closed.popleft()
         unit.parts.extend(later.parts)
         unit.tiles += later.tiles
-        unit.merged += 1 + later.merged
+        unit.merged += 1  # a unit still waiting was never merged into
     return unit
 
 
