@@ -497,18 +497,27 @@ def small_search_counts(spec: SearchSpec, lookup: Callable[[list[str], list[str]
     return counts
 
 
+# The ledger entries that can concern a scene: those under its acquisition date (UTC) a day either side, and those
+# under UNKNOWN_DATE (a scene committed without a datetime). One rule for a page's lookup (_entry_dates) and a
+# window's cut of the index (_window_table).
+DATE_SLACK = timedelta(days=1)
+UNKNOWN_DATE = "unknown"
+
+
+def _utc_day(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%d")
+
+
 def _entry_dates(items: Iterable[Any]) -> list[str]:
-    """The acquisition dates the ledger entries of ``items`` may have: each item's UTC date and a day either side
-    (as :func:`_window_table` allows), and ``unknown``."""
-    dates = {"unknown"}
+    """The acquisition dates the ledger entries of ``items`` may have (:data:`DATE_SLACK`, :data:`UNKNOWN_DATE`)."""
+    dates = {UNKNOWN_DATE}
     for item in items:
         try:
             t = item_time(item) if isinstance(item, Mapping) else None
         except (ValueError, TypeError):
             t = None
         if t is not None:
-            day = t.astimezone(timezone.utc)
-            dates.update((day + timedelta(days=k)).strftime("%Y-%m-%d") for k in (-1, 0, 1))
+            dates.update(_utc_day(t + k * DATE_SLACK) for k in (-1, 0, 1))
     return sorted(dates)
 
 
@@ -525,14 +534,14 @@ def _window_table(committed: pa.Table | None, window: Window) -> pa.Table | None
         if window.collection:
             table = table.filter(pc.equal(table["collection"], window.collection))
     else:
-        mask = None
+        mask = None  # the window's dates (:data:`DATE_SLACK`, :data:`UNKNOWN_DATE`)
         if window.start is not None:
-            mask = pc.greater_equal(table["date"], (window.start - timedelta(days=1)).strftime("%Y-%m-%d"))
+            mask = pc.greater_equal(table["date"], _utc_day(window.start - DATE_SLACK))
         if window.end is not None:
-            upper = pc.less_equal(table["date"], (window.end + timedelta(days=1)).strftime("%Y-%m-%d"))
+            upper = pc.less_equal(table["date"], _utc_day(window.end + DATE_SLACK))
             mask = upper if mask is None else pc.and_(mask, upper)
         if mask is not None:
-            table = table.filter(pc.or_(mask, pc.equal(table["date"], "unknown")))
+            table = table.filter(pc.or_(mask, pc.equal(table["date"], UNKNOWN_DATE)))
     return table
 
 
