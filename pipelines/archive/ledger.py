@@ -209,7 +209,9 @@ class Ledger:
                     raise missing(src, final)
             self.store.copy_many([(src, final) for src, final in moves if src in staged])
             self._delete_superseded(unit_id, deletes)
-            self.store.remove(self.staging_dir(unit_id), recursive=True)
+            # the staging folder holds what was just listed (nothing stages into a unit once it commits): its keys
+            # go in bulk, without the listing a recursive delete would make again
+            self.store.remove_many(sorted(staged))
             return
 
         def move(pair: Sequence[str]) -> None:
@@ -237,10 +239,16 @@ class Ledger:
         if not deletes:
             return
         if self.store.local:
-            _each(self.store.remove, deletes, serial=True)
-        else:
-            self.store.remove_many(deletes)
-        left = [d for d in deletes if self.store.exists(d)]
+            _each(self.store.remove, deletes, serial=True)  # a local delete that fails raises
+            return
+        self.store.remove_many(deletes)
+        present = [False] * len(deletes)
+
+        def check(k: int) -> None:
+            present[k] = self.store.exists(deletes[k])
+
+        _each(check, range(len(deletes)), serial=False)  # one HEAD a file, concurrent
+        left = [d for d, there in zip(deletes, present, strict=True) if there]
         if left:
             raise OSError(f"unit {unit_id}: {len(left)} superseded files could not be deleted (first: {left[0]}); "
                           "the unit stays staged and the next run's recovery deletes them")
@@ -445,8 +453,7 @@ class Ledger:
         buf = io.BytesIO()
         pq.write_table(out, buf, row_group_size=ROW_GROUP_ROWS)
         self.store.write_bytes(f"{LEDGER_DIR}/{COMPACTED_PREFIX}{new_run_id()}.parquet", buf.getvalue())
-        for f in fold:  # a crash here leaves duplicate entries, which readers fold anyway
-            self.store.remove(f)
+        self.store.remove_many(fold)  # in bulk; a crash here leaves duplicate entries, which readers fold anyway
         return len(fold)
 
     def _footer(self, rel: str) -> Any:

@@ -251,8 +251,11 @@ class OutputStore:
             self.fs.copy([self.full(s) for s, _ in pairs], [self.full(d) for _, d in pairs])
 
     def remove_many(self, rels: Sequence[str]) -> None:
-        """Delete files in one call (bulk deletes on object stores); missing files are ignored."""
-        if rels:
+        """Delete files in one call (bulk deletes on asynchronous object stores); missing files are ignored."""
+        if not isinstance(self.fs, fsspec.asyn.AsyncFileSystem):  # one by one: rm of a list stops at a missing file
+            for rel in rels:
+                self.remove(rel)
+        elif rels:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm([self.full(r) for r in rels])
 

@@ -122,6 +122,20 @@ def test_compact_folds_records_keeping_latest(tmp_path):
     assert before[("toy", "a")].unit_id == "u4"
 
 
+@pytest.mark.integration
+def test_compaction_on_s3_deletes_the_folded_records_in_one_request(s3):
+    store = OutputStore(f"s3://{s3.make_bucket('compact-test')}/out")
+    ledger = Ledger(store)
+    for i in range(5):
+        ledger.commit(_scenes_unit(f"u{i}", ["a", f"s{i}"]))
+    before = ledger.committed("k")
+    s3.clear_requests()
+    assert ledger.compact(min_files=3) == 5
+    assert [m for m, path, _ in s3.requests if m == "DELETE" or "?delete" in path] == ["POST"], s3.requests
+    assert len(store.glob("_ledger/*.parquet")) == 1
+    assert ledger.committed("k") == before
+
+
 def test_compaction_keeps_every_unit_on_record(tmp_path):
     from pipelines.archive.ledger import Ledger, UnitRecord
     from pipelines.archive.store import OutputStore
@@ -302,9 +316,13 @@ def test_a_units_commit_on_s3_costs_about_two_requests_a_file(s3):
     unit, scenes = _stage_24(store, ledger)
     s3.clear_requests()
     ledger.commit(unit)
-    methods = [m for m, _, _ in s3.requests]
+    requests = list(s3.requests)
+    methods = [m for m, _, _ in requests]
     assert len(store.glob("tiles/**/*.parquet")) == 24 and not store.glob("_staging/**")
     assert methods.count("PUT") == 24 + 1  # the copies (CopyObject is a PUT) and the record
+    # the staging folder is listed once (the check before the record) and its keys deleted in bulk from that listing
+    assert sum("list-type" in path for _, path, _ in requests) == 1, requests
+    assert sum("?delete" in path for _, path, _ in requests) == 1, requests
     assert len(methods) <= 2 * 24 + 8, methods
 
 
@@ -461,15 +479,41 @@ def test_a_compacted_file_written_before_the_ledger_was_sorted_is_folded_once(tm
     assert ledger.compact(min_files=2) == 2  # sorted now: it stays
 
 
-def test_a_superseded_file_that_is_not_deleted_keeps_the_unit_staged_for_recovery(tmp_path, monkeypatch):
-    store = OutputStore(str(tmp_path))
-    ledger = Ledger(store)
+def _superseding_unit(store: OutputStore, ledger: Ledger) -> UnitRecord:
+    """u1 committed with scenes a and b; u2 staged with a's new rows, superseding u1's file (rewritten without a)."""
     ledger.commit(_stage_unit(store, ledger, "u1", ["a", "b"]))
     staged, delete = rewrite_without(store, "_staging/u2", "u2", ["tiles"], {("toy", "2024-05-01"): ["a"]}, "k")
     unit = _stage_unit(store, ledger, "u2", ["a"])
-    unit = UnitRecord(unit.unit_id, unit.run_id, unit.output_key, scenes=unit.scenes,
+    return UnitRecord(unit.unit_id, unit.run_id, unit.output_key, scenes=unit.scenes,
                       publish=[*unit.publish, *staged], delete=delete)
-    monkeypatch.setattr(store, "remove", lambda rel, recursive=False: None)  # the delete "fails" silently
+
+
+def test_a_superseded_file_that_cannot_be_deleted_keeps_the_unit_staged_for_recovery(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    unit = _superseding_unit(store, ledger)
+
+    def refuse(rel: str, recursive: bool = False) -> None:
+        raise PermissionError(f"cannot delete {rel}")
+
+    monkeypatch.setattr(store, "remove", refuse)  # a local delete that fails raises
+    with pytest.raises(PermissionError):
+        ledger.commit(unit)
+    monkeypatch.undo()
+    assert store.glob("_staging/u2/**/*.parquet")  # the unit stays staged
+    assert _recovering(store).recover().rolled_forward == ["u2"]
+    tiles = read_table(store, "tiles")
+    assert sorted(zip(tiles["scene_id"], tiles["unit_id"], strict=True)) == [("a", "u2"), ("b", "u1")]
+
+
+@pytest.mark.integration
+def test_a_superseded_file_that_an_object_store_did_not_delete_keeps_the_unit_staged(s3, monkeypatch):
+    """A bulk delete reports a key it could not delete only in its answer (fsspec does not raise): the files are
+    checked, concurrently, and a unit whose superseded file is still there stays staged for recovery."""
+    store = OutputStore(f"s3://{s3.make_bucket('supersede-test')}/out")
+    ledger = Ledger(store)
+    unit = _superseding_unit(store, ledger)
+    monkeypatch.setattr(store, "remove_many", lambda rels: None)  # the delete "fails" silently
     with pytest.raises(OSError, match="could not be deleted"):
         ledger.commit(unit)
     monkeypatch.undo()
