@@ -276,6 +276,9 @@ class OutputConfig(_Strict):
             is updated or the run is given ``--retry-quarantined`` (see docs/outputs.md).
         lease_seconds: Time to live of the run's lease on its output key (renewed every third of it): a run whose
             driver vanished without releasing it blocks the next run of the key at most this long.
+        fold_bytes: At the end of a run, the table files its units published are folded, per partition, into files
+            of up to this many bytes of input, committed as one more unit (a night of small units would otherwise
+            leave thousands of files per table for every query to open; see docs/outputs.md). ``None``: no fold.
     """
 
     root: str
@@ -284,6 +287,7 @@ class OutputConfig(_Strict):
     commit_seconds: float | None = Field(default=300.0, gt=0.0)
     max_attempts: int = Field(default=3, ge=1)
     lease_seconds: float = Field(default=300.0, ge=5.0)
+    fold_bytes: int | None = Field(default=128 * 2**20, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -45,7 +45,8 @@ import shapely
 from catalogs.hrefs import HrefPolicy, redact_text, redact_url
 from catalogs.io import configure_gdal
 from pipelines.archive.config import ConfigError, InferConfig, load_config
-from pipelines.archive.lease import Lease, LeaseHeld
+from pipelines.archive.fold import fold_files, is_table_file
+from pipelines.archive.lease import Lease, LeaseHeld, LeaseLost
 from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
 from pipelines.archive.source import (
     SCENE_COLUMNS,
@@ -106,6 +107,7 @@ class RunSummary:
     detections: int = 0
     errors: int = 0
     units_committed: int = 0
+    files_folded: int = 0
     wall_s: float = 0.0
     full_scan: bool = True
     updated_since: datetime | None = None
@@ -436,14 +438,14 @@ class UnitCommitter:
         self.committed_keys: set[str] = set()
         self.scenes_done = 0
         self._units = 0
+        self.published: set[str] = set()  # table files the run's units published (and did not replace since)
 
     def add_scene(self, rows: list[dict[str, Any]]) -> None:
         """Send a complete scene to assembly and add it to the open unit."""
         refs: Any = self._assemble.remote(rows, self.settings)  # two object refs (num_returns=2)
         summary_ref, result_ref = refs
         if self.open is None:
-            self.open = _Unit(unit_id=f"{self.run_id}-u{self._units:05d}")
-            self._units += 1
+            self.open = _Unit(unit_id=self.new_unit_id())
         self.open.parts.append((summary_ref, result_ref))
         self.open.tiles += max(1, int(rows[0]["n_planned"]))
         self.poll()
@@ -477,6 +479,11 @@ class UnitCommitter:
                                                 retried=self.retried)
             self.staging = unit
 
+    def new_unit_id(self) -> str:
+        """The run's next unit id (units commit in this order)."""
+        self._units += 1
+        return f"{self.run_id}-u{self._units - 1:05d}"
+
     def finish(self) -> None:
         """Close the last unit and commit everything."""
         if self.open is not None and self.open.parts:
@@ -494,6 +501,8 @@ class UnitCommitter:
             publish=[StagedFile(staged=a, final=b) for a, b in staged["publish"]], delete=list(staged["delete"]),
         )
         self.ledger.commit(record)
+        self.published.difference_update(record.delete)
+        self.published.update(f.final for f in record.publish if is_table_file(f.final))
         s = self.summary
         s.units_committed += 1
         for scene in summaries:
@@ -603,6 +612,29 @@ def _finish_quiet(summary: RunSummary, counts: Mapping[str, Any]) -> None:
     summary.skip_reasons.update(counts["skip_reasons"])
     summary.read_tasks = 0
     summary.status = "ok"
+
+
+def _fold(store: OutputStore, ledger: Ledger, committer: UnitCommitter, fold_bytes: int, summary: RunSummary,
+          say: Printer) -> None:
+    """Fold the table files the run's units published into fewer, larger ones (:mod:`pipelines.archive.fold`); a
+    fold that fails leaves them as committed (the run's results are complete either way)."""
+    if len(committer.published) < 2:
+        return
+    t0 = time.perf_counter()
+    try:
+        report = fold_files(store, ledger, sorted(committer.published), committer.new_unit_id(), summary.run_id,
+                            committer.output_key, fold_bytes)
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        log.exception("could not fold the run's table files")
+        say(f"could not fold the run's table files ({type(exc).__name__}: {redact_text(str(exc))}); they stay as "
+            "committed")
+        return
+    summary.files_folded = report.files_in
+    if report.files_in:
+        say(f"folded {report.files_in} table files ({report.bytes_in / 2**20:.1f} MiB) into {report.files_out} in "
+            f"{report.partitions} partitions: unit {report.unit_id}, {time.perf_counter() - t0:.1f} s")
 
 
 def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:
@@ -792,6 +824,8 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 raise RuntimeError(f"scenes with missing tile rows after the execution: {collector.pending[:10]}")
             committer.finish()
             source: dict[str, Any] = ray.get(stats.summary.remote())  # type: ignore[attr-defined,assignment]
+            if config.output.fold_bytes is not None:
+                _fold(store, ledger, committer, config.output.fold_bytes, summary, say)
 
         # 4. finish: counts, the next watermark and retry list
         summary.model_actors = len(actors)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -242,13 +243,11 @@ class Ledger:
             _each(self.store.remove, deletes, serial=True)  # a local delete that fails raises
             return
         self.store.remove_many(deletes)
-        present = [False] * len(deletes)
-
-        def check(k: int) -> None:
-            present[k] = self.store.exists(deletes[k])
-
-        _each(check, range(len(deletes)), serial=False)  # one HEAD a file, concurrent
-        left = [d for d, there in zip(deletes, present, strict=True) if there]
+        # one listing per folder (a file's own check would be a HEAD, and a listing more for a key that is gone)
+        still: set[str] = set()
+        for folder in sorted({posixpath.dirname(d) for d in deletes}):
+            still.update(self.store.sizes(folder))
+        left = [d for d in deletes if d in still]
         if left:
             raise OSError(f"unit {unit_id}: {len(left)} superseded files could not be deleted (first: {left[0]}); "
                           "the unit stays staged and the next run's recovery deletes them")
@@ -602,7 +601,12 @@ def rewrite_without(
         for (collection, date), ids in superseded.items():
             drop = set(ids)
             for i, path in enumerate(store.glob(f"{partition_dir(table, collection, date)}/*.parquet")):
-                data = store.read_bytes(path)  # once: the two columns first, the whole file only on a hit
+                try:
+                    data = store.read_bytes(path)  # once: the two columns first, the whole file only on a hit
+                except FileNotFoundError:
+                    # gone since the listing: replaced by a run of another output key (this key's files change
+                    # only under its lease, which this run holds), so it held none of this key's rows
+                    continue
                 keys = pq.read_table(io.BytesIO(data), columns=["scene_id", "output_key"])
                 hit = [s in drop and k == output_key for s, k in zip(keys["scene_id"].to_pylist(),
                                                                     keys["output_key"].to_pylist(), strict=True)]

@@ -237,6 +237,16 @@ class OutputStore:
         prefix = self.path + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.glob(self.full(pattern)))
 
+    def sizes(self, folder: str) -> dict[str, int]:
+        """The files directly in ``folder`` (paths relative to the root) and their sizes, from one listing."""
+        prefix = self.path + "/"
+        try:
+            entries = self.fs.ls(self.full(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"][len(prefix):]: int(e["size"]) for e in entries
+                if e.get("type") == "file" and e["name"].startswith(prefix)}
+
     def move(self, src: str, dst: str) -> None:
         """Move a file (a rename locally; copy + delete on object stores)."""
         if self.local:

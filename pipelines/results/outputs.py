@@ -32,8 +32,9 @@ import shapely
 from pipelines.archive.ledger import LEDGER_DIR
 from pipelines.archive.store import EMBEDDINGS_STORE, SCHEMAS, TABLES, OutputStore, build_frame
 
-# part-<unit>.parquet, or part-<unit>-cow<i>.parquet for a copy-on-write rewrite published by <unit>
-_PART = re.compile(r"^part-(?P<unit>.+?)(?:-cow\d+)?\.parquet$")
+# part-<unit>.parquet; part-<unit>-cow<i>.parquet for a copy-on-write rewrite published by <unit>;
+# part-<unit>-fold<i>.parquet for files of a run's units folded together by <unit> (pipelines/archive/fold.py)
+_PART = re.compile(r"^part-(?P<unit>.+?)(?:-(?:cow|fold)\d+)?\.parquet$")
 _PARTITIONS = pa.schema([("collection", pa.string()), ("date", pa.string())])
 _TIME_COLUMN = {"scenes": "datetime", "tiles": "datetime", "detections": "datetime", "errors": "datetime",
                 "runs": "started_at"}
@@ -408,7 +409,15 @@ class Outputs:
         spec = self._resolve(table, make_filters(**filters))
         reader = self._reader(table, spec, columns)
         files = self._selected(table, spec)
-        return reader(files) if files else reader.empty()
+        try:
+            return reader(files) if files else reader.empty()
+        except FileNotFoundError:
+            # a listed file was replaced since the listing (a run folded its files, or rewrote an updated scene's):
+            # list again, once
+            self.refresh()
+            reader = self._reader(table, spec, columns)
+            files = self._selected(table, spec)
+            return reader(files) if files else reader.empty()
 
     def read_dask(self, table: str, columns: Sequence[str] | None = None, **filters: Any) -> Any:
         """One table as a lazy ``dask_geopandas.GeoDataFrame``, one partition per committed file.

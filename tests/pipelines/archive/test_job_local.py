@@ -18,7 +18,7 @@ from tests.pipelines.oracle import oracle_stage
 pytestmark = pytest.mark.integration
 
 
-def _config(world, items_path: Path, root: Path, commit_tiles: int):
+def _config(world, items_path: Path, root: Path, commit_tiles: int, **output: object):
     return parse_config({
         "catalog": {"embedded": {"collections": [str(p) for p in world.collection_paths.values()],
                                  "items": str(items_path)},
@@ -26,7 +26,7 @@ def _config(world, items_path: Path, root: Path, commit_tiles: int):
                     "asset_prefixes": [(world.root / "cogs").as_uri()]},
         "tiling": {"size": 64, "overlap": 24, "min_valid_fraction": 0.5},
         "actors": {"read_num_cpus": 0.5},
-        "output": {"root": str(root), "commit_tiles": commit_tiles, "commit_seconds": None},
+        "output": {"root": str(root), "commit_tiles": commit_tiles, "commit_seconds": None, **output},
     })
 
 
@@ -94,3 +94,43 @@ def test_updated_item_is_reprocessed_and_replaces_its_rows(world, oracle, ray_lo
     third = run(_config(world, path, root, commit_tiles=100), model_stage=oracle)
     # incremental: only items updated since the second run's watermark are listed, and they are committed
     assert not third.full_scan and third.scenes_processed == 0 and third.scenes_skipped == third.scenes_matched == 1
+
+
+def test_a_runs_unit_files_are_folded_per_partition_and_stay_correct_after_an_update(world, oracle, ray_local,
+                                                                                      tmp_path):
+    """Three optical scenes of one date, one unit each: the run folds each table's three files of that partition
+    into one (one more ledger record), with the rows of a run that does not fold; a later update of one scene
+    rewrites the folded file without its old rows."""
+    items = [json.loads(line) for line in world.items_path.read_text().splitlines()]
+    optical = next(i for i in items if i["collection"] == "toyworld-optical")
+    items += [{**json.loads(json.dumps(optical)), "id": f"{optical['id']}-copy{k}"} for k in (1, 2)]  # same assets
+    path = tmp_path / "items.ndjson"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    lines: list[str] = []
+    folded = run(_config(world, path, tmp_path / "folded", commit_tiles=1), say=lines.append, model_stage=oracle)
+    plain = run(_config(world, path, tmp_path / "plain", commit_tiles=1, fold_bytes=None), model_stage=oracle)
+    assert folded.scenes_processed == plain.scenes_processed == 5 and folded.units_committed == 5
+    # scenes and tiles: 3 files each (the copies have no ground truth, so the detections are one unit's file)
+    assert folded.files_folded == 6 and plain.files_folded == 0
+    assert any(line.startswith("folded 6 table files") for line in lines), lines
+    store, ref = OutputStore(str(tmp_path / "folded")), OutputStore(str(tmp_path / "plain"))
+    for table in ("scenes", "tiles", "detections"):
+        assert _keys(store, table) == _keys(ref, table)
+    for table in ("scenes", "tiles"):
+        files = store.glob(f"{table}/collection=toyworld-optical/**/*.parquet")
+        assert len(files) == 1 and "-fold0.parquet" in files[0], files
+        assert len(ref.glob(f"{table}/collection=toyworld-optical/**/*.parquet")) == 3
+    assert len(store.glob("_ledger/*.parquet")) == folded.units_committed + 1  # the fold is a unit of its own
+
+    before = {t: _keys(store, t) for t in ("scenes", "tiles", "detections")}
+    items[-1]["properties"]["updated"] = "2030-01-01T00:00:00Z"  # a copy in the folded files is reprocessed
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    again = run(_config(world, path, tmp_path / "folded", commit_tiles=1), model_stage=oracle)
+    # one unit, which publishes the scene's new rows and the folded file rewritten without its old ones (for scenes
+    # and tiles): the run folds those two again
+    assert again.scenes_processed == 1 and again.files_folded == 4
+    assert {t: _keys(store, t) for t in ("scenes", "tiles", "detections")} == before  # each row once
+    for table in ("scenes", "tiles"):
+        assert len(store.glob(f"{table}/collection=toyworld-optical/**/*.parquet")) == 1
+    scenes = read_table(store, "scenes").set_index("scene_id")
+    assert scenes.loc[items[-1]["id"], "run_id"] == again.run_id
