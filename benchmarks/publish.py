@@ -12,7 +12,7 @@ folder deleted in bulk), and counts the requests at the proxy.
 
 Prints a table, then one JSON line (``speedup``: serial over batched at the largest delay). Usage::
 
-    .venv/bin/python benchmarks/publish.py [--files 60] [--latency-ms 0,25,50] [--repeats 3]
+    .venv/bin/python benchmarks/publish.py [--files 60] [--superseded 0] [--latency-ms 0,25,50] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -31,11 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _commit_once(ledger: Any, unit_id: str, files: int, size: int, log: list[Any]) -> tuple[float, int]:
-    """Stage a unit's files, commit it, check every file is published; the commit's seconds and requests."""
+def _commit_once(ledger: Any, unit_id: str, files: int, size: int, log: list[Any],
+                 superseded: int = 0) -> tuple[float, int]:
+    """Stage a unit's files, commit it, check every file is published and every superseded one deleted; the
+    commit's seconds and requests."""
     from pipelines.archive.ledger import UnitRecord
     from pipelines.archive.store import StagedFile
 
+    old = [f"tiles/collection=s2/date=2024-05-{k % 3 + 1:02d}/part-old-{unit_id}-{k}.parquet" for k in range(superseded)]
+    for rel in old:  # files of earlier units, which this unit's rows replace (an updated scene's reprocessing)
+        ledger.store.write_bytes(rel, os.urandom(size))
     staging = ledger.staging_dir(unit_id)
     publish = []
     for k in range(files):
@@ -44,13 +49,16 @@ def _commit_once(ledger: Any, unit_id: str, files: int, size: int, log: list[Any
         publish.append(StagedFile(staged=f"{staging}/{final}", final=final))
     record = UnitRecord(unit_id=unit_id, run_id=unit_id.rsplit("-", 1)[0], output_key="bench",
                         scenes=[("s2", f"scene-{unit_id}", "2024-06-01", datetime(2024, 6, 2, tzinfo=timezone.utc))],
-                        publish=publish, delete=[])
+                        publish=publish, delete=old)
     n0, t0 = len(log), time.perf_counter()
     ledger.commit(record)
     took, requests = time.perf_counter() - t0, len(log) - n0
     missing = [f.final for f in publish if not ledger.store.exists(f.final)]
     if missing:
         raise RuntimeError(f"{len(missing)} files were not published (first: {missing[0]})")
+    left = [rel for rel in old if ledger.store.exists(rel)]
+    if left:
+        raise RuntimeError(f"{len(left)} superseded files were not deleted (first: {left[0]})")
     return took, requests
 
 
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=60, help="files per unit (about three Sentinel-2 scenes)")
     parser.add_argument("--size", type=int, default=20_000, help="bytes per file")
+    parser.add_argument("--superseded", type=int, default=0,
+                        help="published files each unit replaces (deleted, then checked gone, by its commit)")
     parser.add_argument("--latency-ms", default="0,25,50", help="delays added to every request, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -80,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 for mode, (batched, threads) in modes.items():
                     store.batch_copies, ledger_mod.PUBLISH_THREADS = batched, threads
                     unit = f"run{rep}{mode}-u{rep:05d}"
-                    took, commit_requests = _commit_once(ledger, unit, args.files, args.size, proxy.log)
+                    took, commit_requests = _commit_once(ledger, unit, args.files, args.size, proxy.log,
+                                                         args.superseded)
                     times[mode].append(took)
                     requests[mode].append(commit_requests)
             for mode in modes:
@@ -90,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ledger_mod.PUBLISH_THREADS = pool
 
-    print(f"unit commit: {args.files} files of {args.size} B, moto S3 behind a delaying proxy, "
-          f"median of {args.repeats}")
+    print(f"unit commit: {args.files} files of {args.size} B, {args.superseded} superseded files deleted, moto S3 "
+          f"behind a delaying proxy, median of {args.repeats}")
     print(f"{'delay ms':>8} {'mode':>8} {'threads':>7} {'commit s':>9} {'requests':>8} {'files/s':>8}  runs")
     print("-" * 73)
     for r in rows:
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     top = max(r["latency_ms"] for r in rows)
     print(json.dumps({
-        "files": args.files, "threads": pool, "latency_ms": top,
+        "files": args.files, "superseded": args.superseded, "threads": pool, "latency_ms": top,
         "serial_commit_s": round(row(top, "serial")["commit_s"], 3),
         "pooled_commit_s": round(row(top, "pool")["commit_s"], 3),
         "batched_commit_s": round(row(top, "batched")["commit_s"], 3),
