@@ -190,28 +190,38 @@ def delayed_s3_stores(bucket: str, latencies_ms: list[float]) -> Iterator[tuple[
 
     Yields:
         ``(latency_ms, store, proxy)``; ``proxy.log`` counts the requests. The proxy stops before the next delay,
-        the server once the loop ends (or breaks off).
+        the server once the loop ends (or breaks off); then the environment is as it was, and no cached s3fs
+        filesystem is left pointing at the stopped server (a test session's own S3 server goes on serving).
     """
     import logging
 
-    from pipelines.archive.store import OutputStore
-    from tests.harness.servers import start_s3
+    import s3fs
+
+    from tests.harness.servers import env_vars, start_s3
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's line per request
     s3 = start_s3()
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
-        os.environ.update(s3.env)  # the server's credentials
-        name = s3.make_bucket(bucket)
-        for latency in latencies_ms:
-
-            def delay(req: Request, latency: float = latency) -> str:
-                time.sleep(latency / 1000)
-                return "pass"
-
-            proxy = FaultProxy(s3.endpoint_url, delay)
-            try:
-                yield latency, OutputStore(f"s3://{name}/lat{int(latency)}", {"endpoint_url": proxy.url}), proxy
-            finally:
-                proxy.stop()
+        with env_vars(s3.env):  # the server's credentials and endpoint
+            yield from _delayed(s3, bucket, latencies_ms)
     finally:
         s3.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _delayed(s3: Any, bucket: str, latencies_ms: list[float]) -> Iterator[tuple[float, Any, FaultProxy]]:
+    from pipelines.archive.store import OutputStore
+
+    name = s3.make_bucket(bucket)
+    for latency in latencies_ms:
+
+        def delay(req: Request, latency: float = latency) -> str:
+            time.sleep(latency / 1000)
+            return "pass"
+
+        proxy = FaultProxy(s3.endpoint_url, delay)
+        try:
+            yield latency, OutputStore(f"s3://{name}/lat{int(latency)}", {"endpoint_url": proxy.url}), proxy
+        finally:
+            proxy.stop()
