@@ -1,9 +1,9 @@
 """A night's unit files on an object store, queried as committed and after the run folded them.
 
 A run commits a unit every ``output.commit_tiles`` tiles, each with one file per table and partition it touches; at
-the end of the run ``fold_files`` folds them, per partition, into files of up to ``output.fold_bytes``. This benchmark
+the end of the run ``fold_run`` folds them, per partition, into files of up to ``output.fold_bytes``. This benchmark
 commits the same ``--units`` units (through the real ``Ledger.commit``) under two prefixes of a real S3-compatible
-server (moto), folds the second one (the real ``fold_files``, timed and counted), compacts both ledgers (as a run
+server (moto), folds the second one (the real ``fold_run``, timed and counted), compacts both ledgers (as a run
 ends), then, through a proxy that adds a
 fixed delay to every request (an object store's round trip; 0 ms is the local server alone), alternating, median of
 ``--repeats``, runs on each:
@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import posixpath
 import statistics
 import sys
 import time
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import s3fs
 
-    from pipelines.archive.fold import fold_files
+    from pipelines.archive.fold import fold_run
     from pipelines.archive.ledger import Ledger
     from pipelines.archive.store import OutputStore
     from tests.harness.servers import env_vars
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             setup["commit_s"] = time.perf_counter() - t0
             folded = OutputStore(roots["folded"], {"endpoint_url": proxy.url})
             n0, t0 = len(proxy.log), time.perf_counter()
-            report = fold_files(folded, Ledger(folded), published, "bench-u99999", "bench", "bench", 128 * 2**20)
+            folders = sorted({posixpath.dirname(p) for p in published})  # the same under both prefixes
+            report = fold_run(folded, Ledger(folded), folders, "bench", "bench", 128 * 2**20, lambda: "bench-u99999")
             setup.update(fold_s=time.perf_counter() - t0, fold_requests=len(proxy.log) - n0,
                          fold_latency_ms=latency, files_in=report.files_in, files_out=report.files_out)
             for root in roots.values():  # as the run does last: the units' ledger records folded into one file

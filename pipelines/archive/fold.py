@@ -6,11 +6,13 @@ scenes makes about 1,500 units at the defaults), hundreds of thousands in a year
 each one's footer, and the copy-on-write of an updated scene reads every file of its partition.
 
 At the end of a run the table files its units published are folded, partition by partition, into files of up to
-``output.fold_bytes`` each (files in name order, so a scene's rows stay together). The fold is a commit unit like
-any other: its files are staged under ``_staging/<unit>/``, its ledger record (no scenes, a marker row) is the
-commit point, and publishing it places the folded files and deletes the files they replace. A crash before the
-record leaves the small files as they were (recovery deletes the staged copies); after it, recovery finishes the
-publish. Only files of the run's own units are folded: they hold rows of its output key only, under its lease.
+``output.fold_bytes`` each (files in name order, so a scene's rows stay together). A fold is a commit unit like any
+other (a run with more than :data:`FOLD_PATHS` files to fold commits several): its files are staged under
+``_staging/<unit>/``, its ledger record (no scenes, a marker row) is the commit point, and publishing it places the
+folded files and then deletes the files they replace. A crash before the record leaves the small files as they were
+(recovery deletes the staged copies); after it, recovery finishes the publish. Only files of the run's own units are
+folded (found by name in a listing of each partition the run wrote to): they hold rows of its output key only, under
+its lease.
 
 Rows keep their ``unit_id`` and ``run_id`` columns; the folded files are named ``part-<fold unit>-fold<k>.parquet``,
 so readers that show only committed units' files show them. While a fold publishes, a reader that lists the folder
@@ -20,18 +22,19 @@ that rewrote an updated scene's files publishes (docs/outputs.md).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import posixpath
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.archive.ledger import Ledger, UnitRecord
-from pipelines.archive.store import TABLES, OutputStore, StagedFile
+from pipelines.archive.lease import LeaseLost
+from pipelines.archive.ledger import STAGING_DIR, Ledger, UnitRecord
+from pipelines.archive.store import TABLES, OutputStore, StagedFile, part_unit
 
 # Tables whose files are written per unit (``runs`` has one file per run).
 FOLDED_TABLES: tuple[str, ...] = tuple(t for t in TABLES if t != "runs")
@@ -40,19 +43,33 @@ FOLDED_TABLES: tuple[str, ...] = tuple(t for t in TABLES if t != "runs")
 FOLD_ROW_GROUP_ROWS = 65_536
 
 
+# Paths one fold unit publishes or deletes, at most: its record lists them all in its Parquet footer (readers refuse a
+# footer past 100 MB), and a fold cut short loses only its own unit's work. A run with more files to fold commits
+# several fold units.
+FOLD_PATHS = 4096
+
+
+class FoldPublishFailed(RuntimeError):
+    """A fold unit is committed but its publish did not finish (the next run of the output key finishes it)."""
+
+    def __init__(self, unit_id: str, cause: BaseException) -> None:
+        super().__init__(f"fold unit {unit_id} is committed but its publish failed ({type(cause).__name__}: {cause})")
+        self.unit_id = unit_id
+
+
 @dataclass
 class FoldReport:
-    """What :func:`fold_files` did.
+    """What :func:`fold_run` did.
 
     Attributes:
-        unit_id: The fold's commit unit (``None`` when nothing was folded).
+        units: The fold's commit units, in commit order.
         files_in: Files folded (deleted once the folded files are published).
         files_out: Folded files written.
         bytes_in: Their size.
         partitions: Partition folders that had files folded.
     """
 
-    unit_id: str | None = None
+    units: list[str] = field(default_factory=list)
     files_in: int = 0
     files_out: int = 0
     bytes_in: int = 0
@@ -61,7 +78,7 @@ class FoldReport:
 
 def is_table_file(rel: str) -> bool:
     """Whether a final path is a per-unit table file (``<table>/collection=<c>/date=<d>/part-<unit>....parquet``)."""
-    return rel.split("/", 1)[0] in FOLDED_TABLES and posixpath.basename(rel).startswith("part-")
+    return rel.split("/", 1)[0] in FOLDED_TABLES and part_unit(rel) is not None
 
 
 def plan_folds(sizes: Mapping[str, int], fold_bytes: int) -> list[list[str]]:
@@ -81,60 +98,88 @@ def plan_folds(sizes: Mapping[str, int], fold_bytes: int) -> list[list[str]]:
     return [c for c in chunks if len(c) > 1]
 
 
-def fold_files(
+def fold_run(
     store: OutputStore,
     ledger: Ledger,
-    files: Iterable[str],
-    unit_id: str,
+    folders: Iterable[str],
     run_id: str,
     output_key: str,
     fold_bytes: int,
+    new_unit_id: Callable[[], str],
+    max_paths: int = FOLD_PATHS,
 ) -> FoldReport:
-    """Fold table files into fewer, larger ones and commit them as one unit.
+    """Fold a run's table files in some partition folders into fewer, larger ones, committed as fold units.
+
+    Each folder is listed once; the files of the run's units (``part-<run_id>-u...``) are folded, except those of a
+    unit whose staging folder is still there (its publish is not finished: recovery replays it, and must find its
+    files where it put them).
 
     Args:
         store: The output root.
         ledger: Its ledger (holding the output key's lease, when the run has one).
-        files: Final paths of table files published by the run's units (other paths are ignored; a file gone since
-            is left out).
-        unit_id: The fold's unit id (a new unit of the run).
+        folders: Partition folders the run's units published table files into (others are ignored).
         run_id: The run.
         output_key: The run's output key (every folded row's).
         fold_bytes: Most bytes of input files per folded file.
+        new_unit_id: Gives the run's next unit id (one per fold unit).
+        max_paths: Most files one fold unit publishes and deletes (:data:`FOLD_PATHS`).
 
     Returns:
         What was folded.
 
     Raises:
-        LeaseLost: The run no longer holds its output key (nothing is committed; the files stay as they were).
+        LeaseLost: The run no longer holds its output key (the unit in hand is not committed; its files stay).
+        FoldPublishFailed: A fold unit is committed but its publish failed.
     """
-    by_dir: dict[str, list[str]] = {}
-    for rel in files:
-        if is_table_file(rel):
-            by_dir.setdefault(posixpath.dirname(rel), []).append(rel)
-    staging = ledger.staging_dir(unit_id)
+    unfinished = set(store.children(STAGING_DIR))
     report = FoldReport()
-    publish: list[StagedFile] = []
-    delete: list[str] = []
-    for folder, names in sorted(by_dir.items()):
-        if len(names) < 2:
-            continue
-        listed = store.sizes(folder)
-        sizes = {rel: listed[rel] for rel in names if rel in listed}
-        chunks = plan_folds(sizes, fold_bytes)
-        for k, chunk in enumerate(chunks):
-            final = f"{folder}/part-{unit_id}-fold{k}.parquet"
-            store.write_bytes(f"{staging}/{final}", _concatenated(store, chunk, [sizes[rel] for rel in chunk]))
-            publish.append(StagedFile(staged=f"{staging}/{final}", final=final))
-            delete.extend(chunk)
-            report.files_in += len(chunk)
-            report.bytes_in += sum(sizes[rel] for rel in chunk)
-        report.partitions += bool(chunks)
-    if not publish:
-        return report
-    ledger.commit(UnitRecord(unit_id=unit_id, run_id=run_id, output_key=output_key, publish=publish, delete=delete))
-    report.unit_id = unit_id
-    report.files_out = len(publish)
+    batch: list[tuple[list[str], str]] = []  # (files folded, final path of their folded file) staged for one unit
+    unit_id = ""
+
+    def commit() -> None:
+        nonlocal batch, unit_id
+        publish = [StagedFile(staged=f"{ledger.staging_dir(unit_id)}/{final}", final=final) for _, final in batch]
+        delete = [rel for chunk, _ in batch for rel in chunk]
+        try:
+            ledger.commit(UnitRecord(unit_id=unit_id, run_id=run_id, output_key=output_key, publish=publish,
+                                     delete=delete))
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            if ledger.has_record(unit_id):
+                raise FoldPublishFailed(unit_id, exc) from exc
+            raise
+        report.units.append(unit_id)
+        report.files_out += len(publish)
+        batch, unit_id = [], ""
+
+    try:
+        for folder in sorted({f for f in folders if f.split("/", 1)[0] in FOLDED_TABLES}):
+            listed = store.sizes(folder)
+            sizes = {rel: size for rel, size in listed.items() if (unit := part_unit(rel)) is not None
+                     and unit.startswith(f"{run_id}-u") and unit not in unfinished}
+            chunks = plan_folds(sizes, fold_bytes)
+            for chunk in chunks:
+                if not unit_id:
+                    unit_id = new_unit_id()
+                final = f"{folder}/part-{unit_id}-fold{sum(f.startswith(folder + '/') for _, f in batch)}.parquet"
+                store.write_bytes(f"{ledger.staging_dir(unit_id)}/{final}",
+                                  _concatenated(store, chunk, [sizes[rel] for rel in chunk]))
+                batch.append((chunk, final))
+                report.files_in += len(chunk)
+                report.bytes_in += sum(sizes[rel] for rel in chunk)
+                if sum(len(c) + 1 for c, _ in batch) >= max_paths:
+                    commit()
+            report.partitions += bool(chunks)
+        if batch:
+            commit()
+    except FoldPublishFailed:
+        raise  # committed: its staging folder is recovery's to replay
+    except BaseException:
+        if unit_id:  # the unit in hand was never committed: its staged files go now, not at the next run
+            with contextlib.suppress(Exception):
+                store.remove(ledger.staging_dir(unit_id), recursive=True)
+        raise
     return report
 
 
@@ -157,16 +202,17 @@ def _concatenated(store: OutputStore, paths: Sequence[str], sizes: Sequence[int]
 
 def merged_geo_metadata(metadatas: Sequence[Mapping[bytes, bytes]]) -> bytes | None:
     """GeoParquet ``geo`` metadata for files' rows put together: the last file's, with each geometry column's
-    ``bbox`` the union of the files' boxes and its ``geometry_types`` the union of theirs (empty, meaning any, if
-    one file's is empty)."""
+    ``bbox`` the union of the files' boxes (2D, as geopandas writes them) and its ``geometry_types`` the union of
+    theirs (empty, meaning any, if one file's is empty)."""
     docs = [json.loads(m[b"geo"]) for m in metadatas if b"geo" in m]
     if not docs:
         return None
     merged: dict[str, Any] = json.loads(json.dumps(docs[-1]))
     for name, column in merged.get("columns", {}).items():
         cols = [d.get("columns", {}).get(name, {}) for d in docs]
-        boxes = [c.get("bbox") for c in cols]
-        if all(boxes):
+        # a file whose geometries are all null has no bbox (geopandas leaves it out): it adds nothing to the union
+        boxes = [c["bbox"] for c in cols if c.get("bbox")]
+        if boxes:
             column["bbox"] = [min(b[0] for b in boxes), min(b[1] for b in boxes),
                               max(b[2] for b in boxes), max(b[3] for b in boxes)]
         else:

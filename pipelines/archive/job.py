@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import posixpath
 import sys
 import time
 from collections import Counter
@@ -45,7 +46,7 @@ import shapely
 from catalogs.hrefs import HrefPolicy, redact_text, redact_url
 from catalogs.io import configure_gdal
 from pipelines.archive.config import ConfigError, InferConfig, load_config
-from pipelines.archive.fold import fold_files, is_table_file
+from pipelines.archive.fold import FoldPublishFailed, fold_run, is_table_file
 from pipelines.archive.lease import Lease, LeaseHeld, LeaseLost
 from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
 from pipelines.archive.source import (
@@ -438,7 +439,7 @@ class UnitCommitter:
         self.committed_keys: set[str] = set()
         self.scenes_done = 0
         self._units = 0
-        self.published: set[str] = set()  # table files the run's units published (and did not replace since)
+        self.touched: set[str] = set()  # partition folders the run's units published table files into
 
     def add_scene(self, rows: list[dict[str, Any]]) -> None:
         """Send a complete scene to assembly and add it to the open unit."""
@@ -501,8 +502,7 @@ class UnitCommitter:
             publish=[StagedFile(staged=a, final=b) for a, b in staged["publish"]], delete=list(staged["delete"]),
         )
         self.ledger.commit(record)
-        self.published.difference_update(record.delete)
-        self.published.update(f.final for f in record.publish if is_table_file(f.final))
+        self.touched.update(posixpath.dirname(f.final) for f in record.publish if is_table_file(f.final))
         s = self.summary
         s.units_committed += 1
         for scene in summaries:
@@ -616,16 +616,23 @@ def _finish_quiet(summary: RunSummary, counts: Mapping[str, Any]) -> None:
 
 def _fold(store: OutputStore, ledger: Ledger, committer: UnitCommitter, fold_bytes: int, summary: RunSummary,
           say: Printer) -> None:
-    """Fold the table files the run's units published into fewer, larger ones (:mod:`pipelines.archive.fold`); a
-    fold that fails leaves them as committed (the run's results are complete either way)."""
-    if len(committer.published) < 2:
+    """Fold the table files the run's units published into fewer, larger ones (:mod:`pipelines.archive.fold`). A
+    fold that fails before its record leaves them as committed; one that fails after it is finished by the next run
+    of the output key (until then readers may see some rows twice), and the run says so."""
+    if not committer.touched:
         return
     t0 = time.perf_counter()
     try:
-        report = fold_files(store, ledger, sorted(committer.published), committer.new_unit_id(), summary.run_id,
-                            committer.output_key, fold_bytes)
+        report = fold_run(store, ledger, sorted(committer.touched), summary.run_id, committer.output_key, fold_bytes,
+                          committer.new_unit_id)
     except LeaseLost:
         raise
+    except FoldPublishFailed as exc:
+        log.exception("a fold unit's publish failed")
+        summary.message = redact_text(f"{exc}; the next run of this output key finishes it (until then readers may "
+                                      "see some rows twice)")
+        say(summary.message)
+        return
     except Exception as exc:
         log.exception("could not fold the run's table files")
         say(f"could not fold the run's table files ({type(exc).__name__}: {redact_text(str(exc))}); they stay as "
@@ -634,7 +641,8 @@ def _fold(store: OutputStore, ledger: Ledger, committer: UnitCommitter, fold_byt
     summary.files_folded = report.files_in
     if report.files_in:
         say(f"folded {report.files_in} table files ({report.bytes_in / 2**20:.1f} MiB) into {report.files_out} in "
-            f"{report.partitions} partitions: unit {report.unit_id}, {time.perf_counter() - t0:.1f} s")
+            f"{report.partitions} partitions: unit{'s' if len(report.units) > 1 else ''} {', '.join(report.units)}, "
+            f"{time.perf_counter() - t0:.1f} s")
 
 
 def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:

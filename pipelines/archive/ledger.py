@@ -39,6 +39,8 @@ from pipelines.archive.store import OutputStore, StagedFile, geoparquet_bytes, p
 
 LEDGER_DIR = "_ledger"
 STAGING_DIR = "_staging"
+# on a remote store without batched copies: holds a unit's staging folder while its files are moved (see _publish)
+_PUBLISHING_MARKER = "_publishing"
 STATE_DIR = "_state"
 
 _LEDGER_SCHEMA = pa.schema(
@@ -142,6 +144,10 @@ class Ledger:
     def _record_path(self, unit_id: str) -> str:
         return f"{LEDGER_DIR}/{unit_id}.parquet"
 
+    def has_record(self, unit_id: str) -> bool:
+        """Whether the unit's own record is there (it is committed, and not yet folded by a compaction)."""
+        return self.store.exists(self._record_path(unit_id))
+
     # -------------------------------------------------------------------------------------------------- commit
 
     def commit(self, unit: UnitRecord) -> None:
@@ -225,11 +231,16 @@ class Ledger:
                 if strict or not self.store.exists(final):
                     raise missing(staged, final) from None
 
-        # on an object store the staging folder exists only while it holds a file: the last move waits for the
-        # deletes, so that a crash before them leaves the unit visible to recovery, which replays them
-        _each(move, moves[:-1], serial=self.store.local)
+        # every file is in place before a file it replaces goes (readers may see rows twice for a moment, never
+        # none), and the staging folder stays until the deletes are done, so that a crash before then leaves the unit
+        # to recovery, which replays them: a local folder stays when emptied; on an object store a folder exists only
+        # while it holds a key, so a marker holds it
+        if not self.store.local:
+            marker = f"{self.staging_dir(unit_id)}/{_PUBLISHING_MARKER}"
+            if not self.store.exists(marker):
+                self.store.write_bytes(marker, b"")
+        _each(move, moves, serial=self.store.local)
         self._delete_superseded(unit_id, deletes)
-        _each(move, moves[-1:], serial=True)
         self.store.remove(self.staging_dir(unit_id), recursive=True)
 
     def _delete_superseded(self, unit_id: str, deletes: Sequence[str]) -> None:

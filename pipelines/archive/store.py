@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import posixpath
+import re
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -237,6 +238,14 @@ class OutputStore:
         prefix = self.path + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.glob(self.full(pattern)))
 
+    def children(self, folder: str) -> list[str]:
+        """The names of the files and folders directly in ``folder``, from one listing (none if it is not there)."""
+        try:
+            entries = self.fs.ls(self.full(folder), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
     def sizes(self, folder: str) -> dict[str, int]:
         """The files directly in ``folder`` (paths relative to the root) and their sizes, from one listing."""
         prefix = self.path + "/"
@@ -276,6 +285,17 @@ class OutputStore:
 
 
 # --------------------------------------------------------------------------------------------------------- tables
+
+
+# part-<unit>.parquet; part-<unit>-cow<i>.parquet for a copy-on-write rewrite published by <unit>;
+# part-<unit>-fold<i>.parquet for files of a run's units folded together by <unit> (pipelines/archive/fold.py)
+_PART = re.compile(r"^part-(?P<unit>.+?)(?:-(?:cow|fold)\d+)?\.parquet$")
+
+
+def part_unit(path: str) -> str | None:
+    """The commit unit that published a table file (``None`` for files not written per unit, like ``runs``)."""
+    match = _PART.match(posixpath.basename(path))
+    return match.group("unit") if match else None
 
 
 def partition_dir(table: str, collection: str | None, date: str) -> str:

@@ -15,8 +15,9 @@ table (``min_confidence`` on ``tiles``) is refused with an error naming it.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import posixpath
-import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -30,11 +31,8 @@ import pyarrow.dataset as pads
 import shapely
 
 from pipelines.archive.ledger import LEDGER_DIR
-from pipelines.archive.store import EMBEDDINGS_STORE, SCHEMAS, TABLES, OutputStore, build_frame
+from pipelines.archive.store import EMBEDDINGS_STORE, SCHEMAS, TABLES, OutputStore, build_frame, part_unit
 
-# part-<unit>.parquet; part-<unit>-cow<i>.parquet for a copy-on-write rewrite published by <unit>;
-# part-<unit>-fold<i>.parquet for files of a run's units folded together by <unit> (pipelines/archive/fold.py)
-_PART = re.compile(r"^part-(?P<unit>.+?)(?:-(?:cow|fold)\d+)?\.parquet$")
 _PARTITIONS = pa.schema([("collection", pa.string()), ("date", pa.string())])
 _TIME_COLUMN = {"scenes": "datetime", "tiles": "datetime", "detections": "datetime", "errors": "datetime",
                 "runs": "started_at"}
@@ -207,8 +205,7 @@ def _partition(path: str) -> tuple[str | None, str | None]:
 
 def unit_of(path: str) -> str | None:
     """The commit unit that published a table file (``None`` for files not written per unit, like ``runs``)."""
-    match = _PART.match(posixpath.basename(path))
-    return match.group("unit") if match else None
+    return part_unit(path)
 
 
 @dataclass(frozen=True)
@@ -275,6 +272,7 @@ class Outputs:
         self.store = OutputStore(root, storage_options)
         self.root = self.store.url()
         self._files: dict[str, list[str]] = {}
+        self._units_listed_at = -math.inf
         self._schemas: dict[str, pa.Schema] = {}
         self._uniform: dict[str, bool] = {}
 
@@ -290,6 +288,7 @@ class Outputs:
     @cached_property
     def committed_units(self) -> frozenset[str]:
         """Every unit id with a record under ``_ledger/`` (a record's file name, or a unit listed in one)."""
+        self._units_listed_at = time.monotonic()
         records = self.store.glob(f"{LEDGER_DIR}/*.parquet")
         units = {posixpath.basename(p)[: -len(".parquet")] for p in records}
         if records:
@@ -304,11 +303,17 @@ class Outputs:
         if table not in TABLES:
             raise ValueError(f"table: {table!r} is not one of {', '.join(TABLES)}")
         if table not in self._files:
+            listed_at = time.monotonic()
             found = self.store.glob(f"{table}/**/*.parquet")
             if table == "runs":
                 self._files[table] = found
             else:
                 committed = self.committed_units
+                if self._units_listed_at < listed_at and any(unit_of(p) not in committed for p in found):
+                    # a unit committed since the ledger was read (a record is written before its files are
+                    # published): read it again, or a run's fold would hide rows whose old files are gone
+                    self.__dict__.pop("committed_units", None)
+                    committed = self.committed_units
                 self._files[table] = [p for p in found if unit_of(p) in committed]
         return self._files[table]
 
@@ -406,18 +411,19 @@ class Outputs:
         Returns:
             The matching rows, with the ``collection`` and ``date`` partition columns (``date`` only for ``runs``).
         """
-        spec = self._resolve(table, make_filters(**filters))
-        reader = self._reader(table, spec, columns)
-        files = self._selected(table, spec)
         try:
-            return reader(files) if files else reader.empty()
+            return self._read(table, columns, filters)
         except FileNotFoundError:
             # a listed file was replaced since the listing (a run folded its files, or rewrote an updated scene's):
             # list again, once
             self.refresh()
-            reader = self._reader(table, spec, columns)
-            files = self._selected(table, spec)
-            return reader(files) if files else reader.empty()
+            return self._read(table, columns, filters)
+
+    def _read(self, table: str, columns: Sequence[str] | None, filters: Mapping[str, Any]) -> gpd.GeoDataFrame:
+        spec = self._resolve(table, make_filters(**filters))
+        reader = self._reader(table, spec, columns)
+        files = self._selected(table, spec)
+        return reader(files) if files else reader.empty()
 
     def read_dask(self, table: str, columns: Sequence[str] | None = None, **filters: Any) -> Any:
         """One table as a lazy ``dask_geopandas.GeoDataFrame``, one partition per committed file.

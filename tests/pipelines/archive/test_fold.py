@@ -3,17 +3,26 @@ a fold cut short before or after its record; copy-on-write of a folded file; rea
 
 from __future__ import annotations
 
+import itertools
 import json
+import posixpath
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 import pytest
 import shapely
 
-from pipelines.archive.fold import fold_files, merged_geo_metadata, plan_folds
+from pipelines.archive.fold import (
+    FOLD_PATHS,
+    FoldPublishFailed,
+    FoldReport,
+    fold_run,
+    merged_geo_metadata,
+    plan_folds,
+)
 from pipelines.archive.lease import Lease
 from pipelines.archive.ledger import Ledger, UnitRecord, rewrite_without
-from pipelines.archive.store import OutputStore, read_table, stage_table
+from pipelines.archive.store import OutputStore, part_unit, read_table, stage_table
 from pipelines.results import open_outputs
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
@@ -40,6 +49,14 @@ def _commit_units(store: OutputStore, ledger: Ledger, n: int, run: str = "r") ->
     return published
 
 
+def _fold(store: OutputStore, ledger: Ledger, published: list[str], run: str = "r", *, fold_bytes: int = 2**20,
+          max_paths: int = FOLD_PATHS) -> FoldReport:
+    """Fold run ``run``'s files in the folders of ``published``; its fold units are numbered after its units."""
+    units = itertools.count(len({u for p in published if (u := part_unit(p)) and u.startswith(f"{run}-u")}))
+    return fold_run(store, ledger, {posixpath.dirname(p) for p in published}, run, "k", fold_bytes,
+                    lambda: f"{run}-u{next(units):05d}", max_paths)
+
+
 def _rows(store: OutputStore, table: str) -> list[tuple]:
     frame = read_table(store, table)
     cols = ["scene_id", "tile_id", "unit_id", "caption"] if table == "tiles" else ["scene_id", "unit_id"]
@@ -58,8 +75,9 @@ def test_a_runs_files_fold_into_one_file_per_partition_with_the_same_rows(tmp_pa
     published = _commit_units(store, ledger, 5)
     before = {t: _rows(store, t) for t in ("tiles", "scenes")}
     committed = ledger.committed("k")
-    report = fold_files(store, ledger, published, "r-u00005", "r", "k", fold_bytes=2**20)
+    report = _fold(store, ledger, published)
     assert (report.files_in, report.files_out, report.partitions) == (20, 4, 4)  # 5 units x 2 tables x 2 dates
+    assert report.units == ["r-u00005"]
     for table in ("tiles", "scenes"):
         for date in DATES:
             assert store.glob(f"{table}/collection=toy/date={date}/*.parquet") == [
@@ -92,7 +110,7 @@ def test_only_the_given_files_are_folded(tmp_path):
     ledger = Ledger(store)
     earlier = _commit_units(store, ledger, 2, run="old")
     mine = _commit_units(store, ledger, 3, run="new")
-    report = fold_files(store, ledger, mine, "new-u00003", "new", "k", fold_bytes=2**20)
+    report = _fold(store, ledger, mine + earlier, run="new")  # the folders hold both runs' files
     assert report.files_in == len(mine)
     left = set(store.glob("tiles/**/*.parquet")) | set(store.glob("scenes/**/*.parquet"))
     assert set(earlier) <= left and not set(mine) & left
@@ -108,8 +126,8 @@ def test_a_fold_cut_short_after_its_record_is_finished_by_recovery(tmp_path, mon
         raise OSError("killed while publishing")
 
     monkeypatch.setattr(ledger, "_publish", die)
-    with pytest.raises(OSError, match="killed"):
-        fold_files(store, ledger, published, "r-u00004", "r", "k", fold_bytes=2**20)
+    with pytest.raises(FoldPublishFailed, match="r-u00004 is committed"):
+        _fold(store, ledger, published)
     monkeypatch.undo()
     assert store.exists("_ledger/r-u00004.parquet")  # on record, not published: the small files are still there
     assert len(store.glob("tiles/**/*.parquet")) == 8
@@ -129,19 +147,20 @@ def test_a_fold_cut_short_before_its_record_leaves_the_files_as_they_were(tmp_pa
 
     monkeypatch.setattr(ledger, "commit", die)
     with pytest.raises(OSError, match="killed"):
-        fold_files(store, ledger, published, "r-u00004", "r", "k", fold_bytes=2**20)
+        _fold(store, ledger, published)
     monkeypatch.undo()
-    assert store.glob("_staging/r-u00004/**/*.parquet")  # staged, never committed: readers never see it
+    # staged, never committed: readers never saw it, and the fold deleted its staged files at once
+    assert not store.glob("_staging/**/*.parquet") and not store.exists("_ledger/r-u00004.parquet")
     assert store.glob("tiles/**/*.parquet") == files and _rows(store, "tiles") == before
-    assert _recovering(store).recover().rolled_back == ["r-u00004"]
-    assert not store.glob("_staging/**/*.parquet") and store.glob("tiles/**/*.parquet") == files
+    assert _recovering(store).recover().rolled_back in ([], ["r-u00004"])  # an empty folder may remain locally
+    assert store.glob("tiles/**/*.parquet") == files
 
 
 def test_an_updated_scene_is_rewritten_out_of_a_folded_file(tmp_path):
     store = OutputStore(str(tmp_path))
     ledger = Ledger(store)
     published = _commit_units(store, ledger, 3)
-    fold_files(store, ledger, published, "r-u00003", "r", "k", fold_bytes=2**20)
+    _fold(store, ledger, published)
     before = _rows(store, "tiles")
     staged, delete = rewrite_without(store, ledger.staging_dir("n-u00000"), "n-u00000", ["tiles"],
                                      {("toy", "2024-05-01"): ["s1-0"]}, "k")
@@ -158,7 +177,7 @@ def test_a_reader_that_listed_before_a_fold_lists_again(tmp_path):
     published = _commit_units(store, ledger, 3)
     outputs = open_outputs(str(tmp_path))
     expected = len(outputs.tiles())
-    fold_files(store, ledger, published, "r-u00003", "r", "k", fold_bytes=2**20)
+    _fold(store, ledger, published)
     assert len(outputs.tiles()) == expected  # its listing named files the fold deleted
 
 
@@ -174,9 +193,12 @@ def test_geo_metadata_of_folded_files_is_the_union():
     assert merged is not None
     column = json.loads(merged)["columns"]["geometry"]
     assert column["bbox"] == [0, -1, 3, 1] and column["geometry_types"] == ["MultiPolygon", "Polygon"]
-    column = json.loads(merged_geo_metadata([meta(None, ["Polygon"]), meta([0, 0, 1, 1], [])]) or b"")
+    column = json.loads(merged_geo_metadata([meta(None, ["Polygon"]), meta(None, [])]) or b"")
     assert "bbox" not in column["columns"]["geometry"] and column["columns"]["geometry"]["geometry_types"] == []
     assert merged_geo_metadata([{}]) is None
+    # a file whose geometries are all null has no bbox: the others' union stands
+    column = json.loads(merged_geo_metadata([meta(None, ["Polygon"]), meta([0, 0, 1, 1], ["Polygon"])]) or b"")
+    assert column["columns"]["geometry"]["bbox"] == [0, 0, 1, 1]
 
 
 @pytest.mark.integration
@@ -186,15 +208,91 @@ def test_a_fold_on_s3_lists_each_partition_once_and_reads_its_files_concurrently
     published = _commit_units(store, ledger, 6)
     before = _rows(store, "tiles")
     s3.clear_requests()
-    report = fold_files(store, ledger, published, "r-u00006", "r", "k", fold_bytes=2**20)
+    report = _fold(store, ledger, published)
     requests = list(s3.requests)
     assert (report.files_in, report.files_out) == (24, 4)
     assert _rows(store, "tiles") == before and len(store.glob("tiles/**/*.parquet")) == 2
     listings = [path for _, path, _ in requests if "list-type" in path]
-    # a partition's listing before its fold and after the deletes (4 + 4), the staging folder's before the record
-    # (1); no listing of a whole table, none per file
-    assert len(listings) == 4 + 4 + 1, listings
+    # the staging folders (units still publishing are left out; 2 requests: s3fs looks at the parent of an empty
+    # folder), a partition's listing before its fold and after the deletes (4 + 4), the fold unit's staging folder
+    # before its record (1); no listing of a whole table, none per file
+    assert len(listings) == 2 + 4 + 4 + 1, listings
     gets = [path for method, path, _ in requests if method == "GET" and "list-type" not in path]
     assert len(gets) == 24, gets  # each folded file read once, without a HEAD first
     # the rest: 4 folded files staged and copied (a HEAD and a PUT each), the record, 2 bulk deletes
     assert len(requests) == len(listings) + len(gets) + 4 + 2 * 4 + 1 + 2, requests
+
+
+def test_a_fold_with_many_files_commits_several_units(tmp_path):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    published = _commit_units(store, ledger, 6)
+    before = _rows(store, "tiles")
+    report = _fold(store, ledger, published, max_paths=7)  # 6 files + 1 folded file a partition: a unit each
+    assert report.units == ["r-u00006", "r-u00007", "r-u00008", "r-u00009"] and report.files_out == 4
+    assert _rows(store, "tiles") == before and len(store.glob("tiles/**/*.parquet")) == 2
+    assert set(report.units) <= open_outputs(str(tmp_path)).committed_units
+
+
+def test_a_unit_still_staged_keeps_its_files_out_of_the_fold(tmp_path):
+    """A unit whose staging folder is still there (its staging delete failed unnoticed) is replayed by recovery,
+    which must find its files where it put them: the fold leaves them alone."""
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    published = _commit_units(store, ledger, 3)
+    store.write_bytes("_staging/r-u00001/leftover", b"")
+    before = _rows(store, "tiles")
+    report = _fold(store, ledger, published)
+    assert report.files_in == 8  # units 0 and 2, 2 tables x 2 dates
+    assert all(store.exists(p) for p in published if "r-u00001" in p)
+    assert _recovering(store).recover().rolled_forward == ["r-u00001"]
+    assert _rows(store, "tiles") == before
+
+
+def test_a_fold_whose_publish_fails_after_its_record_says_so_and_recovery_finishes_it(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    published = _commit_units(store, ledger, 3)
+    before = _rows(store, "tiles")
+
+    def refuse(unit_id: str, deletes: list[str]) -> None:
+        raise OSError("delete refused")
+
+    monkeypatch.setattr(ledger, "_delete_superseded", refuse)
+    with pytest.raises(FoldPublishFailed, match="r-u00003 is committed"):
+        _fold(store, ledger, published)
+    monkeypatch.undo()
+    assert store.exists("_staging/r-u00003")  # left to recovery (its files are in place, the deletes are not done)
+    assert _recovering(store).recover().rolled_forward == ["r-u00003"]
+    assert _rows(store, "tiles") == before and len(store.glob("tiles/**/*.parquet")) == 2
+
+
+def test_a_local_fold_places_every_folded_file_before_it_deletes_one(tmp_path, monkeypatch):
+    """Readers may see a partition's rows twice while a fold publishes, never none."""
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    published = _commit_units(store, ledger, 3)
+    real = ledger._delete_superseded
+    seen: list[int] = []
+
+    def check_then_delete(unit_id: str, deletes: list[str]) -> None:
+        seen.append(len(store.glob("*/**/part-r-u00003-fold*.parquet")))
+        real(unit_id, deletes)
+
+    monkeypatch.setattr(ledger, "_delete_superseded", check_then_delete)
+    _fold(store, ledger, published)
+    assert seen == [4]  # all four folded files (2 tables x 2 dates) in place before the deletes
+
+
+def test_a_reader_that_read_the_ledger_before_a_fold_shows_the_folded_files(tmp_path):
+    """The units on record are read once; a table listed after a fold names a fold unit committed since, so they
+    are read again (the files it replaced are gone: without it, the reader would show none of those rows)."""
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    published = _commit_units(store, ledger, 3)
+    outputs = open_outputs(str(tmp_path))
+    scenes = len(outputs.scenes())  # reads the ledger
+    tiles = len(read_table(store, "tiles"))
+    _fold(store, ledger, published)
+    assert len(outputs.tiles()) == tiles and len(outputs.files("tiles")) == 2
+    assert scenes == 6
