@@ -201,7 +201,8 @@ class Ledger:
                 f"unit {unit_id} is committed but its staged file {staged} is gone and {final} was never "
                 f"published: the unit's scenes are on record without all their rows. Remove "
                 f"{self._record_path(unit_id)} (and the unit's published part-{unit_id}*.parquet files) "
-                "and rerun with --full-scan to redo them")
+                "and rerun with --full-scan to redo them (a fold unit, whose record lists no scenes, deletes the "
+                "files it folds only once every folded file is in place: those removals alone restore its rows)")
 
         # The record is written: what follows may run in any order, and be replayed (recover).
         if self.store.batch_copies:
