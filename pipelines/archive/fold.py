@@ -62,11 +62,11 @@ class FoldReport:
     """What :func:`fold_run` did.
 
     Attributes:
-        units: The fold's commit units, in commit order.
-        files_in: Files folded (deleted once the folded files are published).
-        files_out: Folded files written.
-        bytes_in: Their size.
-        partitions: Partition folders that had files folded.
+        units: The fold's committed units, in commit order.
+        files_in: Files they fold (deleted once the folded files are published).
+        files_out: Folded files they publish.
+        bytes_in: Size of the files they fold.
+        partitions: Partition folders that had files to fold.
     """
 
     units: list[str] = field(default_factory=list)
@@ -81,15 +81,15 @@ def is_table_file(rel: str) -> bool:
     return rel.split("/", 1)[0] in FOLDED_TABLES and part_unit(rel) is not None
 
 
-def plan_folds(sizes: Mapping[str, int], fold_bytes: int) -> list[list[str]]:
-    """One partition's files (name order) cut into runs of at most ``fold_bytes`` bytes; a file of that size or
-    more, and a run of one file, are left as they are."""
+def plan_folds(sizes: Mapping[str, int], fold_bytes: int, max_files: int | None = None) -> list[list[str]]:
+    """One partition's files (name order) cut into runs of at most ``fold_bytes`` bytes (and ``max_files`` files);
+    a file of that size or more, and a run of one file, are left as they are."""
     chunks: list[list[str]] = []
     chunk: list[str] = []
     total = 0
     for path in sorted(sizes):
         size = sizes[path]
-        if chunk and total + size > fold_bytes:
+        if chunk and (total + size > fold_bytes or (max_files is not None and len(chunk) >= max_files)):
             chunks.append(chunk)
             chunk, total = [], 0
         chunk.append(path)
@@ -107,6 +107,7 @@ def fold_run(
     fold_bytes: int,
     new_unit_id: Callable[[], str],
     max_paths: int = FOLD_PATHS,
+    report: FoldReport | None = None,
 ) -> FoldReport:
     """Fold a run's table files in some partition folders into fewer, larger ones, committed as fold units.
 
@@ -123,60 +124,72 @@ def fold_run(
         fold_bytes: Most bytes of input files per folded file.
         new_unit_id: Gives the run's next unit id (one per fold unit).
         max_paths: Most files one fold unit publishes and deletes (:data:`FOLD_PATHS`).
+        report: Filled in as the fold goes (what was committed, also when a later unit fails); a new one if not
+            given.
 
     Returns:
-        What was folded.
+        ``report``.
 
     Raises:
         LeaseLost: The run no longer holds its output key (the unit in hand is not committed; its files stay).
         FoldPublishFailed: A fold unit is committed but its publish failed.
     """
+    if max_paths < 3:
+        raise ValueError(f"max_paths must be >= 3 (two files and their folded file), got {max_paths}")
     unfinished = set(store.children(STAGING_DIR))
-    report = FoldReport()
+    report = FoldReport() if report is None else report
     batch: list[tuple[list[str], str]] = []  # (files folded, final path of their folded file) staged for one unit
+    paths = pending_in = pending_bytes = 0  # the batch's files and folded files; the files it folds, their bytes
     unit_id = ""
+    committing = False  # the unit in hand's record may be written: its staging folder is recovery's
 
     def commit() -> None:
-        nonlocal batch, unit_id
+        nonlocal batch, unit_id, paths, committing, pending_in, pending_bytes
         publish = [StagedFile(staged=f"{ledger.staging_dir(unit_id)}/{final}", final=final) for _, final in batch]
         delete = [rel for chunk, _ in batch for rel in chunk]
+        committing = True
         try:
             ledger.commit(UnitRecord(unit_id=unit_id, run_id=run_id, output_key=output_key, publish=publish,
                                      delete=delete))
         except LeaseLost:
+            committing = False  # refused before its record
             raise
         except Exception as exc:
-            if ledger.has_record(unit_id):
+            if ledger.has_record(unit_id):  # if this check fails too, the unit stays to recovery
                 raise FoldPublishFailed(unit_id, exc) from exc
+            committing = False
             raise
         report.units.append(unit_id)
         report.files_out += len(publish)
-        batch, unit_id = [], ""
+        report.files_in += pending_in
+        report.bytes_in += pending_bytes
+        batch, unit_id, paths, committing, pending_in, pending_bytes = [], "", 0, False, 0, 0
 
     try:
         for folder in sorted({f for f in folders if f.split("/", 1)[0] in FOLDED_TABLES}):
             listed = store.sizes(folder)
             sizes = {rel: size for rel, size in listed.items() if (unit := part_unit(rel)) is not None
                      and unit.startswith(f"{run_id}-u") and unit not in unfinished}
-            chunks = plan_folds(sizes, fold_bytes)
+            chunks = plan_folds(sizes, fold_bytes, max_files=max_paths - 1)
+            index = 0
             for chunk in chunks:
+                if batch and paths + len(chunk) + 1 > max_paths:
+                    commit()
                 if not unit_id:
-                    unit_id = new_unit_id()
-                final = f"{folder}/part-{unit_id}-fold{sum(f.startswith(folder + '/') for _, f in batch)}.parquet"
+                    unit_id, index = new_unit_id(), 0
+                final = f"{folder}/part-{unit_id}-fold{index}.parquet"
+                index += 1
                 store.write_bytes(f"{ledger.staging_dir(unit_id)}/{final}",
                                   _concatenated(store, chunk, [sizes[rel] for rel in chunk]))
                 batch.append((chunk, final))
-                report.files_in += len(chunk)
-                report.bytes_in += sum(sizes[rel] for rel in chunk)
-                if sum(len(c) + 1 for c, _ in batch) >= max_paths:
-                    commit()
+                paths += len(chunk) + 1
+                pending_in += len(chunk)
+                pending_bytes += sum(sizes[rel] for rel in chunk)
             report.partitions += bool(chunks)
         if batch:
             commit()
-    except FoldPublishFailed:
-        raise  # committed: its staging folder is recovery's to replay
     except BaseException:
-        if unit_id:  # the unit in hand was never committed: its staged files go now, not at the next run
+        if unit_id and not committing:  # never committed: its staged files go now, not at the next run
             with contextlib.suppress(Exception):
                 store.remove(ledger.staging_dir(unit_id), recursive=True)
         raise

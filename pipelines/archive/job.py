@@ -46,7 +46,7 @@ import shapely
 from catalogs.hrefs import HrefPolicy, redact_text, redact_url
 from catalogs.io import configure_gdal
 from pipelines.archive.config import ConfigError, InferConfig, load_config
-from pipelines.archive.fold import FoldPublishFailed, fold_run, is_table_file
+from pipelines.archive.fold import FoldPublishFailed, FoldReport, fold_run, is_table_file
 from pipelines.archive.lease import Lease, LeaseHeld, LeaseLost
 from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
 from pipelines.archive.source import (
@@ -622,9 +622,10 @@ def _fold(store: OutputStore, ledger: Ledger, committer: UnitCommitter, fold_byt
     if not committer.touched:
         return
     t0 = time.perf_counter()
+    report = FoldReport()
     try:
-        report = fold_run(store, ledger, sorted(committer.touched), summary.run_id, committer.output_key, fold_bytes,
-                          committer.new_unit_id)
+        fold_run(store, ledger, sorted(committer.touched), summary.run_id, committer.output_key, fold_bytes,
+                 committer.new_unit_id, report=report)
     except LeaseLost:
         raise
     except FoldPublishFailed as exc:
@@ -632,17 +633,14 @@ def _fold(store: OutputStore, ledger: Ledger, committer: UnitCommitter, fold_byt
         summary.message = redact_text(f"{exc}; the next run of this output key finishes it (until then readers may "
                                       "see some rows twice)")
         say(summary.message)
-        return
     except Exception as exc:
         log.exception("could not fold the run's table files")
-        say(f"could not fold the run's table files ({type(exc).__name__}: {redact_text(str(exc))}); they stay as "
-            "committed")
-        return
+        say(f"could not fold the run's table files ({type(exc).__name__}: {redact_text(str(exc))}); those not "
+            "folded yet stay as committed")
     summary.files_folded = report.files_in
     if report.files_in:
-        say(f"folded {report.files_in} table files ({report.bytes_in / 2**20:.1f} MiB) into {report.files_out} in "
-            f"{report.partitions} partitions: unit{'s' if len(report.units) > 1 else ''} {', '.join(report.units)}, "
-            f"{time.perf_counter() - t0:.1f} s")
+        say(f"folded {report.files_in} table files ({report.bytes_in / 2**20:.1f} MiB) into {report.files_out}: "
+            f"unit{'s' if len(report.units) > 1 else ''} {', '.join(report.units)}, {time.perf_counter() - t0:.1f} s")
 
 
 def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:
