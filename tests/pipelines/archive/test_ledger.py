@@ -3,6 +3,7 @@ recovery under the output key's lease, which leaves live runs' staging alone; mi
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -559,3 +560,25 @@ def _spy_row_groups(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
     return read
+
+
+def test_a_publish_without_batched_copies_keeps_the_staging_folder_until_its_deletes_are_done(monkeypatch):
+    """On a remote store a folder exists only while it holds a key: once every file is moved, a marker keeps the
+    unit's staging folder, so that a crash before the deletes leaves the unit to recovery."""
+    store = OutputStore(f"memory://publish-marker-{uuid.uuid4().hex}")
+    assert not store.local and not store.batch_copies
+    ledger = Ledger(store)
+    unit = _superseding_unit(store, ledger)
+
+    def die(unit_id: str, deletes: list[str]) -> None:
+        raise OSError("killed before the deletes")
+
+    monkeypatch.setattr(ledger, "_delete_superseded", die)
+    with pytest.raises(OSError, match="killed"):
+        ledger.commit(unit)
+    monkeypatch.undo()
+    assert not store.glob("_staging/u2/**/*.parquet") and store.children("_staging") == ["u2"]  # the marker
+    assert _recovering(store).recover().rolled_forward == ["u2"]
+    assert store.children("_staging") == []
+    tiles = read_table(store, "tiles")
+    assert sorted(zip(tiles["scene_id"], tiles["unit_id"], strict=True)) == [("a", "u2"), ("b", "u1")]
