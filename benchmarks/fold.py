@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import posixpath
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             folded = OutputStore(roots["folded"], {"endpoint_url": proxy.url})
             n0, t0 = len(proxy.log), time.perf_counter()
             folders = sorted({posixpath.dirname(p) for p in published})  # the same under both prefixes
-            report = fold_run(folded, Ledger(folded), folders, "bench", "bench", 128 * 2**20, lambda: "bench-u99999")
+            fold_units = map("bench-u{:05d}".format, itertools.count(args.units))
+            report = fold_run(folded, Ledger(folded), folders, "bench", "bench", 128 * 2**20,
+                              functools.partial(next, fold_units))
             setup.update(fold_s=time.perf_counter() - t0, fold_requests=len(proxy.log) - n0,
                          fold_latency_ms=latency, files_in=report.files_in, files_out=report.files_out)
             for root in roots.values():  # as the run does last: the units' ledger records folded into one file
