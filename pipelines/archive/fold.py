@@ -139,12 +139,12 @@ def fold_run(
     unfinished = set(store.children(STAGING_DIR))
     report = FoldReport() if report is None else report
     batch: list[tuple[list[str], str]] = []  # (files folded, final path of their folded file) staged for one unit
-    paths = pending_in = pending_bytes = 0  # the batch's files and folded files; the files it folds, their bytes
+    paths = pending_bytes = 0  # the batch's files and folded files; the bytes of the files it folds
     unit_id = ""
     committing = False  # the unit in hand's record may be written: its staging folder is recovery's
 
     def commit() -> None:
-        nonlocal batch, unit_id, paths, committing, pending_in, pending_bytes
+        nonlocal batch, unit_id, paths, committing, pending_bytes
         publish = [StagedFile(staged=f"{ledger.staging_dir(unit_id)}/{final}", final=final) for _, final in batch]
         delete = [rel for chunk, _ in batch for rel in chunk]
         committing = True
@@ -161,9 +161,9 @@ def fold_run(
             raise
         report.units.append(unit_id)
         report.files_out += len(publish)
-        report.files_in += pending_in
+        report.files_in += len(delete)
         report.bytes_in += pending_bytes
-        batch, unit_id, paths, committing, pending_in, pending_bytes = [], "", 0, False, 0, 0
+        batch, unit_id, paths, committing, pending_bytes = [], "", 0, False, 0
 
     try:
         for folder in sorted({f for f in folders if f.split("/", 1)[0] in FOLDED_TABLES}):
@@ -183,7 +183,6 @@ def fold_run(
                                   _concatenated(store, chunk, [sizes[rel] for rel in chunk]))
                 batch.append((chunk, final))
                 paths += len(chunk) + 1
-                pending_in += len(chunk)
                 pending_bytes += sum(sizes[rel] for rel in chunk)
             report.partitions += bool(chunks)
         if batch:

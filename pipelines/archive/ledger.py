@@ -251,10 +251,9 @@ class Ledger:
         run's recovery tries again."""
         if not deletes:
             return
-        if self.store.local:
-            _each(self.store.remove, deletes, serial=True)  # a local delete that fails raises
-            return
         self.store.remove_many(deletes)
+        if self.store.local:  # a local delete that fails raises
+            return
         # one listing per folder (a file's own check would be a HEAD, and a listing more for a key that is gone)
         still: set[str] = set()
         for folder in sorted({posixpath.dirname(d) for d in deletes}):
