@@ -18,6 +18,9 @@ Rows keep their ``unit_id`` and ``run_id`` columns; the folded files are named `
 so readers that show only committed units' files show them. While a fold publishes, a reader that lists the folder
 may see a folded file beside the files it replaces (rows twice) for the moment the publish takes, as while a unit
 that rewrote an updated scene's files publishes (docs/outputs.md).
+
+A run that ends before its fold (killed, failed) leaves its files to the next run of its output key, which folds
+them as its own fold units (``runs``, with the folders :func:`folders_of_runs` finds in the ledger).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.archive.lease import LeaseLost
-from pipelines.archive.ledger import STAGING_DIR, Ledger, UnitRecord
-from pipelines.archive.store import TABLES, OutputStore, StagedFile, part_unit
+from pipelines.archive.ledger import STAGING_DIR, Ledger, UnitRecord, run_of
+from pipelines.archive.store import TABLES, OutputStore, StagedFile, part_unit, partition_dir
 
 # Tables whose files are written per unit (``runs`` has one file per run).
 FOLDED_TABLES: tuple[str, ...] = tuple(t for t in TABLES if t != "runs")
@@ -108,12 +111,14 @@ def fold_run(
     new_unit_id: Callable[[], str],
     max_paths: int = FOLD_PATHS,
     report: FoldReport | None = None,
+    runs: Collection[str] | None = None,
 ) -> FoldReport:
     """Fold a run's table files in some partition folders into fewer, larger ones, committed as fold units.
 
     Each folder is listed once; the files of the run's units (``part-<run_id>-u...``) are folded, except those of a
     unit whose staging folder is still there (its publish is not finished: recovery replays it, and must find its
-    files where it put them).
+    files where it put them). ``runs`` names other runs of the output key whose files to fold instead (runs that
+    ended before their own fold); the fold units are still ``run_id``'s.
 
     Args:
         store: The output root.
@@ -126,6 +131,8 @@ def fold_run(
         max_paths: Most files one fold unit publishes and deletes (:data:`FOLD_PATHS`).
         report: Filled in as the fold goes (what was committed, also when a later unit fails); a new one if not
             given.
+        runs: The runs whose units' files are folded (default: ``run_id`` alone). Each must be ``run_id`` or a run
+            of the output key that no longer holds its lease.
 
     Returns:
         ``report``.
@@ -137,6 +144,7 @@ def fold_run(
     if max_paths < 3:
         raise ValueError(f"max_paths must be >= 3 (two files and their folded file), got {max_paths}")
     unfinished = set(store.children(STAGING_DIR))
+    owners = frozenset((run_id,) if runs is None else runs)
     report = FoldReport() if report is None else report
     batch: list[tuple[list[str], str]] = []  # (files folded, final path of their folded file) staged for one unit
     paths = pending_bytes = 0  # the batch's files and folded files; the bytes of the files it folds
@@ -169,7 +177,7 @@ def fold_run(
         for folder in sorted({f for f in folders if f.split("/", 1)[0] in FOLDED_TABLES}):
             listed = store.sizes(folder)
             sizes = {rel: size for rel, size in listed.items() if (unit := part_unit(rel)) is not None
-                     and unit.startswith(f"{run_id}-u") and unit not in unfinished}
+                     and run_of(unit) in owners and unit not in unfinished}
             chunks = plan_folds(sizes, fold_bytes, max_files=max_paths - 1)
             index = 0
             for chunk in chunks:
@@ -193,6 +201,23 @@ def fold_run(
                 store.remove(ledger.staging_dir(unit_id), recursive=True)
         raise
     return report
+
+
+def folders_of_runs(committed: pa.Table, runs: Collection[str]) -> set[str]:
+    """The partition folders of every folded table that units of ``runs`` may have published files into, from the
+    output key's ledger entries (``Ledger.committed_table``: a scene's tables are partitioned by its collection and
+    date). A scene committed again since by a later run is that run's: its older file was rewritten then."""
+    if not runs or committed.num_rows == 0:
+        return set()
+    import pyarrow.compute as pc
+
+    units = committed["unit_id"]
+    mask = pc.starts_with(units, pattern=f"{sorted(runs)[0]}-u")
+    for run in sorted(runs)[1:]:  # a few runs: those that ended before their fold
+        mask = pc.or_(mask, pc.starts_with(units, pattern=f"{run}-u"))
+    pairs = committed.filter(mask).select(["collection", "date"]).group_by(["collection", "date"]).aggregate([])
+    return {partition_dir(table, c, d) for c, d in zip(pairs["collection"].to_pylist(), pairs["date"].to_pylist(),
+                                                       strict=True) for table in FOLDED_TABLES}
 
 
 def _concatenated(store: OutputStore, paths: Sequence[str], sizes: Sequence[int]) -> bytes:

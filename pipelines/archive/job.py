@@ -46,7 +46,7 @@ import shapely
 from catalogs.hrefs import HrefPolicy, redact_text, redact_url
 from catalogs.io import configure_gdal
 from pipelines.archive.config import ConfigError, InferConfig, load_config
-from pipelines.archive.fold import FoldPublishFailed, FoldReport, fold_run, is_table_file
+from pipelines.archive.fold import FoldPublishFailed, FoldReport, fold_run, folders_of_runs, is_table_file
 from pipelines.archive.lease import Lease, LeaseHeld, LeaseLost
 from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
 from pipelines.archive.source import (
@@ -146,7 +146,7 @@ class RunSummary:
             f"  detections {self.detections} ({labels})",
             f"  errors   {self.errors}",
             f"  model    {self.model_actors} actors, {self.model_loads} model loads, {self.units_committed} units "
-            "committed",
+            f"committed, {self.files_folded} table files folded",
             f"  speed    {self.tiles_per_s:.2f} tiles/s",
             f"  outputs  {self.output_root}",
         ]
@@ -366,6 +366,18 @@ _MERGE_SCENES = 4096
 past 100 MB (a Zarr group is 16 files; 16 x 2048 one-tile scenes would list ~120 MB)."""
 
 
+class UnitIds:
+    """A run's unit ids in commit order, ``<run_id>-u00000``, ``-u00001``, ... (scene and fold units alike)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.count = 0
+
+    def __call__(self) -> str:
+        self.count += 1
+        return f"{self.run_id}-u{self.count - 1:05d}"
+
+
 def _merge_waiting(closed: collections.deque[_Unit], commit_tiles: int | None) -> _Unit:
     """The next unit to stage: the oldest closed one, with the closed units that queued behind it folded in while
     their tiles stay within :data:`_MERGE_FACTOR` times ``commit_tiles`` (None: times the oldest unit's tiles) and
@@ -412,7 +424,8 @@ class UnitCommitter:
     """
 
     def __init__(self, config: InferConfig, store: OutputStore, ledger: Ledger, run_id: str,
-                 settings: AssemblySettings, summary: RunSummary, say: Printer) -> None:
+                 settings: AssemblySettings, summary: RunSummary, say: Printer,
+                 unit_ids: Callable[[], str] | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -438,7 +451,7 @@ class UnitCommitter:
         self.watched: frozenset[str] = frozenset()
         self.committed_keys: set[str] = set()
         self.scenes_done = 0
-        self._units = 0
+        self._unit_ids = unit_ids or UnitIds(run_id)
         self.touched: set[str] = set()  # partition folders the run's units published table files into
 
     def add_scene(self, rows: list[dict[str, Any]]) -> None:
@@ -482,8 +495,7 @@ class UnitCommitter:
 
     def new_unit_id(self) -> str:
         """The run's next unit id (units commit in this order)."""
-        self._units += 1
-        return f"{self.run_id}-u{self._units - 1:05d}"
+        return self._unit_ids()
 
     def finish(self) -> None:
         """Close the last unit and commit everything."""
@@ -614,18 +626,33 @@ def _finish_quiet(summary: RunSummary, counts: Mapping[str, Any]) -> None:
     summary.status = "ok"
 
 
-def _fold(store: OutputStore, ledger: Ledger, committer: UnitCommitter, fold_bytes: int, summary: RunSummary,
-          say: Printer) -> None:
-    """Fold the table files the run's units published into fewer, larger ones (:mod:`pipelines.archive.fold`). A
-    fold that fails before its record leaves them as committed; one that fails after it is finished by the next run
-    of the output key (until then readers may see some rows twice), and the run says so."""
-    if not committer.touched:
-        return
+def _fold_state_name(output_key: str) -> str:
+    """The state document naming the runs of an output key whose fold is not done (see :func:`run`)."""
+    return f"{output_key}-fold"
+
+
+def _fold(store: OutputStore, ledger: Ledger, folders: Sequence[str], runs: Sequence[str], output_key: str,
+          fold_bytes: int, unit_ids: Callable[[], str], summary: RunSummary, say: Printer) -> bool:
+    """Fold the table files that units of ``runs`` published in ``folders`` into fewer, larger ones, as units of
+    this run (:mod:`pipelines.archive.fold`). A fold that fails before its record leaves them as committed; one that
+    fails after it is finished by the next run of the output key (until then readers may see some rows twice), and
+    the run says so.
+
+    Returns:
+        Whether the fold finished (every file it meant to fold is folded, or there was none).
+    """
+    if not folders:
+        return True
+    earlier = [r for r in runs if r != summary.run_id]
+    whose = (f"of earlier run{'s' if len(earlier) > 1 else ''} {', '.join(earlier)} (ended before their fold)"
+             if earlier else "the run's")
     t0 = time.perf_counter()
     report = FoldReport()
+    done = False
     try:
-        fold_run(store, ledger, sorted(committer.touched), summary.run_id, committer.output_key, fold_bytes,
-                 committer.new_unit_id, report=report)
+        fold_run(store, ledger, sorted(folders), summary.run_id, output_key, fold_bytes, unit_ids, report=report,
+                 runs=runs)
+        done = True
     except LeaseLost:
         raise
     except FoldPublishFailed as exc:
@@ -634,13 +661,41 @@ def _fold(store: OutputStore, ledger: Ledger, committer: UnitCommitter, fold_byt
                                       "see some rows twice)")
         say(summary.message)
     except Exception as exc:
-        log.exception("could not fold the run's table files")
-        say(f"could not fold the run's table files ({type(exc).__name__}: {redact_text(str(exc))}); those not "
-            "folded yet stay as committed")
-    summary.files_folded = report.files_in
+        log.exception("could not fold %s table files", whose)
+        say(f"could not fold {whose} table files ({type(exc).__name__}: {redact_text(str(exc))}); those not "
+            "folded yet stay as committed, and the next run of this output key folds them")
+    summary.files_folded += report.files_in
     if report.files_in:
-        say(f"folded {report.files_in} table files ({report.bytes_in / 2**20:.1f} MiB) into {report.files_out}: "
-            f"unit{'s' if len(report.units) > 1 else ''} {', '.join(report.units)}, {time.perf_counter() - t0:.1f} s")
+        say(f"folded {report.files_in} table files {whose} ({report.bytes_in / 2**20:.1f} MiB) into "
+            f"{report.files_out}: unit{'s' if len(report.units) > 1 else ''} {', '.join(report.units)}, "
+            f"{time.perf_counter() - t0:.1f} s")
+    return done
+
+
+def _fold_leftovers(store: OutputStore, ledger: Ledger, config: InferConfig, unit_ids: UnitIds,
+                    summary: RunSummary, say: Printer) -> list[str]:
+    """Fold the files of earlier runs of the output key that ended before their fold (killed, failed, interrupted).
+
+    Each run that commits units names itself in the output key's fold state before its first commit and leaves it
+    once its fold is done, so the runs still named there (this run holds the lease: they are over) may have
+    committed files that were never folded. Their partition folders come from the ledger's entries (one read of
+    the output key's index, only when such a run exists).
+
+    Returns:
+        The runs whose fold is still not done (all of them if folding is off or failed again).
+    """
+    output_key = config.output_key()
+    state = ledger.read_state(_fold_state_name(output_key)) or {}
+    pending = [str(r) for r in state.get("runs") or [] if r != summary.run_id]
+    if not pending or config.output.fold_bytes is None:
+        return pending
+    folders = folders_of_runs(ledger.committed_table(output_key), pending)
+    if not _fold(store, ledger, sorted(folders), pending, output_key, config.output.fold_bytes, unit_ids, summary,
+                 say):
+        return pending
+    ledger.write_state(_fold_state_name(output_key), {"runs": [], "output_key": output_key,
+                                                      "run_id": summary.run_id})
+    return []
 
 
 def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:
@@ -655,6 +710,7 @@ def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary,
         "tiles_planned": summary.tiles_planned, "tiles_written": summary.tiles_written,
         "tiles_skipped": summary.tiles_skipped, "tiles_failed": summary.tiles_failed,
         "detections": summary.detections, "errors": summary.errors, "units_committed": summary.units_committed,
+        "files_folded": summary.files_folded,
         "wall_s": summary.wall_s, "tiles_per_s": summary.tiles_per_s, "full_scan": summary.full_scan,
         "updated_since": summary.updated_since, "watermark": summary.watermark, "read_tasks": summary.read_tasks,
         "startup_s": summary.startup_s,
@@ -719,6 +775,8 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
         if recovery.left_live or recovery.left_other_key:
             say(f"left alone: {len(recovery.left_live)} staged units of runs still holding their lease, "
                 f"{len(recovery.left_other_key)} committed units of other output keys")
+        unit_ids = UnitIds(summary.run_id)  # scene units and fold units share the run's numbering
+        unfolded = _fold_leftovers(store, ledger, config, unit_ids, summary, say)
         with _catalog_url(config) as url:
             cat = config.catalog
             source_id = url if cat.embedded is None else f"embedded:{cat.embedded.items.resolve()}"
@@ -798,7 +856,13 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 ids=(("run_id", summary.run_id), ("unit_id", ""), ("output_key", output_key)),
                 model=config.model.name_or_path, tile_size=config.tiling.size,
             )
-            committer = UnitCommitter(config, store, ledger, summary.run_id, settings, summary, say)
+            if config.output.fold_bytes is not None:
+                # named before the first commit, left once folded: a run that ends before its fold is folded later
+                ledger.write_state(_fold_state_name(output_key), {"runs": sorted({*unfolded, summary.run_id}),
+                                                                  "output_key": output_key,
+                                                                  "run_id": summary.run_id})
+            committer = UnitCommitter(config, store, ledger, summary.run_id, settings, summary, say,
+                                      unit_ids=unit_ids)
             committer.retried = frozenset((held or {}).get("attempts") or {}) | frozenset(retry)
             committer.watched = committer.retried | frozenset((held or {}).get("quarantined") or {})
             collector = SceneCollector()
@@ -830,8 +894,11 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
                 raise RuntimeError(f"scenes with missing tile rows after the execution: {collector.pending[:10]}")
             committer.finish()
             source: dict[str, Any] = ray.get(stats.summary.remote())  # type: ignore[attr-defined,assignment]
-            if config.output.fold_bytes is not None:
-                _fold(store, ledger, committer, config.output.fold_bytes, summary, say)
+            if config.output.fold_bytes is not None and _fold(
+                    store, ledger, sorted(committer.touched), [summary.run_id], output_key, config.output.fold_bytes,
+                    unit_ids, summary, say):
+                ledger.write_state(_fold_state_name(output_key), {"runs": unfolded, "output_key": output_key,
+                                                                  "run_id": summary.run_id})
 
         # 4. finish: counts, the next watermark and retry list
         summary.model_actors = len(actors)

@@ -150,6 +150,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("detections", pa.int64()),
             ("errors", pa.int64()),
             ("units_committed", pa.int64()),
+            ("files_folded", pa.int64()),
             ("wall_s", pa.float64()),
             ("tiles_per_s", pa.float64()),
             ("full_scan", pa.bool_()),

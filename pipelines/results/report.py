@@ -305,8 +305,11 @@ def build_report(outputs: Outputs, run: str = "latest", *, per_label: int = 6, w
     ]) + "</div></div>")
     if r is not None:
         fields = ["scenes_matched", "scenes_skipped", "scenes_processed", "scenes_failed", "tiles_planned",
-                  "tiles_written", "tiles_skipped", "tiles_failed", "detections", "errors", "units_committed"]
-        parts.append(_table(["field", "value"], [[f, int(r[f])] for f in fields], "run-row",
+                  "tiles_written", "tiles_skipped", "tiles_failed", "detections", "errors", "units_committed",
+                  "files_folded"]
+        # a column added later (files_folded) is null in the rows of runs written before it
+        parts.append(_table(["field", "value"], [[f, int(r[f])] for f in fields if f in r and pd.notna(r[f])],
+                            "run-row",
                             "the run's own record (runs row)"))
 
     # counts by label / sensor / date

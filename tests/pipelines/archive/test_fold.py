@@ -17,6 +17,7 @@ from pipelines.archive.fold import (
     FoldPublishFailed,
     FoldReport,
     fold_run,
+    folders_of_runs,
     merged_geo_metadata,
     plan_folds,
 )
@@ -114,6 +115,29 @@ def test_only_the_given_files_are_folded(tmp_path):
     assert report.files_in == len(mine)
     left = set(store.glob("tiles/**/*.parquet")) | set(store.glob("scenes/**/*.parquet"))
     assert set(earlier) <= left and not set(mine) & left
+
+
+def test_a_later_run_folds_the_files_of_runs_that_ended_before_their_fold(tmp_path):
+    """Runs "a" and "b" committed units and never folded; run "c" folds both (its own fold units, the folders found
+    from their ledger entries), and a run "d" of the same folders is left alone."""
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    published = _commit_units(store, ledger, 2, run="a") + _commit_units(store, ledger, 3, run="b")
+    others = _commit_units(store, ledger, 2, run="d")
+    before = {t: _rows(store, t) for t in ("tiles", "scenes")}
+    folders = folders_of_runs(ledger.committed_table("k"), ["a", "b"])
+    assert folders == {f"{t}/collection=toy/date={d}" for t in ("tiles", "scenes", "detections", "errors")
+                       for d in DATES}  # every folded table's folders of the runs' scenes
+    assert folders_of_runs(ledger.committed_table("k"), []) == set()
+    units = itertools.count()
+    report = fold_run(store, ledger, folders, "c", "k", 2**20, lambda: f"c-u{next(units):05d}", runs=["a", "b"])
+    assert (report.files_in, report.files_out, report.units) == (20, 4, ["c-u00000"])
+    for table in ("tiles", "scenes"):
+        for date in DATES:
+            assert sorted(posixpath.basename(p) for p in store.glob(f"{table}/collection=toy/date={date}/*")) == [
+                "part-c-u00000-fold0.parquet", "part-d-u00000.parquet", "part-d-u00001.parquet"]
+        assert _rows(store, table) == before[table]
+    assert set(others) <= set(store.glob("**/*.parquet")) and not set(published) & set(store.glob("**/*.parquet"))
 
 
 def test_a_fold_cut_short_after_its_record_is_finished_by_recovery(tmp_path, monkeypatch):

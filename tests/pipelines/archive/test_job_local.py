@@ -134,3 +134,49 @@ def test_a_runs_unit_files_are_folded_per_partition_and_stay_correct_after_an_up
         assert len(store.glob(f"{table}/collection=toyworld-optical/**/*.parquet")) == 1
     scenes = read_table(store, "scenes").set_index("scene_id")
     assert scenes.loc[items[-1]["id"], "run_id"] == again.run_id
+
+
+def test_a_run_that_ends_before_its_fold_is_folded_by_the_next_run(world, oracle, ray_local, tmp_path):
+    """A run killed after its last unit's commit, before its fold, leaves its files as committed and its name in
+    the output key's fold state; the next run, a quiet night with nothing to process, folds them first thing, with
+    every row kept once."""
+    items = [json.loads(line) for line in world.items_path.read_text().splitlines()]
+    optical = next(i for i in items if i["collection"] == "toyworld-optical")
+    items += [{**json.loads(json.dumps(optical)), "id": f"{optical['id']}-copy{k}"} for k in (1, 2)]  # same assets
+    path = tmp_path / "items.ndjson"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    config = _config(world, path, tmp_path / "out", commit_tiles=1)
+    commits = 0
+
+    def die_after_the_last_commit(line: str) -> None:
+        nonlocal commits
+        commits += line.startswith("committed unit")
+        if commits == 5:
+            raise _Crash("killed")
+
+    with pytest.raises(_Crash):
+        run(config, say=die_after_the_last_commit, model_stage=oracle)
+    store = OutputStore(str(tmp_path / "out"))
+    first = read_table(store, "runs").iloc[0]
+    assert first["status"] == "interrupted" and first["files_folded"] == 0
+    state = json.loads(store.read_bytes(f"_state/{config.output_key()}-fold.json"))
+    assert state["runs"] == [first["run_id"]]
+    for table in ("scenes", "tiles"):
+        assert len(store.glob(f"{table}/collection=toyworld-optical/**/*.parquet")) == 3
+    before = {t: _keys(store, t) for t in ("scenes", "tiles", "detections")}
+
+    lines: list[str] = []
+    quiet = run(config, say=lines.append, model_stage=oracle)
+    assert quiet.scenes_processed == 0 and quiet.files_folded == 6
+    assert any(line.startswith(f"folded 6 table files of earlier run {first['run_id']}") for line in lines), lines
+    assert any(line.startswith("nothing to do") for line in lines), lines
+    assert {t: _keys(store, t) for t in ("scenes", "tiles", "detections")} == before
+    for table in ("scenes", "tiles"):
+        files = store.glob(f"{table}/collection=toyworld-optical/**/*.parquet")
+        assert len(files) == 1 and f"part-{quiet.run_id}-u00000-fold0.parquet" in files[0], files
+    assert json.loads(store.read_bytes(f"_state/{config.output_key()}-fold.json"))["runs"] == []
+    runs = read_table(store, "runs").set_index("run_id")
+    assert runs.loc[quiet.run_id, "files_folded"] == 6
+
+    again = run(config, model_stage=oracle)  # nothing named any more: nothing read or folded
+    assert again.files_folded == 0 and again.scenes_processed == 0
