@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ import duckdb
 
 from pipelines.archive.store import SCHEMAS, TABLES
 from pipelines.cli import add_root_argument
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("table", "csv", "json", "parquet", "geojson")
 
@@ -118,6 +121,25 @@ def query(root: str, sql: str) -> duckdb.DuckDBPyRelation:
     return connect(root).sql(sql)
 
 
+def run_query(root: str, sql: str, fmt: str = "table", out: str | None = None, max_rows: int = 40) -> None:
+    """Run one SQL statement over the output tables under ``root`` and write its result (:func:`write_result`).
+
+    The views name the files listed when they are made. A run of the job that publishes meanwhile (a fold of its
+    files, a copy-on-write of an updated scene) can delete one of them before DuckDB reads it: the statement then
+    fails with an I/O error and is run once more over a fresh listing. Nothing is written before a statement has
+    run to its end.
+    """
+    for attempt in (0, 1):
+        try:
+            write_result(query(root, sql), fmt, out, max_rows)
+            return
+        # DuckDB's (HTTP errors included: a 404 of a deleted S3 object), or the footer read of the views' schema
+        except (duckdb.IOException, FileNotFoundError):
+            if attempt:
+                raise
+            log.info("a listed file could not be read; listing the tables again", exc_info=True)
+
+
 def to_frame(rel: duckdb.DuckDBPyRelation) -> Any:
     """A query result as a GeoDataFrame when it has a geometry column (WGS84), else a DataFrame."""
     import geopandas as gpd
@@ -198,9 +220,8 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"earthgpt query: no output folder {args.root!r} (run `earthgpt demo` or pass --root)", file=sys.stderr)
         return 2
     try:
-        rel = query(args.root, args.sql)
-        write_result(rel, args.format, args.out, args.max_rows)
-    except duckdb.Error as exc:
+        run_query(args.root, args.sql, args.format, args.out, args.max_rows)
+    except (duckdb.Error, OSError) as exc:
         print(f"earthgpt query: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:

@@ -229,6 +229,16 @@ class _FileReader:
         arrow = dataset.to_table(columns=self._read_columns, filter=expr)
         return self._frame(arrow)
 
+    def lazy(self, path: str) -> gpd.GeoDataFrame:
+        """One file of a dask graph, whose file list is fixed when the graph is made."""
+        try:
+            return self(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{self.table}: {path} was replaced after this dask collection listed the table (a run folded its "
+                "files or rewrote an updated scene's, and its rows are in a file the collection does not name); "
+                "make the collection again (read_dask lists the table afresh)") from exc
+
     @property
     def _partition_schema(self) -> pa.Schema:
         return pa.schema([f for f in _PARTITIONS if f.name in self.schema.names])
@@ -429,7 +439,10 @@ class Outputs:
         """One table as a lazy ``dask_geopandas.GeoDataFrame``, one partition per committed file.
 
         Same arguments as :meth:`read`. Nothing is read until ``.compute()`` (or ``.head()``, ``.persist()``...);
-        files the filters rule out by their partition are never part of the graph.
+        files the filters rule out by their partition are never part of the graph. The files are those listed now:
+        a run of the job that publishes before the graph is computed (its fold, a copy-on-write of an updated scene)
+        may delete one, and computing then fails with a ``FileNotFoundError`` that says so (never silently without
+        those rows); make the collection again.
         """
         import dask.dataframe as dd
         import dask_geopandas
@@ -440,7 +453,7 @@ class Outputs:
         meta = reader.empty()
         if not files:
             return dask_geopandas.from_geopandas(meta, npartitions=1)
-        return dd.from_map(reader, files, meta=meta, enforce_metadata=False, label=f"read-{table}")
+        return dd.from_map(reader.lazy, files, meta=meta, enforce_metadata=False, label=f"read-{table}")
 
     def scenes(self, columns: Sequence[str] | None = None, **filters: Any) -> gpd.GeoDataFrame:
         """Committed scenes (footprints); see :meth:`detections` for the filters."""

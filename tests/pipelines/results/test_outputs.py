@@ -181,6 +181,17 @@ def test_dask_variants_are_lazy_and_prune_partitions(any_root):
         assert len(getattr(out, method)().compute()) == len(getattr(out, method.removesuffix("_dask"))())
 
 
+def test_a_dask_collection_whose_file_was_replaced_says_to_make_it_again(toy_outputs, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(toy_outputs.root, root)
+    lazy = open_outputs(str(root)).detections_dask()
+    gone = sorted(root.glob("detections/**/*.parquet"))[0]
+    gone.unlink()  # as a fold's publish deletes the files it replaced
+    with pytest.raises(FileNotFoundError, match="make the collection again"):
+        lazy.compute()
+    assert len(open_outputs(str(root)).detections_dask().compute()) == len(open_outputs(str(root)).detections())
+
+
 def test_embeddings_open_the_group_named_by_the_scenes_table(any_root):
     out = open_outputs(any_root)
     row = out.scene_row("toy-sar-000-s0")

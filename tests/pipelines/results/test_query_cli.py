@@ -4,7 +4,9 @@ partition pruning on S3 shown by DuckDB's profile and by the requests the S3 ser
 from __future__ import annotations
 
 import json
+import logging
 
+import duckdb
 import geopandas as gpd
 import pandas as pd
 import pytest
@@ -105,3 +107,36 @@ def test_an_s3_query_reads_only_the_partitions_it_needs(s3_root, s3, toy_outputs
     assert len(others) <= 1, others  # at most a metadata check (HEAD) of the file DuckDB binds the view's schema to
     (n,) = con.sql("SELECT count(*) FROM detections WHERE collection = 'toyworld-sar'").fetchone()
     assert n == len(out.detections(collection="toyworld-sar"))
+
+
+@pytest.mark.parametrize("where", ["read", "schema"])
+def test_a_query_whose_listed_file_is_gone_lists_again_once(any_root, tmp_path, monkeypatch, caplog, where):
+    """A file deleted between the views' listing and its read (a fold published meanwhile) fails the statement, in
+    DuckDB's read or in the footer read of the views' schema; it runs once more over a fresh listing, and a second
+    failure is reported in one line."""
+    from pipelines.query import run_query
+    from pipelines.results.outputs import Outputs
+
+    files, ends = Outputs.files, Outputs._oldest_and_newest
+    gone = "detections/collection=toyworld-sar/date=2024-05-01/part-gone-u00000.parquet"
+    calls = []
+
+    def stale_first(self, table):
+        listed = (files if where == "read" else ends)(self, table)
+        if table == "detections":
+            calls.append(table)
+            return [*listed, gone] if len(calls) == 1 else listed
+        return listed
+
+    monkeypatch.setattr(Outputs, "files" if where == "read" else "_oldest_and_newest", stale_first)
+    out = tmp_path / "n.json"
+    with caplog.at_level(logging.INFO, logger="pipelines.query"):
+        run_query(any_root, "SELECT count(*) AS n FROM detections", "json", str(out))
+    (retry,) = [r for r in caplog.records if "listing the tables again" in r.getMessage()]
+    assert issubclass(retry.exc_info[0], duckdb.IOException if where == "read" else FileNotFoundError)
+    assert json.loads(out.read_text())["n"] == len(open_outputs(any_root).detections())
+
+    monkeypatch.setattr(Outputs, "files", lambda self, table: [*files(self, table), gone])
+    with pytest.raises((duckdb.IOException, FileNotFoundError)):
+        run_query(any_root, "SELECT count(*) AS n FROM detections", "json", str(out))
+    assert cli(["SELECT count(*) FROM detections", "--root", any_root]) == 1  # said in one line, no traceback
