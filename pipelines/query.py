@@ -129,15 +129,23 @@ def run_query(root: str, sql: str, fmt: str = "table", out: str | None = None, m
     fails with an I/O error and is run once more over a fresh listing. Nothing is written before a statement has
     run to its end.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    frame = None
     for attempt in (0, 1):
         try:
-            write_result(query(root, sql), fmt, out, max_rows)
-            return
+            rel = query(root, sql)
+            if fmt == "table" and out is None:
+                rel.show(max_rows=max_rows, max_width=200)  # runs the statement to its end, then prints
+                return
+            frame = to_frame(rel)
+            break
         # DuckDB's (HTTP errors included: a 404 of a deleted S3 object), or the footer read of the views' schema
         except (duckdb.IOException, FileNotFoundError):
             if attempt:
                 raise
             log.info("a listed file could not be read; listing the tables again", exc_info=True)
+    write_frame(frame, fmt, out, max_rows)  # outside: an error writing the result is not retried
 
 
 def to_frame(rel: duckdb.DuckDBPyRelation) -> Any:

@@ -48,7 +48,7 @@ from catalogs.io import configure_gdal
 from pipelines.archive.config import ConfigError, InferConfig, load_config
 from pipelines.archive.fold import FoldPublishFailed, FoldReport, fold_run, folders_of_runs, is_table_file
 from pipelines.archive.lease import Lease, LeaseHeld, LeaseLost
-from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without
+from pipelines.archive.ledger import Ledger, UnitRecord, new_run_id, rewrite_without, run_of
 from pipelines.archive.source import (
     SCENE_COLUMNS,
     SearchSpec,
@@ -77,6 +77,7 @@ from pipelines.archive.store import (
     embeddings_group,
     ensure_parent_groups,
     geoparquet_bytes,
+    part_unit,
     partition_dir,
     stage_table,
     write_scene_grid,
@@ -631,6 +632,25 @@ def _fold_state_name(output_key: str) -> str:
     return f"{output_key}-fold"
 
 
+def _update_fold_state(ledger: Ledger, output_key: str, run_id: str, add: Sequence[str] = (),
+                       remove: Sequence[str] = ()) -> None:
+    """Name runs in (``add``) or take them out of (``remove``) the output key's fold state, from a fresh read and
+    only while this run holds the output key's lease (a run that lost it changes nothing).
+
+    Raises:
+        LeaseLost: The run no longer holds the lease.
+    """
+    name = _fold_state_name(output_key)
+    state = ledger.read_state(name)
+    runs = {str(r) for r in (state or {}).get("runs") or []}
+    new = sorted((runs | set(add)) - set(remove))
+    if state is not None and new == sorted(runs):
+        return
+    if ledger.lease is not None:
+        ledger.lease.check()
+    ledger.write_state(name, {"runs": new, "output_key": output_key, "run_id": run_id})
+
+
 def _fold(store: OutputStore, ledger: Ledger, folders: Sequence[str], runs: Sequence[str], output_key: str,
           fold_bytes: int, unit_ids: Callable[[], str], summary: RunSummary, say: Printer) -> bool:
     """Fold the table files that units of ``runs`` published in ``folders`` into fewer, larger ones, as units of
@@ -683,19 +703,30 @@ def _fold_leftovers(store: OutputStore, ledger: Ledger, config: InferConfig, uni
 
     Returns:
         The runs whose fold is still not done (all of them if folding is off or failed again).
+
+    Raises:
+        StagedFileMissing, OSError...: A fold unit that may be committed could not be published, nor finished by
+            recovery: the run stops before it commits anything (a unit's copy-on-write must see every published
+            file).
     """
     output_key = config.output_key()
     state = ledger.read_state(_fold_state_name(output_key)) or {}
-    pending = [str(r) for r in state.get("runs") or [] if r != summary.run_id]
+    pending = sorted({str(r) for r in state.get("runs") or []} - {summary.run_id})
     if not pending or config.output.fold_bytes is None:
         return pending
     folders = folders_of_runs(ledger.committed_table(output_key), pending)
-    if not _fold(store, ledger, sorted(folders), pending, output_key, config.output.fold_bytes, unit_ids, summary,
-                 say):
-        return pending
-    ledger.write_state(_fold_state_name(output_key), {"runs": [], "output_key": output_key,
-                                                      "run_id": summary.run_id})
-    return []
+    # a run's errors files of failed scenes are in no ledger entry: the errors table is listed (a small table)
+    folders |= {posixpath.dirname(p) for p in store.glob("errors/**/*.parquet")
+                if (unit := part_unit(p)) is not None and run_of(unit) in pending}
+    if _fold(store, ledger, sorted(folders), pending, output_key, config.output.fold_bytes, unit_ids, summary, say):
+        _update_fold_state(ledger, output_key, summary.run_id, remove=pending)
+        return []
+    # a fold unit of this run may be committed and not published: finish it (or undo it) now, before this run's
+    # units rewrite any file it replaces
+    again = ledger.recover()
+    if again.rolled_forward or again.rolled_back:
+        say(f"finished the fold's units {again.rolled_forward}, discarded {again.rolled_back}")
+    return pending
 
 
 def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:
@@ -776,7 +807,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             say(f"left alone: {len(recovery.left_live)} staged units of runs still holding their lease, "
                 f"{len(recovery.left_other_key)} committed units of other output keys")
         unit_ids = UnitIds(summary.run_id)  # scene units and fold units share the run's numbering
-        unfolded = _fold_leftovers(store, ledger, config, unit_ids, summary, say)
+        _fold_leftovers(store, ledger, config, unit_ids, summary, say)  # those it could not fold stay named
         with _catalog_url(config) as url:
             cat = config.catalog
             source_id = url if cat.embedded is None else f"embedded:{cat.embedded.items.resolve()}"
@@ -858,9 +889,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             )
             if config.output.fold_bytes is not None:
                 # named before the first commit, left once folded: a run that ends before its fold is folded later
-                ledger.write_state(_fold_state_name(output_key), {"runs": sorted({*unfolded, summary.run_id}),
-                                                                  "output_key": output_key,
-                                                                  "run_id": summary.run_id})
+                _update_fold_state(ledger, output_key, summary.run_id, add=[summary.run_id])
             committer = UnitCommitter(config, store, ledger, summary.run_id, settings, summary, say,
                                       unit_ids=unit_ids)
             committer.retried = frozenset((held or {}).get("attempts") or {}) | frozenset(retry)
@@ -897,8 +926,12 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             if config.output.fold_bytes is not None and _fold(
                     store, ledger, sorted(committer.touched), [summary.run_id], output_key, config.output.fold_bytes,
                     unit_ids, summary, say):
-                ledger.write_state(_fold_state_name(output_key), {"runs": unfolded, "output_key": output_key,
-                                                                  "run_id": summary.run_id})
+                try:
+                    _update_fold_state(ledger, output_key, summary.run_id, remove=[summary.run_id])
+                except LeaseLost:
+                    raise
+                except Exception:  # the next run folds again what is left (nothing): harmless
+                    log.exception("could not update the fold state of output key %s", output_key)
 
         # 4. finish: counts, the next watermark and retry list
         summary.model_actors = len(actors)

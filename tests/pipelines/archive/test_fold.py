@@ -30,7 +30,7 @@ T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
 DATES = ("2024-05-01", "2024-05-02")
 
 
-def _commit_units(store: OutputStore, ledger: Ledger, n: int, run: str = "r") -> list[str]:
+def _commit_units(store: OutputStore, ledger: Ledger, n: int, run: str = "r", key: str = "k") -> list[str]:
     """``n`` units of run ``run``, each with two scenes: one on each of two dates (tiles and scenes tables); the
     final paths of the files they published."""
     published: list[str] = []
@@ -38,16 +38,115 @@ def _commit_units(store: OutputStore, ledger: Ledger, n: int, run: str = "r") ->
         unit = f"{run}-u{u:05d}"
         staging = ledger.staging_dir(unit)
         scenes = [(f"s{u}-{d}", date) for d, date in enumerate(DATES)]
-        tiles = [("toy", date, {"scene_id": s, "tile_id": f"t{k}", "output_key": "k", "unit_id": unit,
+        tiles = [("toy", date, {"scene_id": s, "tile_id": f"t{k}", "output_key": key, "unit_id": unit,
                                 "run_id": run, "caption": f"tile {k} of {s}"},
                   shapely.box(u + k, d, u + k + 1, d + 1))
                  for d, (s, date) in enumerate(scenes) for k in range(3)]
-        rows = [("toy", date, {"scene_id": s, "output_key": "k", "unit_id": unit, "run_id": run},
+        rows = [("toy", date, {"scene_id": s, "output_key": key, "unit_id": unit, "run_id": run},
                  shapely.box(u, d, u + 3, d + 1)) for d, (s, date) in enumerate(scenes)]
         files = stage_table(store, staging, "tiles", unit, tiles) + stage_table(store, staging, "scenes", unit, rows)
-        ledger.commit(UnitRecord(unit, run, "k", scenes=[("toy", s, date, T0) for s, date in scenes], publish=files))
+        ledger.commit(UnitRecord(unit, run, key, scenes=[("toy", s, date, T0) for s, date in scenes], publish=files))
         published += [f.final for f in files]
     return published
+
+
+def _commit_failures(store: OutputStore, ledger: Ledger, run: str, first: int, n: int, key: str) -> list[str]:
+    """``n`` units of run ``run`` (numbered from ``first``) of one failed scene each, on a date no committed scene
+    has: errors rows only, and a marker row in the ledger."""
+    published: list[str] = []
+    for u in range(first, first + n):
+        unit = f"{run}-u{u:05d}"
+        rows = [("toy", "2024-06-01", {"scene_id": f"bad{u}", "stage": "read", "error_type": "RasterioIOError",
+                                       "output_key": key, "unit_id": unit, "run_id": run}, None)]
+        files = stage_table(store, ledger.staging_dir(unit), "errors", unit, rows)
+        ledger.commit(UnitRecord(unit, run, key, publish=files))
+        published += [f.final for f in files]
+    return published
+
+
+def _job_config(root):
+    from pipelines.archive.config import parse_config
+
+    return parse_config({"catalog": {"url": "http://127.0.0.1:9/", "collections": ["toy"]},
+                         "output": {"root": str(root)}})
+
+
+def test_the_next_run_folds_a_dead_runs_files_errors_included_and_takes_its_name_out(tmp_path):
+    from pipelines.archive.job import UnitIds, _fold_leftovers, _update_fold_state
+
+    config = _job_config(tmp_path)
+    key = config.output_key()
+    store = OutputStore(str(tmp_path))
+    dead = Lease(store, key, run_id="a", ttl_s=60)
+    dead.acquire()
+    ledger = Ledger(store, dead)
+    _update_fold_state(ledger, key, "a", add=["a"])
+    published = _commit_units(store, ledger, 2, run="a", key=key) + _commit_failures(store, ledger, "a", 2, 2, key)
+    before = {t: _rows(store, t) for t in ("tiles", "scenes")}
+    errors = sorted(read_table(store, "errors")["scene_id"])
+    lease = Lease(store, key, run_id="c", ttl_s=60)
+    lease.acquire(force=True)  # "a" is dead
+    lines: list[str] = []
+    ids = UnitIds("c")
+    assert _fold_leftovers(store, Ledger(store, lease), config, ids, _summary("c"), lines.append) == []
+    assert ids.count == 1 and any(line.startswith("folded 10 table files of earlier run a") for line in lines)
+    assert not set(published) & set(store.glob("**/*.parquet"))  # the errors files of the failed scenes too
+    assert store.glob("errors/**/*.parquet") == ["errors/collection=toy/date=2024-06-01/part-c-u00000-fold0.parquet"]
+    assert {t: _rows(store, t) for t in ("tiles", "scenes")} == before
+    assert sorted(read_table(store, "errors")["scene_id"]) == errors
+    assert json.loads(store.read_bytes(f"_state/{key}-fold.json"))["runs"] == []
+
+
+def test_a_leftover_fold_whose_publish_fails_is_finished_before_the_run_commits_anything(tmp_path, monkeypatch):
+    from pipelines.archive.job import UnitIds, _fold_leftovers, _update_fold_state
+
+    config = _job_config(tmp_path)
+    key = config.output_key()
+    store = OutputStore(str(tmp_path))
+    dead = Lease(store, key, run_id="a", ttl_s=60)
+    dead.acquire()
+    _update_fold_state(Ledger(store, dead), key, "a", add=["a"])
+    published = _commit_units(store, Ledger(store, dead), 2, run="a", key=key)
+    lease = Lease(store, key, run_id="c", ttl_s=60)
+    lease.acquire(force=True)
+    ledger = Ledger(store, lease)
+    publish = Ledger._publish
+    calls = []
+
+    def fails_once(self, unit_id, *args, **kwargs):
+        calls.append(unit_id)
+        if len(calls) == 1:
+            raise OSError("connection reset")
+        return publish(self, unit_id, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "_publish", fails_once)
+    lines: list[str] = []
+    assert _fold_leftovers(store, ledger, config, UnitIds("c"), _summary("c"), lines.append) == ["a"]
+    assert calls == ["c-u00000", "c-u00000"]  # the fold unit's publish, then recovery's, before anything else
+    assert not store.children("_staging") and not set(published) & set(store.glob("**/*.parquet"))
+    assert json.loads(store.read_bytes(f"_state/{key}-fold.json"))["runs"] == ["a"]  # folded again: a no-op
+
+
+def test_a_run_that_lost_its_lease_leaves_the_fold_state_alone(tmp_path):
+    from pipelines.archive.job import _update_fold_state
+    from pipelines.archive.lease import LeaseLost
+
+    store = OutputStore(str(tmp_path))
+    old = Lease(store, "k", run_id="a", ttl_s=60)
+    old.acquire()
+    _update_fold_state(Ledger(store, old), "k", "a", add=["a"])
+    new = Lease(store, "k", run_id="b", ttl_s=60)
+    new.acquire(force=True)
+    _update_fold_state(Ledger(store, new), "k", "b", add=["b"])
+    with pytest.raises(LeaseLost):
+        _update_fold_state(Ledger(store, old), "k", "a", remove=["a", "b"])
+    assert json.loads(store.read_bytes("_state/k-fold.json"))["runs"] == ["a", "b"]
+
+
+def _summary(run_id: str):
+    from pipelines.archive.job import RunSummary
+
+    return RunSummary(run_id=run_id, output_root="")
 
 
 def _fold(store: OutputStore, ledger: Ledger, published: list[str], run: str = "r", *, fold_bytes: int = 2**20,
