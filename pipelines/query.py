@@ -122,7 +122,7 @@ def query(root: str, sql: str) -> duckdb.DuckDBPyRelation:
 
 
 def run_query(root: str, sql: str, fmt: str = "table", out: str | None = None, max_rows: int = 40) -> None:
-    """Run one SQL statement over the output tables under ``root`` and write its result (:func:`write_result`).
+    """Run one SQL statement over the output tables under ``root`` and write its result (as :func:`write_result`).
 
     The views name the files listed when they are made. A run of the job that publishes meanwhile (a fold of its
     files, a copy-on-write of an updated scene) can delete one of them before DuckDB reads it: the statement then

@@ -55,9 +55,10 @@ FOLD_PATHS = 4096
 class FoldPublishFailed(RuntimeError):
     """A fold unit is committed but its publish did not finish (the next run of the output key finishes it)."""
 
-    def __init__(self, unit_id: str, cause: BaseException) -> None:
+    def __init__(self, unit_id: str, cause: BaseException, files_in: int = 0) -> None:
         super().__init__(f"fold unit {unit_id} is committed but its publish failed ({type(cause).__name__}: {cause})")
         self.unit_id = unit_id
+        self.files_in = files_in  # the files it folds (deleted once its publish is finished)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def fold_run(
             raise
         except Exception as exc:
             if ledger.has_record(unit_id):  # if this check fails too, the unit stays to recovery
-                raise FoldPublishFailed(unit_id, exc) from exc
+                raise FoldPublishFailed(unit_id, exc, files_in=len(delete)) from exc
             committing = False
             raise
         report.units.append(unit_id)

@@ -677,8 +677,8 @@ def _fold(store: OutputStore, ledger: Ledger, folders: Sequence[str], runs: Sequ
         raise
     except FoldPublishFailed as exc:
         log.exception("a fold unit's publish failed")
-        summary.message = redact_text(f"{exc}; the next run of this output key finishes it (until then readers may "
-                                      "see some rows twice)")
+        report.files_in += exc.files_in  # committed: its publish is finished by recovery
+        summary.message = redact_text(f"{exc}; recovery finishes it (until then readers may see some rows twice)")
         say(summary.message)
     except Exception as exc:
         log.exception("could not fold %s table files", whose)
@@ -718,15 +718,34 @@ def _fold_leftovers(store: OutputStore, ledger: Ledger, config: InferConfig, uni
     # a run's errors files of failed scenes are in no ledger entry: the errors table is listed (a small table)
     folders |= {posixpath.dirname(p) for p in store.glob("errors/**/*.parquet")
                 if (unit := part_unit(p)) is not None and run_of(unit) in pending}
-    if _fold(store, ledger, sorted(folders), pending, output_key, config.output.fold_bytes, unit_ids, summary, say):
-        _update_fold_state(ledger, output_key, summary.run_id, remove=pending)
-        return []
-    # a fold unit of this run may be committed and not published: finish it (or undo it) now, before this run's
-    # units rewrite any file it replaces
-    again = ledger.recover()
-    if again.rolled_forward or again.rolled_back:
-        say(f"finished the fold's units {again.rolled_forward}, discarded {again.rolled_back}")
+    for attempt in (0, 1):
+        if _fold(store, ledger, sorted(folders), pending, output_key, config.output.fold_bytes, unit_ids, summary,
+                 say):
+            _fold_state_done(ledger, output_key, summary.run_id, pending)
+            return []
+        # a fold unit of this run may be committed and not published: finish it (or undo it) now, before this
+        # run's units rewrite a file it replaces; then fold what is left once more
+        if ledger.lease is not None:
+            ledger.lease.check()
+        again = ledger.recover()
+        if again.rolled_forward or again.rolled_back:
+            say(f"recovery finished the fold's units {again.rolled_forward}, discarded {again.rolled_back}")
+            if again.rolled_forward:
+                summary.message = ""
+        if attempt or not again.rolled_forward:
+            break
     return pending
+
+
+def _fold_state_done(ledger: Ledger, output_key: str, run_id: str, runs: Sequence[str]) -> None:
+    """Take folded runs out of the fold state; a failure only leaves them named (the next run finds nothing left
+    to fold), it does not fail the run."""
+    try:
+        _update_fold_state(ledger, output_key, run_id, remove=runs)
+    except LeaseLost:
+        raise
+    except Exception:
+        log.exception("could not update the fold state of output key %s", output_key)
 
 
 def _write_run_row(store: OutputStore, config: InferConfig, summary: RunSummary, started: datetime) -> None:
@@ -926,12 +945,7 @@ def run(config: InferConfig, *, say: Printer = print, model_stage: type = ModelS
             if config.output.fold_bytes is not None and _fold(
                     store, ledger, sorted(committer.touched), [summary.run_id], output_key, config.output.fold_bytes,
                     unit_ids, summary, say):
-                try:
-                    _update_fold_state(ledger, output_key, summary.run_id, remove=[summary.run_id])
-                except LeaseLost:
-                    raise
-                except Exception:  # the next run folds again what is left (nothing): harmless
-                    log.exception("could not update the fold state of output key %s", output_key)
+                _fold_state_done(ledger, output_key, summary.run_id, [summary.run_id])
 
         # 4. finish: counts, the next watermark and retry list
         summary.model_actors = len(actors)

@@ -121,10 +121,37 @@ def test_a_leftover_fold_whose_publish_fails_is_finished_before_the_run_commits_
 
     monkeypatch.setattr(Ledger, "_publish", fails_once)
     lines: list[str] = []
-    assert _fold_leftovers(store, ledger, config, UnitIds("c"), _summary("c"), lines.append) == ["a"]
-    assert calls == ["c-u00000", "c-u00000"]  # the fold unit's publish, then recovery's, before anything else
+    summary = _summary("c")
+    # the fold unit's publish fails, recovery finishes it before anything else, the fold once more finds nothing left
+    assert _fold_leftovers(store, ledger, config, UnitIds("c"), summary, lines.append) == []
+    assert calls == ["c-u00000", "c-u00000"]
+    assert any(line.startswith("recovery finished the fold's units ['c-u00000']") for line in lines), lines
     assert not store.children("_staging") and not set(published) & set(store.glob("**/*.parquet"))
-    assert json.loads(store.read_bytes(f"_state/{key}-fold.json"))["runs"] == ["a"]  # folded again: a no-op
+    assert summary.files_folded == 8 and summary.message == ""
+    assert json.loads(store.read_bytes(f"_state/{key}-fold.json"))["runs"] == []
+
+
+def test_a_leftover_fold_that_cannot_be_finished_stops_the_run_and_leaves_the_runs_named(tmp_path, monkeypatch):
+    from pipelines.archive.job import UnitIds, _fold_leftovers, _update_fold_state
+
+    config = _job_config(tmp_path)
+    key = config.output_key()
+    store = OutputStore(str(tmp_path))
+    dead = Lease(store, key, run_id="a", ttl_s=60)
+    dead.acquire()
+    _update_fold_state(Ledger(store, dead), key, "a", add=["a"])
+    _commit_units(store, Ledger(store, dead), 2, run="a", key=key)
+    lease = Lease(store, key, run_id="c", ttl_s=60)
+    lease.acquire(force=True)
+
+    def fails(self, unit_id, *args, **kwargs):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(Ledger, "_publish", fails)
+    with pytest.raises(OSError, match="connection reset"):  # from recovery: nothing more is committed
+        _fold_leftovers(store, Ledger(store, lease), config, UnitIds("c"), _summary("c"), lambda line: None)
+    assert store.children("_staging") == ["c-u00000"]  # committed, left to the next run's recovery
+    assert json.loads(store.read_bytes(f"_state/{key}-fold.json"))["runs"] == ["a"]
 
 
 def test_a_run_that_lost_its_lease_leaves_the_fold_state_alone(tmp_path):
