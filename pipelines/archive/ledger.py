@@ -611,8 +611,11 @@ def rewrite_without(
     for table in tables:
         for (collection, date), ids in superseded.items():
             drop = set(ids)
-            for i, path in enumerate(store.glob(f"{partition_dir(table, collection, date)}/*.parquet")):
+            sizes = store.sizes(partition_dir(table, collection, date))
+            for i, path in enumerate(sorted(p for p in sizes if p.endswith(".parquet"))):
                 try:
+                    if sizes[path] > WHOLE_READ_BYTES and not _may_hold_ids(store, path, sizes[path], sorted(drop)):
+                        continue
                     data = store.read_bytes(path)  # once: the two columns first, the whole file only on a hit
                 except FileNotFoundError:
                     # gone since the listing: replaced by a run of another output key (this key's files change
@@ -632,6 +635,64 @@ def rewrite_without(
                     store.write_bytes(f"{staging_dir}/{final}", geoparquet_bytes(kept))
                     staged.append(StagedFile(staged=f"{staging_dir}/{final}", final=final))
     return staged, delete
+
+
+# A partition's files larger than this (a run's folded files, up to ``output.fold_bytes``) are probed by their footer
+# and scene ids before a copy-on-write reads one whole; smaller ones (a unit's) are read whole at once, one request.
+WHOLE_READ_BYTES = 1 << 20
+
+
+def _may_hold_ids(store: OutputStore, path: str, size: int, ids: Sequence[str]) -> bool:
+    """Whether a table file may hold rows of some scene ids (sorted), from its footer (row groups whose ``scene_id``
+    statistics rule them out are skipped) and the ``scene_id`` column of the others: ranged reads of a few hundred
+    KB, where reading the file would fetch up to ``output.fold_bytes``."""
+    with (open(store.full(path), "rb") if store.local else _Ranges(store, path, size)) as fh:
+        parquet = pq.ParquetFile(fh)
+        meta = parquet.metadata
+        column = next((c for c in range(meta.num_columns) if meta.schema.column(c).path == "scene_id"), -1)
+        groups = [g for g in range(meta.num_row_groups)
+                  if column < 0 or _may_hold(meta.row_group(g).column(column).statistics, ids)]
+        if not groups or column < 0:
+            return bool(groups)
+        found = parquet.read_row_groups(groups, columns=["scene_id"])["scene_id"]
+    import pyarrow.compute as pc
+
+    return bool(pc.any(pc.is_in(found, value_set=pa.array(ids, pa.string()))).as_py())
+
+
+class _Ranges(io.RawIOBase):
+    """A remote file of known size read by ranged GETs, one per read (no HEAD first, no read-ahead): what Parquet's
+    footer and column-chunk reads need."""
+
+    def __init__(self, store: OutputStore, path: str, size: int) -> None:
+        super().__init__()
+        self._fs, self._path, self._size, self._pos = store.fs, store.full(path), size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + offset
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        if end <= self._pos:
+            return b""
+        data = bytes(self._fs.cat_file(self._path, start=self._pos, end=end))
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 # On an object store a move is a copy and a delete: several requests, each a round trip. One after another, a unit's

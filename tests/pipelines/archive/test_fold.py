@@ -321,6 +321,71 @@ def test_an_updated_scene_is_rewritten_out_of_a_folded_file(tmp_path):
     assert "n-u00000" in open_outputs(str(tmp_path)).committed_units  # the rewrite's file is shown
 
 
+@pytest.mark.parametrize("probed", [False, True])
+def test_an_updated_scene_in_a_partition_of_unit_and_folded_files_is_rewritten_out(tmp_path, monkeypatch, probed):
+    """The same copy-on-write whether the files are read whole or (large ones, here all) probed first by their
+    footer and scene ids."""
+    import pipelines.archive.ledger as ledger_module
+
+    if probed:
+        monkeypatch.setattr(ledger_module, "WHOLE_READ_BYTES", 0)
+    store = OutputStore(str(tmp_path))
+    ledger = Ledger(store)
+    _fold(store, ledger, _commit_units(store, ledger, 3))  # scenes s0-*, s1-*, s2-* in one folded file
+    _commit_units(store, ledger, 2, run="m")  # s0-*, s1-* again, in two unit files beside it
+    folded, second = "part-r-u00003-fold0.parquet", "part-m-u00001.parquet"
+    for scene, holders in (("s2-0", [folded]), ("s1-0", [second, folded]), ("s9-0", [])):
+        staged, delete = rewrite_without(store, "_staging/n-u00000", "n-u00000", ["tiles"],
+                                         {("toy", "2024-05-01"): [scene]}, "k")
+        assert [posixpath.basename(p) for p in delete] == holders
+        rows = [pq.read_table(store.full(p)).column("scene_id").to_pylist() for p in delete]
+        assert sum(len(pq.read_table(store.full(f.staged))) for f in staged) == sum(
+            len([s for s in r if s != scene]) for r in rows)
+        for f in staged:
+            assert scene not in pq.read_table(store.full(f.staged)).column("scene_id").to_pylist()
+        store.remove("_staging/n-u00000", recursive=True)
+
+
+def test_a_copy_on_write_reads_large_files_by_their_footer_and_ids_until_one_holds_the_scene(s3, monkeypatch):
+    """Four files of about 150 KB, one scene each, probed (every file is "large" here): each file that does not
+    hold the scene costs one ranged read of its footer (the statistics rule its scene out), and only the file that
+    holds it is read whole."""
+    import os
+
+    import pipelines.archive.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "WHOLE_READ_BYTES", 0)
+    store = OutputStore(f"s3://{s3.make_bucket('cow-probe')}/out")
+    ledger = Ledger(store)
+    sizes = {}
+    for u in range(4):
+        unit = f"r-u{u:05d}"
+        rows = [("toy", DATES[0], {"scene_id": f"s{u}", "tile_id": f"t{k}", "output_key": "k", "unit_id": unit,
+                                   "run_id": "r", "caption": os.urandom(500).hex()}, shapely.box(u, 0, u + 1, 1))
+                for k in range(300)]
+        files = stage_table(store, ledger.staging_dir(unit), "tiles", unit, rows)
+        ledger.commit(UnitRecord(unit, "r", "k", scenes=[("toy", f"s{u}", DATES[0], T0)], publish=files))
+        sizes.update({posixpath.basename(f.final): store.fs.size(store.full(f.final)) for f in files})
+    assert min(sizes.values()) > 100_000
+    s3.clear_requests()
+    staged, delete = rewrite_without(store, "_staging/n-u00000", "n-u00000", ["tiles"],
+                                     {("toy", DATES[0]): ["s2"]}, "k")
+    assert [posixpath.basename(p) for p in delete] == ["part-r-u00002.parquet"]
+    assert staged == []  # the file held only s2: nothing of it is kept
+    reads: dict[str, list[str | None]] = {}
+    for method, path, rng in s3.requests:
+        if method == "GET" and "list-type" not in path:
+            reads.setdefault(posixpath.basename(path), []).append(rng)
+    assert [r for r in s3.requests if r[0] == "HEAD" and "u00002" not in r[1]] == []  # sizes from the listing
+    for name, ranges in reads.items():
+        if name == "part-r-u00002.parquet":
+            assert None in ranges  # read whole once it is known to hold the scene
+            continue
+        assert len(ranges) == 1 and ranges[0] is not None, (name, ranges)  # the footer only
+        start, end = map(int, ranges[0].removeprefix("bytes=").split("-"))
+        assert end == sizes[name] - 1 and end - start + 1 <= 64 * 1024 < sizes[name]
+
+
 def test_a_reader_that_listed_before_a_fold_lists_again(tmp_path):
     store = OutputStore(str(tmp_path))
     ledger = Ledger(store)
