@@ -526,8 +526,8 @@ def _may_hold(stats: Any, values: Sequence[str]) -> bool:
     """Whether a column chunk whose statistics are ``stats`` may hold one of the sorted ``values``."""
     import bisect
 
-    if stats is None or not stats.has_min_max:
-        return True
+    if stats is None or not stats.has_min_max or not isinstance(stats.min, str) or not isinstance(stats.max, str):
+        return True  # no statistics, or of bytes (a column written without the UTF-8 annotation): may hold
     at = bisect.bisect_left(values, stats.min)
     return at < len(values) and values[at] <= stats.max
 
@@ -614,7 +614,8 @@ def rewrite_without(
             sizes = store.sizes(partition_dir(table, collection, date))
             for i, path in enumerate(sorted(p for p in sizes if p.endswith(".parquet"))):
                 try:
-                    if sizes[path] > WHOLE_READ_BYTES and not _may_hold_ids(store, path, sizes[path], sorted(drop)):
+                    if sizes[path] > WHOLE_READ_BYTES and not _may_hold_ids(store, path, sizes[path], sorted(drop),
+                                                                             output_key):
                         continue
                     data = store.read_bytes(path)  # once: the two columns first, the whole file only on a hit
                 except FileNotFoundError:
@@ -642,22 +643,27 @@ def rewrite_without(
 WHOLE_READ_BYTES = 1 << 20
 
 
-def _may_hold_ids(store: OutputStore, path: str, size: int, ids: Sequence[str]) -> bool:
-    """Whether a table file may hold rows of some scene ids (sorted), from its footer (row groups whose ``scene_id``
-    statistics rule them out are skipped) and the ``scene_id`` column of the others: ranged reads of a few hundred
-    KB, where reading the file would fetch up to ``output.fold_bytes``."""
+def _may_hold_ids(store: OutputStore, path: str, size: int, ids: Sequence[str], output_key: str) -> bool:
+    """Whether a table file may hold rows of some scene ids (sorted) under one output key, from its footer (row
+    groups whose ``scene_id`` or ``output_key`` statistics rule them out are skipped) and those two columns of the
+    others: ranged reads of a few hundred KB, where reading the file would fetch up to ``output.fold_bytes``."""
     with (open(store.full(path), "rb") if store.local else _Ranges(store, path, size)) as fh:
         parquet = pq.ParquetFile(fh)
         meta = parquet.metadata
-        column = next((c for c in range(meta.num_columns) if meta.schema.column(c).path == "scene_id"), -1)
+        where = {meta.schema.column(c).path: c for c in range(meta.num_columns)}
+        if "scene_id" not in where or "output_key" not in where:
+            return True  # not a table file this job wrote: read it whole, as a small one
         groups = [g for g in range(meta.num_row_groups)
-                  if column < 0 or _may_hold(meta.row_group(g).column(column).statistics, ids)]
-        if not groups or column < 0:
-            return bool(groups)
-        found = parquet.read_row_groups(groups, columns=["scene_id"])["scene_id"]
+                  if _may_hold(meta.row_group(g).column(where["scene_id"]).statistics, ids)
+                  and _may_hold(meta.row_group(g).column(where["output_key"]).statistics, [output_key])]
+        if not groups:
+            return False
+        found = parquet.read_row_groups(groups, columns=["scene_id", "output_key"])
     import pyarrow.compute as pc
 
-    return bool(pc.any(pc.is_in(found, value_set=pa.array(ids, pa.string()))).as_py())
+    hits = pc.and_(pc.is_in(found["scene_id"], value_set=pa.array(ids, found.schema.field("scene_id").type)),
+                   pc.equal(found["output_key"], output_key))
+    return bool(pc.any(hits).as_py())
 
 
 class _Ranges(io.RawIOBase):
@@ -678,7 +684,10 @@ class _Ranges(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + offset
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}
+        if whence not in bases or bases[whence] + offset < 0:
+            raise ValueError(f"seek to {offset} from {whence}: outside the file")
+        self._pos = bases[whence] + offset
         return self._pos
 
     def read(self, size: int = -1) -> bytes:

@@ -324,20 +324,34 @@ def test_an_updated_scene_is_rewritten_out_of_a_folded_file(tmp_path):
 @pytest.mark.parametrize("probed", [False, True])
 def test_an_updated_scene_in_a_partition_of_unit_and_folded_files_is_rewritten_out(tmp_path, monkeypatch, probed):
     """The same copy-on-write whether the files are read whole or (large ones, here all) probed first by their
-    footer and scene ids."""
+    footer, scene ids and output keys; probed, only the files that hold the scene under the key are read whole."""
+    import pipelines.archive.fold as fold_module
     import pipelines.archive.ledger as ledger_module
 
+    monkeypatch.setattr(fold_module, "FOLD_ROW_GROUP_ROWS", 4)  # a folded file of several row groups
     if probed:
         monkeypatch.setattr(ledger_module, "WHOLE_READ_BYTES", 0)
     store = OutputStore(str(tmp_path))
     ledger = Ledger(store)
     _fold(store, ledger, _commit_units(store, ledger, 3))  # scenes s0-*, s1-*, s2-* in one folded file
     _commit_units(store, ledger, 2, run="m")  # s0-*, s1-* again, in two unit files beside it
+    _commit_units(store, Ledger(store), 3, run="o", key="other")  # s0-* .. s2-* of another output key
     folded, second = "part-r-u00003-fold0.parquet", "part-m-u00001.parquet"
-    for scene, holders in (("s2-0", [folded]), ("s1-0", [second, folded]), ("s9-0", [])):
+    assert pq.ParquetFile(store.full(f"tiles/collection=toy/date=2024-05-01/{folded}")).num_row_groups == 3
+    whole: list[str] = []
+    read_bytes = OutputStore.read_bytes
+    monkeypatch.setattr(OutputStore, "read_bytes", lambda self, p: whole.append(posixpath.basename(p)) or
+                        read_bytes(self, p))
+    # s1-5 lies inside the statistics of run r's and m's files, and is in none
+    for scene, holders in (("s2-0", [folded]), ("s1-0", [second, folded]), ("s9-0", []), ("s1-5", [])):
+        whole.clear()
         staged, delete = rewrite_without(store, "_staging/n-u00000", "n-u00000", ["tiles"],
                                          {("toy", "2024-05-01"): [scene]}, "k")
         assert [posixpath.basename(p) for p in delete] == holders
+        if probed:
+            assert whole == holders  # the other key's files hold the scene too, and are not read whole
+        else:
+            assert len(whole) == 6  # every file of the partition
         rows = [pq.read_table(store.full(p)).column("scene_id").to_pylist() for p in delete]
         assert sum(len(pq.read_table(store.full(f.staged))) for f in staged) == sum(
             len([s for s in r if s != scene]) for r in rows)
