@@ -5,19 +5,20 @@ every file of the scene's partition that holds them (``pipelines.archive.ledger.
 fold a partition's files are large (up to ``output.fold_bytes``, 128 MiB by default). This benchmark writes
 ``--files`` such files of about ``--mib`` MiB each (tiles rows with incompressible captions; scene ids in no order, so
 no file is ruled out by its statistics alone) into one partition of a real S3-compatible server (moto), and then,
-through a proxy that adds a fixed delay to every request, alternating, median of ``--repeats``, rewrites one scene
-of the last file out:
+through a proxy that adds a fixed delay to every request and holds each ranged GET for the time its bytes take on a
+link of ``--mib-per-s`` shared by all requests (a worker's bandwidth; every read here is ranged), alternating,
+median of ``--repeats``, rewrites one scene of the last file out:
 
-- ``whole``: every file read whole (what the copy-on-write did before files were probed; forced here by raising
-  ``WHOLE_READ_BYTES`` above the files' size);
-- ``probed``: files over ``WHOLE_READ_BYTES`` (1 MiB) probed by ranged reads of their footer and of their
-  ``scene_id`` and ``output_key`` columns, and only the file that holds the scene read whole.
+- ``whole``: every file read whole (as the copy-on-write reads a unit's small files: concurrently, in batches of
+  64 MiB; forced here by raising ``WHOLE_READ_BYTES`` above the files' size);
+- ``probed``: files over ``WHOLE_READ_BYTES`` (1 MiB) probed (concurrently) by ranged reads of their footer and
+  of their ``scene_id`` and ``output_key`` columns, and only the file that holds the scene read whole.
 
 Both must stage the same rewritten file and delete the same file (checked). Bytes are counted where the store's
 reads return them, requests at the proxy. Prints a table, then one JSON line (``speedup``: whole over probed
 seconds, ``bytes_read`` and ``requests`` of each, at the largest delay). Usage::
 
-    .venv/bin/python benchmarks/cow.py [--files 8] [--mib 8] [--latency-ms 0,25] [--repeats 3]
+    .venv/bin/python benchmarks/cow.py [--files 8] [--mib 8] [--latency-ms 0,25] [--mib-per-s 100] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=float, default=8.0, help="size of each file, about")
     parser.add_argument("--scenes", type=int, default=40, help="scenes each file holds")
     parser.add_argument("--latency-ms", default="0,25", help="delays added to every request, comma-separated")
+    parser.add_argument("--mib-per-s", type=float, default=100.0,
+                        help="the shared link's rate the proxy holds ranged GETs to (0: the local server's own)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -115,7 +118,7 @@ def _run(args: argparse.Namespace, read: dict[str, int], probe_over: int) -> int
     latencies = [float(x) for x in args.latency_ms.split(",")]
     rows: list[dict[str, Any]] = []
     setup: dict[str, Any] = {}
-    for latency, store, proxy in delayed_s3_stores("cow-bench", latencies):
+    for latency, store, proxy in delayed_s3_stores("cow-bench", latencies, args.mib_per_s or None):
         s3fs.S3FileSystem.clear_instance_cache()
         if not setup:
             direct = OutputStore(store.url(), {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
@@ -127,6 +130,14 @@ def _run(args: argparse.Namespace, read: dict[str, int], probe_over: int) -> int
             if setup["smallest"] <= probe_over:
                 raise SystemExit(f"--mib {args.mib}: the files must be over {probe_over} bytes to be probed")
         store = OutputStore(setup["root"], {"endpoint_url": proxy.url})  # the files written at the first delay
+        cat_ranges = store.fs.cat_ranges
+
+        def counted_cat_ranges(*a: Any, cat_ranges: Any = cat_ranges, **kw: Any) -> list[Any]:
+            blobs = cat_ranges(*a, **kw)
+            read["bytes"] += sum(len(b) for b in blobs if isinstance(b, bytes | bytearray))
+            return list(blobs)
+
+        store.fs.cat_ranges = counted_cat_ranges  # this filesystem instance only (dropped with the server)
         results: dict[str, Any] = {}
         times: dict[str, list[float]] = {"whole": [], "probed": []}
         requests: dict[str, list[int]] = {"whole": [], "probed": []}
@@ -153,7 +164,9 @@ def _run(args: argparse.Namespace, read: dict[str, int], probe_over: int) -> int
 
     print(f"copy-on-write of one scene: {args.files} folded files of {setup['bytes'] / args.files / 2**20:.1f} MiB "
           f"in its partition ({setup['bytes'] / 2**20:.0f} MiB, written in {setup['write_s']:.0f} s); moto S3 behind "
-          f"a delaying proxy, median of {args.repeats}")
+          f"a proxy adding the delay to every request"
+          + (f" and ranged GETs to a shared {args.mib_per_s:g} MiB/s link" if args.mib_per_s else "")
+          + f", median of {args.repeats}")
     print(f"{'delay ms':>8} {'reads':>7} {'seconds':>8} {'requests':>8} {'MiB read':>9}  runs")
     print("-" * 66)
     for r in rows:
@@ -163,6 +176,7 @@ def _run(args: argparse.Namespace, read: dict[str, int], probe_over: int) -> int
     whole, probed = (next(r for r in rows if (r["latency_ms"], r["side"]) == (top, s)) for s in ("whole", "probed"))
     print(json.dumps({
         "files": args.files, "file_mib": round(setup["bytes"] / args.files / 2**20, 2), "latency_ms": top,
+        "mib_per_s": args.mib_per_s or None,
         "speedup": round(whole["s"] / probed["s"], 2), "s": [round(whole["s"], 3), round(probed["s"], 3)],
         "requests": [whole["requests"], probed["requests"]],
         "bytes_read": [int(whole["bytes"]), int(probed["bytes"])],

@@ -612,16 +612,8 @@ def rewrite_without(
         for (collection, date), ids in superseded.items():
             drop = set(ids)
             sizes = store.sizes(partition_dir(table, collection, date))
-            for i, path in enumerate(sorted(p for p in sizes if p.endswith(".parquet"))):
-                try:
-                    if sizes[path] > WHOLE_READ_BYTES and not _may_hold_ids(store, path, sizes[path], sorted(drop),
-                                                                             output_key):
-                        continue
-                    data = store.read_bytes(path)  # once: the two columns first, the whole file only on a hit
-                except FileNotFoundError:
-                    # gone since the listing: replaced by a run of another output key (this key's files change
-                    # only under its lease, which this run holds), so it held none of this key's rows
-                    continue
+            names = sorted(p for p in sizes if p.endswith(".parquet"))
+            for i, path, data in _files_holding(store, names, sizes, sorted(drop), output_key):
                 keys = pq.read_table(io.BytesIO(data), columns=["scene_id", "output_key"])
                 hit = [s in drop and k == output_key for s, k in zip(keys["scene_id"].to_pylist(),
                                                                     keys["output_key"].to_pylist(), strict=True)]
@@ -664,6 +656,61 @@ def _may_hold_ids(store: OutputStore, path: str, size: int, ids: Sequence[str], 
     hits = pc.and_(pc.is_in(found["scene_id"], value_set=pa.array(ids, found.schema.field("scene_id").type)),
                    pc.equal(found["output_key"], output_key))
     return bool(pc.any(hits).as_py())
+
+
+# Bytes of a partition's small files fetched at once (concurrently on an object store) by a copy-on-write.
+READ_BATCH_BYTES = 64 << 20
+
+
+def _files_holding(store: OutputStore, names: Sequence[str], sizes: Mapping[str, int], ids: Sequence[str],
+                   output_key: str) -> Iterable[tuple[int, str, bytes]]:
+    """``(index in names, path, contents)`` of the files of one partition that may hold rows of some scene ids
+    under one output key, in ``names`` order: files over :data:`WHOLE_READ_BYTES` are probed first
+    (:func:`_may_hold_ids`, concurrently on a remote store) and read whole only if they may; smaller ones are read
+    whole in batches of about :data:`READ_BATCH_BYTES` (one concurrent call each on an object store). A file gone
+    since the listing is passed over: it was replaced by a run of another output key (this key's files change only
+    under its lease, which this run holds), so it held none of this key's rows."""
+    large = [p for p in names if sizes[p] > WHOLE_READ_BYTES]
+
+    def probe(path: str) -> bool:
+        try:
+            return _may_hold_ids(store, path, sizes[path], ids, output_key)
+        except FileNotFoundError:
+            return False
+
+    if store.local or len(large) <= 1:
+        maybe = {p for p in large if probe(p)}
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(PUBLISH_THREADS, len(large))) as pool:
+            maybe = {p for p, hit in zip(large, pool.map(probe, large), strict=True) if hit}
+    wanted = [(i, p) for i, p in enumerate(names) if sizes[p] <= WHOLE_READ_BYTES or p in maybe]
+    start = 0
+    while start < len(wanted):
+        end, total = start, 0
+        while end < len(wanted) and (end == start or total + sizes[wanted[end][1]] <= READ_BATCH_BYTES):
+            total += sizes[wanted[end][1]]
+            end += 1
+        batch = wanted[start:end]
+        start = end
+        paths = [p for _, p in batch]
+        if store.local:
+            blobs: list[Any] = []
+            for path in paths:
+                try:
+                    blobs.append(store.read_bytes(path))
+                except FileNotFoundError as exc:
+                    blobs.append(exc)
+        else:  # one GET a file, concurrent: ranges of known sizes (no HEAD first)
+            blobs = store.fs.cat_ranges([store.full(p) for p in paths], [0] * len(paths),
+                                        [sizes[p] for p in paths], on_error="return")
+        for (i, path), blob in zip(batch, blobs, strict=True):
+            if isinstance(blob, FileNotFoundError):
+                continue
+            if isinstance(blob, BaseException):
+                raise blob
+            yield i, path, bytes(blob)
 
 
 class _Ranges(io.RawIOBase):

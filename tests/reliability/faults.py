@@ -15,8 +15,8 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,12 +27,13 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Co
 
 @dataclass(frozen=True)
 class Request:
-    """What a fault plan sees of a request: its number (from 0), method, path (with query) and body."""
+    """What a fault plan sees of a request: its number (from 0), method, path (with query), body and headers."""
 
     n: int
     method: str
     path: str
     body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 # A plan maps a request to an action: "pass", "503" (SlowDown), "drop" (close before forwarding), "drop_after"
@@ -93,7 +94,7 @@ class FaultProxy:
                 with proxy._lock:
                     n = proxy._n
                     proxy._n += 1
-                action = proxy.plan(Request(n, self.command, self.path, body))
+                action = proxy.plan(Request(n, self.command, self.path, body, dict(self.headers.items())))
                 with proxy._lock:
                     proxy.actions[action] += 1
                     proxy.log.append((n, self.command, self.path, action))
@@ -184,9 +185,13 @@ def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def delayed_s3_stores(bucket: str, latencies_ms: list[float]) -> Iterator[tuple[float, Any, FaultProxy]]:
+def delayed_s3_stores(bucket: str, latencies_ms: list[float],
+                      mib_per_s: float | None = None) -> Iterator[tuple[float, Any, FaultProxy]]:
     """For the benchmarks: a real S3-compatible server (moto) and, for each delay, a proxy adding it to every
     request (an object store's round trip) and an output store under ``s3://<bucket>/lat<ms>`` reached through it.
+    With ``mib_per_s``, a GET with a ``Range`` header is also held for the time its bytes take on a link of that
+    rate shared by all requests (a worker's bandwidth: concurrent transfers queue for it; a GET without a range is
+    not held, its size not being known beforehand).
 
     Yields:
         ``(latency_ms, store, proxy)``; ``proxy.log`` counts the requests. The proxy stops before the next delay,
@@ -204,20 +209,35 @@ def delayed_s3_stores(bucket: str, latencies_ms: list[float]) -> Iterator[tuple[
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         with env_vars(s3.env):  # the server's credentials and endpoint
-            yield from _delayed(s3, bucket, latencies_ms)
+            yield from _delayed(s3, bucket, latencies_ms, mib_per_s)
     finally:
         s3.stop()
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def _delayed(s3: Any, bucket: str, latencies_ms: list[float]) -> Iterator[tuple[float, Any, FaultProxy]]:
+def _ranged_bytes(req: Request) -> int:
+    """Bytes a ranged GET asks for (``bytes=a-b``), 0 for any other request."""
+    spec = next((v for k, v in req.headers.items() if k.lower() == "range"), "")
+    if req.method != "GET" or not spec.startswith("bytes="):
+        return 0
+    first, _, last = spec.removeprefix("bytes=").partition("-")
+    return int(last) - int(first) + 1 if first and last else 0
+
+
+def _delayed(s3: Any, bucket: str, latencies_ms: list[float],
+             mib_per_s: float | None = None) -> Iterator[tuple[float, Any, FaultProxy]]:
     from pipelines.archive.store import OutputStore
 
     name = s3.make_bucket(bucket)
+    link = threading.Lock()  # one transfer at a time at the full rate: a shared link
     for latency in latencies_ms:
 
         def delay(req: Request, latency: float = latency) -> str:
             time.sleep(latency / 1000)
+            transfer = _ranged_bytes(req) / (mib_per_s * 2**20) if mib_per_s else 0.0
+            if transfer:
+                with link:
+                    time.sleep(transfer)
             return "pass"
 
         proxy = FaultProxy(s3.endpoint_url, delay)

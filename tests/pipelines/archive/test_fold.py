@@ -331,6 +331,8 @@ def test_an_updated_scene_in_a_partition_of_unit_and_folded_files_is_rewritten_o
     monkeypatch.setattr(fold_module, "FOLD_ROW_GROUP_ROWS", 4)  # a folded file of several row groups
     if probed:
         monkeypatch.setattr(ledger_module, "WHOLE_READ_BYTES", 0)
+    else:
+        monkeypatch.setattr(ledger_module, "READ_BATCH_BYTES", 1)  # every file a batch of its own
     store = OutputStore(str(tmp_path))
     ledger = Ledger(store)
     _fold(store, ledger, _commit_units(store, ledger, 3))  # scenes s0-*, s1-*, s2-* in one folded file
@@ -390,14 +392,41 @@ def test_a_copy_on_write_reads_large_files_by_their_footer_and_ids_until_one_hol
     for method, path, rng in s3.requests:
         if method == "GET" and "list-type" not in path:
             reads.setdefault(posixpath.basename(path), []).append(rng)
-    assert [r for r in s3.requests if r[0] == "HEAD" and "u00002" not in r[1]] == []  # sizes from the listing
+    assert [r for r in s3.requests if r[0] == "HEAD"] == []  # the sizes come from the listing
     for name, ranges in reads.items():
         if name == "part-r-u00002.parquet":
-            assert None in ranges  # read whole once it is known to hold the scene
+            assert f"bytes=0-{sizes[name] - 1}" in ranges  # read whole once it is known to hold the scene
             continue
         assert len(ranges) == 1 and ranges[0] is not None, (name, ranges)  # the footer only
         start, end = map(int, ranges[0].removeprefix("bytes=").split("-"))
         assert end == sizes[name] - 1 and end - start + 1 <= 64 * 1024 < sizes[name]
+
+
+def test_a_copy_on_write_reads_a_partitions_small_files_at_once_without_heads(s3, monkeypatch):
+    import pipelines.archive.ledger as ledger_module
+
+    store = OutputStore(f"s3://{s3.make_bucket('cow-small')}/out")
+    ledger = Ledger(store)
+    _commit_units(store, ledger, 6)
+    calls = []
+    cat_ranges = store.fs.cat_ranges
+    monkeypatch.setattr(store.fs, "cat_ranges", lambda paths, *a, **kw: calls.append(len(paths)) or
+                        cat_ranges(paths, *a, **kw))
+    gone = "tiles/collection=toy/date=2024-05-01/part-r-u00001.parquet"
+    sizes = store.sizes
+    monkeypatch.setattr(store, "sizes", lambda folder: {**sizes(folder), gone: 1} if "tiles" in folder else
+                        sizes(folder))
+    store.remove(gone)  # listed, then deleted (a fold of another output key): passed over
+    s3.clear_requests()
+    staged, delete = rewrite_without(store, "_staging/n-u00000", "n-u00000", ["tiles"],
+                                     {("toy", "2024-05-01"): ["s3-0"]}, "k")
+    assert [posixpath.basename(p) for p in delete] == ["part-r-u00003.parquet"] and staged == []
+    assert calls == [6]  # one concurrent call for the partition's six files
+    assert [r for r in s3.requests if r[0] == "HEAD"] == []
+    monkeypatch.setattr(ledger_module, "READ_BATCH_BYTES", 1)
+    calls.clear()
+    rewrite_without(store, "_staging/n-u00001", "n-u00001", ["tiles"], {("toy", "2024-05-01"): ["s3-0"]}, "k")
+    assert calls == [1] * 6
 
 
 def test_a_reader_that_listed_before_a_fold_lists_again(tmp_path):
