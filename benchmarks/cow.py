@@ -76,24 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=40, help="scenes each file holds")
     parser.add_argument("--latency-ms", default="0,25", help="delays added to every request, comma-separated")
     parser.add_argument("--mib-per-s", type=float, default=100.0,
-                        help="the shared link's rate the proxy holds ranged GETs to (0: the local server's own)")
+                        help="the shared link's rate the proxy holds ranged GETs to (0: the local server's own; below about "
+                        "5, queued GETs pass s3fs's 15 s read timeout and are retried)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     import pipelines.archive.ledger as ledger_module
     from pipelines.archive.store import OutputStore
 
+    import threading
+
     read = {"bytes": 0}
+    counting = threading.Lock()  # the probes read on several threads
     read_bytes, ranges_read = OutputStore.read_bytes, ledger_module._Ranges.read
 
     def counted_read_bytes(self: Any, path: str) -> bytes:
         data = read_bytes(self, path)
-        read["bytes"] += len(data)
+        with counting:
+            read["bytes"] += len(data)
         return data
 
     def counted_ranges(self: Any, size: int = -1) -> bytes:
         data = ranges_read(self, size)
-        read["bytes"] += len(data)
+        with counting:
+            read["bytes"] += len(data)
         return data
 
     probe_over = ledger_module.WHOLE_READ_BYTES
