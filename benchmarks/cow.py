@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
+    import threading
+
     import pipelines.archive.ledger as ledger_module
     from pipelines.archive.store import OutputStore
-
-    import threading
 
     read = {"bytes": 0}
     counting = threading.Lock()  # the probes read on several threads
