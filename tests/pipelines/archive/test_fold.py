@@ -72,20 +72,11 @@ def _job_config(root):
 
 
 def test_the_next_run_folds_a_dead_runs_files_errors_included_and_takes_its_name_out(tmp_path):
-    from pipelines.archive.job import UnitIds, _fold_leftovers, _update_fold_state
+    from pipelines.archive.job import UnitIds, _fold_leftovers
 
-    config = _job_config(tmp_path)
-    key = config.output_key()
-    store = OutputStore(str(tmp_path))
-    dead = Lease(store, key, run_id="a", ttl_s=60)
-    dead.acquire()
-    ledger = Ledger(store, dead)
-    _update_fold_state(ledger, key, "a", add=["a"])
-    published = _commit_units(store, ledger, 2, run="a", key=key) + _commit_failures(store, ledger, "a", 2, 2, key)
+    config, key, store, published, lease = _dead_run_and_its_successor(tmp_path, failures=2)
     before = {t: _rows(store, t) for t in ("tiles", "scenes")}
     errors = sorted(read_table(store, "errors")["scene_id"])
-    lease = Lease(store, key, run_id="c", ttl_s=60)
-    lease.acquire(force=True)  # "a" is dead
     lines: list[str] = []
     ids = UnitIds("c")
     assert _fold_leftovers(store, Ledger(store, lease), config, ids, _summary("c"), lines.append) == []
@@ -97,18 +88,29 @@ def test_the_next_run_folds_a_dead_runs_files_errors_included_and_takes_its_name
     assert json.loads(store.read_bytes(f"_state/{key}-fold.json"))["runs"] == []
 
 
-def test_a_leftover_fold_whose_publish_fails_is_finished_before_the_run_commits_anything(tmp_path, monkeypatch):
-    from pipelines.archive.job import UnitIds, _fold_leftovers, _update_fold_state
+def _dead_run_and_its_successor(tmp_path, failures: int = 0):
+    """Run "a" named itself in the fold state, committed two units (and ``failures`` units of one failed scene
+    each), then died; run "c" holds the lease now."""
+    from pipelines.archive.job import _update_fold_state
 
     config = _job_config(tmp_path)
     key = config.output_key()
     store = OutputStore(str(tmp_path))
     dead = Lease(store, key, run_id="a", ttl_s=60)
     dead.acquire()
-    _update_fold_state(Ledger(store, dead), key, "a", add=["a"])
-    published = _commit_units(store, Ledger(store, dead), 2, run="a", key=key)
+    ledger = Ledger(store, dead)
+    _update_fold_state(ledger, key, "a", add=["a"])
+    published = _commit_units(store, ledger, 2, run="a", key=key) + _commit_failures(store, ledger, "a", 2, failures,
+                                                                                      key)
     lease = Lease(store, key, run_id="c", ttl_s=60)
     lease.acquire(force=True)
+    return config, key, store, published, lease
+
+
+def test_a_leftover_fold_whose_publish_fails_is_finished_before_the_run_commits_anything(tmp_path, monkeypatch):
+    from pipelines.archive.job import UnitIds, _fold_leftovers
+
+    config, key, store, published, lease = _dead_run_and_its_successor(tmp_path)
     ledger = Ledger(store, lease)
     publish = Ledger._publish
     calls = []
@@ -132,17 +134,9 @@ def test_a_leftover_fold_whose_publish_fails_is_finished_before_the_run_commits_
 
 
 def test_a_leftover_fold_that_cannot_be_finished_stops_the_run_and_leaves_the_runs_named(tmp_path, monkeypatch):
-    from pipelines.archive.job import UnitIds, _fold_leftovers, _update_fold_state
+    from pipelines.archive.job import UnitIds, _fold_leftovers
 
-    config = _job_config(tmp_path)
-    key = config.output_key()
-    store = OutputStore(str(tmp_path))
-    dead = Lease(store, key, run_id="a", ttl_s=60)
-    dead.acquire()
-    _update_fold_state(Ledger(store, dead), key, "a", add=["a"])
-    _commit_units(store, Ledger(store, dead), 2, run="a", key=key)
-    lease = Lease(store, key, run_id="c", ttl_s=60)
-    lease.acquire(force=True)
+    config, key, store, _, lease = _dead_run_and_its_successor(tmp_path)
 
     def fails(self, unit_id, *args, **kwargs):
         raise OSError("connection reset")
