@@ -122,7 +122,8 @@ def query(root: str, sql: str) -> duckdb.DuckDBPyRelation:
 
 
 def run_query(root: str, sql: str, fmt: str = "table", out: str | None = None, max_rows: int = 40) -> None:
-    """Run one SQL statement over the output tables under ``root`` and write its result (as :func:`write_result`).
+    """Run one SQL statement over the output tables under ``root`` and write its result: printed by DuckDB for
+    ``table`` to standard output, else as :func:`write_frame` writes a frame.
 
     The views name the files listed when they are made. A run of the job that publishes meanwhile (a fold of its
     files, a copy-on-write of an updated scene) can delete one of them before DuckDB reads it: the statement then
@@ -155,18 +156,6 @@ def to_frame(rel: duckdb.DuckDBPyRelation) -> Any:
     arrow = rel.to_arrow_table()
     geometry = [f.name for f in arrow.schema if (f.metadata or {}).get(b"ARROW:extension:name") == b"geoarrow.wkb"]
     return gpd.GeoDataFrame.from_arrow(arrow) if geometry else arrow.to_pandas()
-
-
-def write_result(rel: duckdb.DuckDBPyRelation, fmt: str, out: str | None, max_rows: int = 40) -> None:
-    """Write a query result as a table, CSV, JSON lines, (Geo)Parquet or GeoJSON, to ``out`` or standard output.
-
-    Raises:
-        ValueError: As :func:`write_frame`.
-    """
-    if fmt == "table" and out is None:
-        rel.show(max_rows=max_rows, max_width=200)
-        return
-    write_frame(to_frame(rel), fmt, out, max_rows)
 
 
 def write_frame(frame: Any, fmt: str, out: str | None, max_rows: int = 40) -> None:
